@@ -1,0 +1,134 @@
+//! QUIC settings both ends share: ALPN, keep-alive and idle timers, flow
+//! control windows, UDP socket buffers, and the endpoint construction.
+
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::{EndpointConfig, TransportConfig, VarInt};
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// ALPN of the tunnel; the number is the wire format's major version.
+pub const ALPN: &[u8] = b"burrow/1";
+
+/// Well under the 30 s UDP timeouts of common NATs.
+pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// A connection silent this long is dead (three missed keep-alives).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Bandwidth-delay product the windows are sized for: 100 Mbit/s at 100 ms
+/// is 1.25 MB. Twice that per stream lets one stream fill the path while
+/// the application is slow to read; the connection window bounds the sum.
+pub const STREAM_RECEIVE_WINDOW: u32 = 2 * 1024 * 1024;
+pub const CONNECTION_RECEIVE_WINDOW: u32 = 16 * 1024 * 1024;
+pub const SEND_WINDOW: u64 = 16 * 1024 * 1024;
+
+/// Requested UDP socket buffer size, each direction.
+pub const UDP_SOCKET_BUFFER: usize = 4 * 1024 * 1024;
+
+/// How many forwarded streams the edge may have open to one agent at once.
+/// Beyond it, opening a stream waits (back-pressure) instead of failing.
+pub const MAX_STREAMS_PER_AGENT: u32 = 1024;
+
+/// The first RTT guess for a new connection. quinn's default (333 ms) makes
+/// the first handshake retransmit wait a second; agents reconnecting to a
+/// restarting edge retry sooner with this.
+pub const INITIAL_RTT: Duration = Duration::from_millis(100);
+
+/// Application error codes used when closing connections and streams.
+pub mod code {
+    use quinn::VarInt;
+    /// Normal close.
+    pub const OK: VarInt = VarInt::from_u32(0);
+    /// The peer broke the protocol (bad or unexpected frame).
+    pub const PROTOCOL: VarInt = VarInt::from_u32(1);
+    /// The agent's key or name is not allowed.
+    pub const REFUSED: VarInt = VarInt::from_u32(2);
+    /// A newer session of the same agent replaced this one.
+    pub const REPLACED: VarInt = VarInt::from_u32(3);
+    /// The sender is shutting down; reconnect.
+    pub const GOING_AWAY: VarInt = VarInt::from_u32(4);
+    /// A forwarded stream was aborted (its client or service went away).
+    pub const STREAM_ABORTED: VarInt = VarInt::from_u32(5);
+}
+
+/// The one rustls crypto provider in the tree.
+pub fn crypto_provider() -> rustls::crypto::CryptoProvider {
+    rustls::crypto::ring::default_provider()
+}
+
+/// Which end a transport configuration is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Edge,
+    Agent,
+}
+
+pub fn transport_config(role: Role) -> TransportConfig {
+    let mut t = TransportConfig::default();
+    t.keep_alive_interval(Some(KEEP_ALIVE_INTERVAL))
+        .max_idle_timeout(Some(
+            IDLE_TIMEOUT
+                .try_into()
+                .expect("IDLE_TIMEOUT fits a QUIC varint"),
+        ))
+        .stream_receive_window(VarInt::from_u32(STREAM_RECEIVE_WINDOW))
+        .receive_window(VarInt::from_u32(CONNECTION_RECEIVE_WINDOW))
+        .send_window(SEND_WINDOW)
+        .initial_rtt(INITIAL_RTT)
+        .datagram_receive_buffer_size(None)
+        .max_concurrent_uni_streams(VarInt::from_u32(0));
+    match role {
+        // The agent opens only its control stream.
+        Role::Edge => t.max_concurrent_bidi_streams(VarInt::from_u32(1)),
+        Role::Agent => t.max_concurrent_bidi_streams(VarInt::from_u32(MAX_STREAMS_PER_AGENT)),
+    };
+    t
+}
+
+/// What the kernel granted for the UDP socket buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketBuffers {
+    pub recv: usize,
+    pub send: usize,
+}
+
+/// Binds a UDP socket with enlarged buffers. Linux silently caps the request
+/// at `net.core.rmem_max` / `wmem_max`; when it bites, say so once, with the
+/// sysctl that lifts it.
+pub fn bind_udp(addr: SocketAddr) -> io::Result<(UdpSocket, SocketBuffers)> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        // Accept IPv4 too on an unspecified IPv6 address, like most servers.
+        let _ = socket.set_only_v6(false);
+    }
+    let _ = socket.set_recv_buffer_size(UDP_SOCKET_BUFFER);
+    let _ = socket.set_send_buffer_size(UDP_SOCKET_BUFFER);
+    socket.bind(&addr.into())?;
+    let buffers = SocketBuffers {
+        recv: socket.recv_buffer_size()?,
+        send: socket.send_buffer_size()?,
+    };
+    // Linux reports twice the usable size; below the request means a cap.
+    if buffers.recv < UDP_SOCKET_BUFFER || buffers.send < UDP_SOCKET_BUFFER {
+        tracing::warn!(
+            requested = UDP_SOCKET_BUFFER,
+            recv = buffers.recv,
+            send = buffers.send,
+            "kernel capped UDP socket buffers; raise net.core.rmem_max and net.core.wmem_max for full throughput"
+        );
+    }
+    Ok((socket.into(), buffers))
+}
+
+/// A quinn endpoint on `socket`; a server when `server` is given.
+pub fn endpoint(
+    socket: UdpSocket,
+    server: Option<quinn::ServerConfig>,
+    reset_key: ring::hmac::Key,
+) -> io::Result<quinn::Endpoint> {
+    let config = EndpointConfig::new(Arc::new(reset_key));
+    quinn::Endpoint::new(config, server, socket, Arc::new(quinn::TokioRuntime))
+}
