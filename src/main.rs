@@ -1,1 +1,217 @@
-fn main() {}
+//! The `burrow` command: parse the arguments, load the config before binding
+//! anything, run, and map failures to exit codes (0 ok, 78 bad config, 1
+//! runtime failure).
+
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use burrow_agent::{Agent, AgentConfig};
+use burrow_edge::{Edge, EdgeConfig};
+use burrow_proto::confkit::{ConfigError, Source};
+use burrow_proto::identity::Identity;
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+use tracing::error;
+
+/// Exit code for a bad config (EX_CONFIG), so systemd does not restart-loop.
+const EXIT_CONFIG: u8 = 78;
+const EXIT_FAILURE: u8 = 1;
+
+#[derive(Debug, Parser)]
+#[command(name = "burrow", version, about = "A self-hosted tunnel for the AI you run at home")]
+struct Cli {
+    /// Log format on stderr (RUST_LOG sets the level, default info).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the edge (the public server on the VPS).
+    Edge {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Run the agent (the home daemon that dials the edge).
+    Agent {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Validate an edge or agent config: exit 0, or print file:line:col and exit 78.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Make an identity key and print its fingerprint.
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+/// Cancels the token on SIGTERM or Ctrl-C.
+fn shutdown_on_signals() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    error!(error = %e, "cannot listen for SIGTERM");
+                    let _ = ctrl_c.await;
+                    t.cancel();
+                    return;
+                }
+            };
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("shutting down");
+        t.cancel();
+    });
+    token
+}
+
+fn config_failure(e: &ConfigError) -> ExitCode {
+    eprintln!("{e}");
+    ExitCode::from(EXIT_CONFIG)
+}
+
+/// Which daemon a config file is for, by its first table.
+enum ConfigKind {
+    Edge(Box<EdgeConfig>),
+    Agent(Box<AgentConfig>),
+}
+
+fn check(path: &std::path::Path) -> Result<ConfigKind, ConfigError> {
+    let src = Source::read(path)?;
+    let table: toml::Table = src.parse()?;
+    // `[[agent]]` entries in an edge config are an array; an agent config
+    // has a single `[agent]` table.
+    let agent_section = table.get("agent").is_some_and(toml::Value::is_table);
+    match (table.contains_key("edge"), agent_section) {
+        (true, false) => Ok(ConfigKind::Edge(Box::new(EdgeConfig::from_source(&src)?))),
+        (false, true) => Ok(ConfigKind::Agent(Box::new(AgentConfig::from_source(&src)?))),
+        _ => Err(src.error("expected exactly one of an [edge] or an [agent] section")),
+    }
+}
+
+async fn run_edge(config: EdgeConfig) -> ExitCode {
+    let edge = match Edge::bind(config).await {
+        Ok(e) => e,
+        Err(e) => {
+            error!(error = %e, "edge cannot start");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    match edge.run(shutdown_on_signals()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!(error = %e, "edge failed");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+async fn run_agent(config: AgentConfig) -> ExitCode {
+    let agent = match Agent::new(config) {
+        Ok(a) => a,
+        Err(e) => {
+            error!(error = %e, "agent cannot start");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    match agent.run(shutdown_on_signals()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!(error = %e, "agent failed");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // Commands that print for a person stay quiet unless asked.
+    init_logs(cli.log_format);
+
+    // Load and validate configs before a runtime or socket exists.
+    match cli.command {
+        Command::Check { config } => match check(&config) {
+            Ok(ConfigKind::Edge(c)) => {
+                println!(
+                    "{}: ok (edge: {} agents, {} routes, {} ports)",
+                    config.display(),
+                    c.agents.len(),
+                    c.routes.len(),
+                    c.ports.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Ok(ConfigKind::Agent(c)) => {
+                println!(
+                    "{}: ok (agent {}: {} services)",
+                    config.display(),
+                    c.name,
+                    c.services.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => config_failure(&e),
+        },
+        Command::Keygen { out } => match Identity::create(&out) {
+            Ok(id) => {
+                println!("{}", id.fingerprint());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("burrow keygen: {e}");
+                ExitCode::from(EXIT_FAILURE)
+            }
+        },
+        Command::Edge { config } => match EdgeConfig::load(&config) {
+            Ok(c) => runtime().block_on(run_edge(c)),
+            Err(e) => config_failure(&e),
+        },
+        Command::Agent { config } => match AgentConfig::load(&config) {
+            Ok(c) => runtime().block_on(run_agent(c)),
+            Err(e) => config_failure(&e),
+        },
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("building the tokio runtime (out of threads or memory?)")
+}

@@ -219,16 +219,44 @@ impl Identity {
         Ok(Arc::new(CertifiedKey::new(vec![self.cert()], signer)))
     }
 
-    /// A key for QUIC stateless resets, derived from the identity so that a
-    /// restarted edge can reset connections of its previous run: agents then
-    /// learn at their next packet that the old session is gone.
-    pub fn stateless_reset_key(&self) -> ring::hmac::Key {
-        let salt = hkdf::Salt::new(hkdf::HKDF_SHA256, b"burrow stateless reset v1");
+    /// Keys for QUIC stateless resets and connection IDs, derived from the
+    /// identity so that a restarted edge recognises the connection IDs of
+    /// its previous run and resets them: agents then learn at their next
+    /// packet that the old session is gone, instead of at the idle timeout.
+    pub fn endpoint_keys(&self) -> EndpointKeys {
+        let salt = hkdf::Salt::new(hkdf::HKDF_SHA256, b"burrow endpoint keys v1");
         let prk = salt.extract(self.key.secret_pkcs8_der());
-        let okm = prk
-            .expand(&[b"reset key"], ring::hmac::HMAC_SHA256)
+        let reset = prk
+            .expand(&[b"stateless reset"], ring::hmac::HMAC_SHA256)
             .expect("HMAC_SHA256 key length is a valid HKDF output length");
-        ring::hmac::Key::from(okm)
+        let mut cid = [0u8; 8];
+        prk.expand(&[b"connection id"], CidKeyLen)
+            .and_then(|okm| okm.fill(&mut cid))
+            .expect("8 bytes is a valid HKDF output length");
+        EndpointKeys {
+            reset: ring::hmac::Key::from(reset),
+            cid: u64::from_le_bytes(cid),
+        }
+    }
+}
+
+/// See [`Identity::endpoint_keys`].
+pub struct EndpointKeys {
+    pub reset: ring::hmac::Key,
+    pub cid: u64,
+}
+
+impl fmt::Debug for EndpointKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("EndpointKeys(..)")
+    }
+}
+
+struct CidKeyLen;
+
+impl hkdf::KeyType for CidKeyLen {
+    fn len(&self) -> usize {
+        8
     }
 }
 

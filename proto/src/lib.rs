@@ -16,6 +16,8 @@ pub mod wire;
 #[cfg(feature = "runtime")]
 pub mod confkit;
 #[cfg(feature = "runtime")]
+pub mod framed;
+#[cfg(feature = "runtime")]
 pub mod fsutil;
 #[cfg(feature = "runtime")]
 pub mod identity;

@@ -9,6 +9,8 @@ use std::time::Duration;
 use quinn::{EndpointConfig, TransportConfig, VarInt};
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::identity::EndpointKeys;
+
 /// ALPN of the tunnel; the number is the wire format's major version.
 pub const ALPN: &[u8] = b"burrow/1";
 
@@ -36,6 +38,10 @@ pub const MAX_STREAMS_PER_AGENT: u32 = 1024;
 /// the first handshake retransmit wait a second; agents reconnecting to a
 /// restarting edge retry sooner with this.
 pub const INITIAL_RTT: Duration = Duration::from_millis(100);
+
+/// The SNI an agent sends when it pins the edge's key instead of checking a
+/// public certificate; the edge answers it with its identity certificate.
+pub const IDENTITY_SNI: &str = "burrow-identity.invalid";
 
 /// Application error codes used when closing connections and streams.
 pub mod code {
@@ -127,8 +133,13 @@ pub fn bind_udp(addr: SocketAddr) -> io::Result<(UdpSocket, SocketBuffers)> {
 pub fn endpoint(
     socket: UdpSocket,
     server: Option<quinn::ServerConfig>,
-    reset_key: ring::hmac::Key,
+    keys: EndpointKeys,
 ) -> io::Result<quinn::Endpoint> {
-    let config = EndpointConfig::new(Arc::new(reset_key));
+    let mut config = EndpointConfig::new(Arc::new(keys.reset));
+    let cid_key = keys.cid;
+    config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+            as Box<dyn quinn::ConnectionIdGenerator>
+    });
     quinn::Endpoint::new(config, server, socket, Arc::new(quinn::TokioRuntime))
 }

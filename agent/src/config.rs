@@ -1,0 +1,308 @@
+//! agent.toml: the file model and the validated [`AgentConfig`].
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use burrow_proto::Name;
+use burrow_proto::confkit::{ConfigError, Source, Spanned};
+use burrow_proto::identity::Fingerprint;
+use serde::Deserialize;
+
+/// The UDP port magic packets go to when `broadcast` names none.
+pub const DEFAULT_WAKE_PORT: u16 = 9;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    agent: AgentSection,
+    #[serde(default)]
+    service: Vec<Spanned<ServiceEntry>>,
+    #[serde(default)]
+    lan: Vec<Spanned<LanEntry>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AgentSection {
+    name: Spanned<String>,
+    edge: Spanned<String>,
+    edge_key: Option<Fingerprint>,
+    /// A CA certificate (PEM) to trust for the edge's public certificate,
+    /// besides the usual web roots (a private CA, or Pebble in tests).
+    edge_ca: Option<PathBuf>,
+    key: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServiceEntry {
+    name: Spanned<String>,
+    url: Spanned<String>,
+    health: Option<Spanned<String>>,
+    wake: Option<WakeEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WakeEntry {
+    mac: Spanned<String>,
+    broadcast: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LanEntry {
+    listen: SocketAddr,
+    service: Spanned<String>,
+}
+
+/// The validated agent configuration.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub name: Name,
+    /// `host:port` of the edge's QUIC endpoint.
+    pub edge: String,
+    /// The host part of `edge`, for TLS.
+    pub edge_host: String,
+    pub edge_key: Option<Fingerprint>,
+    pub edge_ca: Option<PathBuf>,
+    pub key_path: PathBuf,
+    pub services: Vec<ServiceConfig>,
+    pub lan: Vec<LanConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    Http,
+    Tcp,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    pub name: Name,
+    pub scheme: Scheme,
+    /// `host:port` to connect to.
+    pub target: String,
+    pub health: Option<String>,
+    pub wake: Option<WakeConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WakeConfig {
+    pub mac: [u8; 6],
+    /// `host:port` magic packets are sent to.
+    pub broadcast: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct LanConfig {
+    pub listen: SocketAddr,
+    pub service: Name,
+}
+
+impl AgentConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::from_source(&Source::read(path)?)
+    }
+
+    pub fn from_source(src: &Source) -> Result<Self, ConfigError> {
+        let file: File = src.parse()?;
+        convert(src, file)
+    }
+}
+
+/// Splits `host:port` (IPv6 in brackets); the port is required unless a
+/// default is given.
+fn split_host_port(s: &str, default_port: Option<u16>) -> Option<(String, u16)> {
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let (host, after) = rest.split_once(']')?;
+        (host, after.strip_prefix(':'))
+    } else {
+        match s.rsplit_once(':') {
+            Some((h, p)) if !h.contains(':') => (h, Some(p)),
+            Some(_) => return None,
+            None => (s, None),
+        }
+    };
+    if host.is_empty() {
+        return None;
+    }
+    let port = match port {
+        Some(p) => p.parse().ok()?,
+        None => default_port?,
+    };
+    Some((host.to_owned(), port))
+}
+
+fn join_host_port(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let parts: Vec<&str> = s.split([':', '-']).collect();
+    if parts.len() != 6 {
+        return None;
+    }
+    let mut mac = [0u8; 6];
+    for (b, p) in mac.iter_mut().zip(parts) {
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    Some(mac)
+}
+
+fn convert(src: &Source, file: File) -> Result<AgentConfig, ConfigError> {
+    let a = &file.agent;
+    let name = Name::new(a.name.get_ref().clone())
+        .map_err(|e| src.error_at(a.name.span(), format!("agent.name: {e}")))?;
+    let (edge_host, edge_port) = split_host_port(a.edge.get_ref(), None).ok_or_else(|| {
+        src.error_at(a.edge.span(), "agent.edge: write host:port, e.g. \"edge.example.com:443\"")
+    })?;
+
+    let mut services = Vec::new();
+    let mut names = HashSet::new();
+    for (i, entry) in file.service.iter().enumerate() {
+        let s = entry.get_ref();
+        let name = Name::new(s.name.get_ref().clone())
+            .map_err(|e| src.error_at(s.name.span(), format!("service[{i}].name: {e}")))?;
+        if !names.insert(name.clone()) {
+            return Err(src.error_at(s.name.span(), format!("service[{i}].name: service {name} is listed twice")));
+        }
+        let url = s.url.get_ref();
+        let bad_url = || {
+            src.error_at(
+                s.url.span(),
+                format!("service[{i}].url: write http://host:port or tcp://host:port, got {url:?}"),
+            )
+        };
+        let (scheme, rest, default_port) = if let Some(r) = url.strip_prefix("http://") {
+            (Scheme::Http, r, Some(80))
+        } else if let Some(r) = url.strip_prefix("tcp://") {
+            (Scheme::Tcp, r, None)
+        } else {
+            return Err(bad_url());
+        };
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        if rest.contains('/') {
+            return Err(src.error_at(s.url.span(), format!("service[{i}].url: a service URL has no path")));
+        }
+        let (host, port) = split_host_port(rest, default_port).ok_or_else(bad_url)?;
+        let health = match &s.health {
+            Some(h) if scheme == Scheme::Tcp => {
+                return Err(src.error_at(h.span(), format!("service[{i}].health: tcp services are probed by connecting; remove health")));
+            }
+            Some(h) if !h.get_ref().starts_with('/') => {
+                return Err(src.error_at(h.span(), format!("service[{i}].health: a path starting with '/'")));
+            }
+            h => h.as_ref().map(|h| h.get_ref().clone()),
+        };
+        let wake = match &s.wake {
+            None => None,
+            Some(w) => {
+                let mac = parse_mac(w.mac.get_ref()).ok_or_else(|| {
+                    src.error_at(w.mac.span(), format!("service[{i}].wake.mac: write six hex pairs, e.g. \"AA:BB:CC:DD:EE:FF\""))
+                })?;
+                let broadcast = match &w.broadcast {
+                    None => join_host_port("255.255.255.255", DEFAULT_WAKE_PORT),
+                    Some(b) => {
+                        let (h, p) = split_host_port(b.get_ref(), Some(DEFAULT_WAKE_PORT)).ok_or_else(|| {
+                            src.error_at(b.span(), format!("service[{i}].wake.broadcast: write an address, e.g. \"192.168.1.255:9\""))
+                        })?;
+                        join_host_port(&h, p)
+                    }
+                };
+                Some(WakeConfig { mac, broadcast })
+            }
+        };
+        services.push(ServiceConfig {
+            name,
+            scheme,
+            target: join_host_port(&host, port),
+            health,
+            wake,
+        });
+    }
+
+    let mut lan = Vec::new();
+    for (i, entry) in file.lan.iter().enumerate() {
+        let l = entry.get_ref();
+        let service = Name::new(l.service.get_ref().clone())
+            .map_err(|e| src.error_at(l.service.span(), format!("lan[{i}].service: {e}")))?;
+        if !names.contains(&service) {
+            return Err(src.error_at(l.service.span(), format!("lan[{i}].service: no [[service]] named {service}")));
+        }
+        lan.push(LanConfig {
+            listen: l.listen,
+            service,
+        });
+    }
+
+    Ok(AgentConfig {
+        name,
+        edge: join_host_port(&edge_host, edge_port),
+        edge_host,
+        edge_key: a.edge_key,
+        edge_ca: a.edge_ca.as_deref().map(|p| src.resolve(p)),
+        key_path: src.resolve(&a.key),
+        services,
+        lan,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<AgentConfig, ConfigError> {
+        AgentConfig::from_source(&Source::new("/etc/burrow/agent.toml", text))
+    }
+
+    const BASE: &str = "[agent]\nname = \"home\"\nedge = \"edge.example.com:443\"\nkey = \"agent.key\"\n";
+
+    #[test]
+    fn services_parse_with_defaults() {
+        let c = parse(&format!(
+            "{BASE}\n[[service]]\nname = \"webui\"\nurl = \"http://127.0.0.1\"\n\n[[service]]\nname = \"ssh\"\nurl = \"tcp://[::1]:22\"\n[service.wake]\nmac = \"aa-bb-cc-dd-ee-ff\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.key_path, PathBuf::from("/etc/burrow/agent.key"));
+        assert_eq!(c.edge_host, "edge.example.com");
+        assert_eq!(c.services[0].target, "127.0.0.1:80");
+        assert_eq!(c.services[1].target, "[::1]:22");
+        assert_eq!(
+            c.services[1].wake,
+            Some(WakeConfig {
+                mac: [0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff],
+                broadcast: "255.255.255.255:9".into()
+            })
+        );
+    }
+
+    #[test]
+    fn bad_values_point_at_them() {
+        let err = parse(&format!("{BASE}\n[[service]]\nname = \"x\"\nurl = \"https://a:1\"\n")).unwrap_err();
+        assert_eq!(err.position, Some((8, 7)), "{err}");
+        let err = parse("[agent]\nname = \"home\"\nedge = \"edge.example.com\"\nkey = \"k\"\n").unwrap_err();
+        assert!(err.to_string().contains(":3:8: agent.edge"), "{err}");
+        let err = parse(&format!("{BASE}\n[[lan]]\nlisten = \"127.0.0.1:0\"\nservice = \"nope\"\n")).unwrap_err();
+        assert!(err.message.contains("no [[service]] named nope"), "{err}");
+    }
+
+    #[test]
+    fn macs_and_host_ports() {
+        assert_eq!(parse_mac("AA:BB:CC:DD:EE:0F"), Some([0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0x0f]));
+        assert_eq!(parse_mac("AA:BB:CC:DD:EE"), None);
+        assert_eq!(parse_mac("AA:BB:CC:DD:EE:GG"), None);
+        assert_eq!(split_host_port("a:1", None), Some(("a".into(), 1)));
+        assert_eq!(split_host_port("[::1]", Some(9)), Some(("::1".into(), 9)));
+        assert_eq!(split_host_port("::1:5", None), None);
+        assert_eq!(split_host_port(":5", None), None);
+    }
+}

@@ -1,0 +1,99 @@
+//! Serving one stream the edge opened: read its header, connect to the
+//! service, answer, then pipe bytes both ways.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use burrow_proto::framed::{FramedRecv, write_frames};
+use burrow_proto::pipe::pipe;
+use burrow_proto::quic::code;
+use burrow_proto::{Name, StreamOpen, StreamReply, StreamStatus};
+use tokio::net::TcpStream;
+use tracing::{Instrument, debug, info_span, warn};
+
+use crate::config::ServiceConfig;
+
+/// How long the edge has to send a stream's header.
+pub const STREAM_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long connecting to a local service may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The services this agent forwards to, by name.
+#[derive(Debug)]
+pub struct Services {
+    list: Vec<ServiceConfig>,
+}
+
+impl Services {
+    pub fn new(list: Vec<ServiceConfig>) -> Self {
+        Self { list }
+    }
+
+    pub fn get(&self, name: &Name) -> Option<&ServiceConfig> {
+        self.list.iter().find(|s| &s.name == name)
+    }
+
+    pub fn all(&self) -> &[ServiceConfig] {
+        &self.list
+    }
+}
+
+/// Handles one stream; never panics on what the edge sends.
+pub async fn handle_stream(
+    mut send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    services: Arc<Services>,
+) {
+    let mut framed = FramedRecv::new(recv);
+    let open = match tokio::time::timeout(STREAM_HEADER_TIMEOUT, framed.next::<StreamOpen>()).await {
+        Ok(Ok(Some(open))) => open,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            warn!(error = %e, "bad stream header from edge");
+            let _ = send.reset(code::PROTOCOL);
+            let _ = framed.stream_mut().stop(code::PROTOCOL);
+            return;
+        }
+        Err(_) => {
+            warn!("edge sent no stream header in time");
+            let _ = send.reset(code::PROTOCOL);
+            return;
+        }
+    };
+    let span = info_span!("stream", service = %open.service, client = %open.client, kind = ?open.kind);
+    serve(open, send, framed, services).instrument(span).await;
+}
+
+async fn serve(open: StreamOpen, mut send: quinn::SendStream, framed: FramedRecv, services: Arc<Services>) {
+    let reply = |status, message: String| StreamReply { status, message };
+    let Some(service) = services.get(&open.service) else {
+        warn!("edge asked for an unknown service");
+        let _ = write_frames(&mut send, [reply(StreamStatus::UnknownService, format!("no service {} on this agent", open.service))]).await;
+        let _ = send.finish();
+        return;
+    };
+    let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&service.target)).await {
+        Ok(Ok(tcp)) => tcp,
+        Ok(Err(e)) => {
+            warn!(target = %service.target, error = %e, "service refused the connection");
+            let _ = write_frames(&mut send, [reply(StreamStatus::Refused, e.to_string())]).await;
+            let _ = send.finish();
+            return;
+        }
+        Err(_) => {
+            warn!(target = %service.target, "service did not accept the connection in time");
+            let _ = write_frames(&mut send, [reply(StreamStatus::TimedOut, "connect timed out".into())]).await;
+            let _ = send.finish();
+            return;
+        }
+    };
+    let _ = tcp.set_nodelay(true);
+    if write_frames(&mut send, [reply(StreamStatus::Connected, String::new())]).await.is_err() {
+        return;
+    }
+    let (recv, initial) = framed.into_parts();
+    match pipe(tcp, send, recv, initial).await {
+        Ok(stats) => debug!(from_edge = stats.from_quic, to_edge = stats.to_quic, "stream done"),
+        Err(e) => debug!(error = %e, "stream aborted"),
+    }
+}

@@ -1,0 +1,284 @@
+//! Dialling the edge and keeping the session: TLS with the agent's key, the
+//! control stream, accepting forwarded streams, reconnecting forever.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use burrow_proto::framed::{FramedRecv, write_frames};
+use burrow_proto::identity::{Identity, PinnedServerVerifier};
+use burrow_proto::quic::{self, ALPN, IDENTITY_SNI, Role, code};
+use burrow_proto::{AgentEvent, AgentSession, EdgeToAgent, ServiceState, ServiceStatus};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, error, info, info_span, warn};
+
+use crate::backoff::{BACKOFF_CAP, Backoff};
+use crate::config::AgentConfig;
+use crate::forward::{Services, handle_stream};
+
+/// How long a connection attempt (QUIC and TLS handshake) may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the edge has to answer the hello.
+pub const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the agent is doing, for status output and tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentStatus {
+    Connecting,
+    Connected { session: u64 },
+    /// The edge refused this agent (unknown key, wrong name, version).
+    Refused(String),
+    Disconnected(String),
+    Stopped,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsSetupError {
+    #[error("reading edge_ca {path}: {reason}")]
+    EdgeCa { path: String, reason: String },
+    #[error(transparent)]
+    Rustls(#[from] rustls::Error),
+}
+
+/// The QUIC client config: TLS 1.3, the agent's key as client certificate,
+/// the edge checked by pinned key or by its public certificate.
+pub fn client_config(config: &AgentConfig, identity: &Identity) -> Result<quinn::ClientConfig, TlsSetupError> {
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(quic::crypto_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13])?;
+    let builder = match config.edge_key {
+        Some(pin) => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PinnedServerVerifier::new(pin))),
+        None => {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+            if let Some(ca) = &config.edge_ca {
+                let bad = |reason: String| TlsSetupError::EdgeCa {
+                    path: ca.display().to_string(),
+                    reason,
+                };
+                for cert in CertificateDer::pem_file_iter(ca).map_err(|e| bad(e.to_string()))? {
+                    roots.add(cert.map_err(|e| bad(e.to_string()))?).map_err(|e| bad(e.to_string()))?;
+                }
+            }
+            builder.with_root_certificates(roots)
+        }
+    };
+    let mut tls = builder.with_client_auth_cert(vec![identity.cert()], identity.private_key())?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
+    let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+    client.transport_config(Arc::new(quic::transport_config(Role::Agent)));
+    Ok(client)
+}
+
+/// How one connection attempt or session ended.
+#[derive(Debug)]
+enum Outcome {
+    Shutdown,
+    /// The edge asked us to come back after this long.
+    GoingAway(Duration),
+    /// The session was up, then lost.
+    Lost(String),
+    /// The attempt failed before a session existed.
+    Failed(String),
+    Refused(String),
+}
+
+pub(crate) struct Dialer {
+    pub config: Arc<AgentConfig>,
+    pub client: quinn::ClientConfig,
+    pub services: Arc<Services>,
+    pub status: watch::Sender<AgentStatus>,
+}
+
+impl Dialer {
+    /// Keeps a session up until `shutdown`.
+    pub async fn run(self, endpoint: quinn::Endpoint, shutdown: CancellationToken) {
+        let mut backoff = Backoff::new();
+        loop {
+            self.status.send_replace(AgentStatus::Connecting);
+            let outcome = self.connect_once(&endpoint, &shutdown).await;
+            let delay = match outcome {
+                Outcome::Shutdown => break,
+                Outcome::GoingAway(hint) => {
+                    info!(retry_in = ?hint, "edge is going away; reconnecting");
+                    backoff.reset();
+                    self.status.send_replace(AgentStatus::Disconnected("edge going away".into()));
+                    hint
+                }
+                Outcome::Lost(why) => {
+                    warn!(reason = %why, "lost the edge; reconnecting");
+                    backoff.reset();
+                    let d = backoff.next_delay(rand::random());
+                    self.status.send_replace(AgentStatus::Disconnected(why));
+                    d
+                }
+                Outcome::Failed(why) => {
+                    let d = backoff.next_delay(rand::random());
+                    warn!(reason = %why, retry_in = ?d, "cannot reach the edge");
+                    self.status.send_replace(AgentStatus::Disconnected(why));
+                    d
+                }
+                Outcome::Refused(why) => {
+                    error!(reason = %why, "the edge refused this agent; check [[agent]] on the edge");
+                    self.status.send_replace(AgentStatus::Refused(why));
+                    BACKOFF_CAP
+                }
+            };
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = shutdown.cancelled() => break,
+            }
+        }
+        self.status.send_replace(AgentStatus::Stopped);
+        endpoint.close(code::OK, b"agent stopping");
+        let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+    }
+
+    async fn resolve(&self) -> Result<SocketAddr, String> {
+        let mut addrs = tokio::net::lookup_host(&self.config.edge)
+            .await
+            .map_err(|e| format!("resolving {}: {e}", self.config.edge))?;
+        addrs
+            .next()
+            .ok_or_else(|| format!("{} resolves to no address", self.config.edge))
+    }
+
+    async fn connect_once(&self, endpoint: &quinn::Endpoint, shutdown: &CancellationToken) -> Outcome {
+        let addr = match self.resolve().await {
+            Ok(a) => a,
+            Err(e) => return Outcome::Failed(e),
+        };
+        let sni = if self.config.edge_key.is_some() {
+            IDENTITY_SNI
+        } else {
+            self.config.edge_host.as_str()
+        };
+        let connecting = match endpoint.connect_with(self.client.clone(), addr, sni) {
+            Ok(c) => c,
+            Err(e) => return Outcome::Failed(format!("connecting to {addr}: {e}")),
+        };
+        let conn = tokio::select! {
+            r = tokio::time::timeout(CONNECT_TIMEOUT, connecting) => match r {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => return classify_close(e, "handshake with the edge"),
+                Err(_) => return Outcome::Failed(format!("no answer from {addr} in {CONNECT_TIMEOUT:?}")),
+            },
+            () = shutdown.cancelled() => return Outcome::Shutdown,
+        };
+        let span = info_span!("edge", %addr);
+        self.session(conn, shutdown).instrument(span).await
+    }
+
+    async fn session(&self, conn: quinn::Connection, shutdown: &CancellationToken) -> Outcome {
+        let (mut send, recv) = match conn.open_bi().await {
+            Ok(s) => s,
+            Err(e) => return classify_close(e, "opening the control stream"),
+        };
+        let statuses = self
+            .services
+            .all()
+            .iter()
+            .map(|s| ServiceStatus {
+                name: s.name.clone(),
+                state: ServiceState::Unknown,
+            })
+            .collect();
+        let mut session = AgentSession::new(self.config.name.clone(), statuses);
+        let mut recv = FramedRecv::new(recv);
+        if let Err(e) = write_frames(&mut send, std::iter::from_fn(|| session.poll_transmit())).await {
+            return Outcome::Failed(format!("sending hello: {e}"));
+        }
+        let first = tokio::select! {
+            f = tokio::time::timeout(WELCOME_TIMEOUT, recv.next::<EdgeToAgent>()) => f,
+            e = conn.closed() => return classify_close(e, "waiting for welcome"),
+        };
+        let first = match first {
+            Ok(Ok(Some(f))) => f,
+            Ok(Ok(None)) => return Outcome::Failed("edge ended the control stream".into()),
+            Ok(Err(e)) => return Outcome::Failed(format!("waiting for welcome: {e}")),
+            Err(_) => return Outcome::Failed("no welcome from the edge in time".into()),
+        };
+        match session.handle_frame(first) {
+            Ok(AgentEvent::Established(w)) => {
+                info!(session = w.session, "connected to edge");
+                self.status.send_replace(AgentStatus::Connected { session: w.session });
+            }
+            Ok(AgentEvent::Refused(r)) => return Outcome::Refused(r.message),
+            Ok(other) => return Outcome::Failed(format!("unexpected {other:?}")),
+            Err(e) => {
+                conn.close(code::PROTOCOL, b"protocol error");
+                return Outcome::Failed(e.to_string());
+            }
+        }
+
+        loop {
+            tokio::select! {
+                stream = conn.accept_bi() => match stream {
+                    Ok((s, r)) => {
+                        tokio::spawn(handle_stream(s, r, self.services.clone()).in_current_span());
+                    }
+                    Err(e) => return classify_close(e, "session"),
+                },
+                frame = recv.next::<EdgeToAgent>() => match frame {
+                    Ok(Some(f)) => match session.handle_frame(f) {
+                        Ok(AgentEvent::EdgeGoingAway(g)) => return Outcome::GoingAway(g.reconnect_after),
+                        Ok(other) => {
+                            conn.close(code::PROTOCOL, b"protocol error");
+                            return Outcome::Lost(format!("unexpected {other:?}"));
+                        }
+                        Err(e) => {
+                            conn.close(code::PROTOCOL, b"protocol error");
+                            return Outcome::Lost(e.to_string());
+                        }
+                    },
+                    Ok(None) => {
+                        let e = session.handle_end();
+                        conn.close(code::PROTOCOL, b"control stream ended");
+                        return Outcome::Lost(e.to_string());
+                    }
+                    Err(e) => {
+                        // A read error here is usually the connection closing.
+                        let closed = conn.close_reason();
+                        return match closed {
+                            Some(c) => classify_close(c, "session"),
+                            None => {
+                                conn.close(code::PROTOCOL, b"bad control frame");
+                                Outcome::Lost(e.to_string())
+                            }
+                        };
+                    }
+                },
+                () = shutdown.cancelled() => {
+                    session.go_away();
+                    let _ = write_frames(&mut send, std::iter::from_fn(|| session.poll_transmit())).await;
+                    let _ = send.finish();
+                    conn.close(code::OK, b"agent stopping");
+                    return Outcome::Shutdown;
+                }
+            }
+        }
+    }
+}
+
+/// Turns a connection error into an outcome: the edge's close code says
+/// whether to come back at once, back off, or stop hammering.
+fn classify_close(e: quinn::ConnectionError, during: &str) -> Outcome {
+    match &e {
+        quinn::ConnectionError::ApplicationClosed(c) if c.error_code == code::GOING_AWAY => {
+            Outcome::GoingAway(Duration::ZERO)
+        }
+        quinn::ConnectionError::ApplicationClosed(c) if c.error_code == code::REFUSED => {
+            Outcome::Refused(String::from_utf8_lossy(&c.reason).into_owned())
+        }
+        quinn::ConnectionError::ConnectionClosed(_)
+        | quinn::ConnectionError::TransportError(_)
+        | quinn::ConnectionError::VersionMismatch => Outcome::Failed(format!("{during}: {e}")),
+        _ => Outcome::Lost(format!("{during}: {e}")),
+    }
+}

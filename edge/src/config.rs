@@ -1,0 +1,539 @@
+//! edge.toml: the file model (serde, unknown keys rejected) and its
+//! conversion into the validated [`EdgeConfig`] the server runs on.
+//!
+//! Every value error points at its line and column; every cross-field error
+//! names the key path (`route[2].agent`) and points at the entry.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use burrow_proto::confkit::{Cidr, ConfigError, HumanDuration, Source, Spanned};
+use burrow_proto::identity::Fingerprint;
+use burrow_proto::Name;
+use serde::Deserialize;
+
+use crate::access::IpRules;
+
+/// Where the edge listens by default.
+pub const DEFAULT_HTTPS: &str = "0.0.0.0:443";
+pub const DEFAULT_TUNNEL: &str = "0.0.0.0:443";
+/// How long held requests wait for a waking service by default.
+pub const DEFAULT_WAKE_HOLD: Duration = Duration::from_secs(180);
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    edge: EdgeSection,
+    tls: Option<TlsSection>,
+    access: Option<AccessSection>,
+    #[serde(default)]
+    agent: Vec<Spanned<AgentEntry>>,
+    #[serde(default)]
+    user: Vec<Spanned<UserEntry>>,
+    #[serde(default)]
+    route: Vec<Spanned<RouteEntry>>,
+    #[serde(default)]
+    port: Vec<Spanned<PortEntry>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EdgeSection {
+    state_dir: PathBuf,
+    key: Option<PathBuf>,
+    https: Option<SocketAddr>,
+    http: Option<SocketAddr>,
+    tunnel: Option<SocketAddr>,
+    admin: Option<SocketAddr>,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+enum TlsModeName {
+    Acme,
+    SelfSigned,
+    Files,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TlsSection {
+    mode: Spanned<TlsModeName>,
+    email: Option<String>,
+    directory: Option<String>,
+    directory_ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct AccessSection {
+    #[serde(default)]
+    allow: Vec<Cidr>,
+    #[serde(default)]
+    deny: Vec<Cidr>,
+    #[serde(default)]
+    trusted_proxies: Vec<Cidr>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AgentEntry {
+    name: Spanned<String>,
+    key: Spanned<Fingerprint>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UserEntry {
+    name: Spanned<String>,
+    password: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    Basic,
+    None,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteEntry {
+    host: Spanned<String>,
+    agent: Spanned<String>,
+    service: Spanned<String>,
+    auth: Option<AuthMode>,
+    #[serde(default)]
+    users: Vec<Spanned<String>>,
+    #[serde(default)]
+    allow: Vec<Cidr>,
+    #[serde(default)]
+    deny: Vec<Cidr>,
+    #[serde(default)]
+    public_paths: Vec<String>,
+    /// Replaces the Host header sent to the service (Ollama checks it).
+    host_header: Option<String>,
+    /// Ends a request's stream when no byte moved either way for this long.
+    idle_timeout: Option<HumanDuration>,
+    /// Answers 504 when the service sends no response headers for this long.
+    response_timeout: Option<HumanDuration>,
+    wake: Option<WakeEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WakeEntry {
+    hold: Option<HumanDuration>,
+    page: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PortEntry {
+    listen: SocketAddr,
+    agent: Spanned<String>,
+    service: Spanned<String>,
+    #[serde(default)]
+    allow: Vec<Cidr>,
+    #[serde(default)]
+    deny: Vec<Cidr>,
+}
+
+/// The validated edge configuration.
+#[derive(Debug, Clone)]
+pub struct EdgeConfig {
+    pub state_dir: PathBuf,
+    pub key_path: PathBuf,
+    /// The HTTPS listener; `None` when no route needs one.
+    pub https: Option<SocketAddr>,
+    pub http: Option<SocketAddr>,
+    pub tunnel: SocketAddr,
+    pub admin: Option<SocketAddr>,
+    pub tls: TlsConfig,
+    pub access: AccessConfig,
+    pub agents: Vec<AgentConfig>,
+    pub users: Vec<UserConfig>,
+    pub routes: Vec<RouteConfig>,
+    pub ports: Vec<PortConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsConfig {
+    SelfSigned,
+    Files { cert: PathBuf, key: PathBuf },
+    Acme(AcmeConfig),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcmeConfig {
+    pub email: String,
+    pub directory: String,
+    pub directory_ca: Option<PathBuf>,
+}
+
+/// Let's Encrypt's production and staging directories.
+pub const LETS_ENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
+pub const LETS_ENCRYPT_STAGING: &str = "https://acme-staging-v02.api.letsencrypt.org/directory";
+
+#[derive(Debug, Clone, Default)]
+pub struct AccessConfig {
+    pub rules: IpRules,
+    pub trusted_proxies: Vec<Cidr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentConfig {
+    pub name: Name,
+    pub key: Fingerprint,
+}
+
+/// A user and their argon2id hash. `Debug` leaves the hash out.
+#[derive(Clone)]
+pub struct UserConfig {
+    pub name: String,
+    pub password_hash: String,
+}
+
+impl std::fmt::Debug for UserConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UserConfig")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    /// Lowercase, without port.
+    pub host: String,
+    pub agent: Name,
+    pub service: Name,
+    pub auth: AuthMode,
+    pub users: Vec<String>,
+    pub rules: IpRules,
+    pub public_paths: Vec<String>,
+    pub host_header: Option<String>,
+    pub idle_timeout: Option<Duration>,
+    pub response_timeout: Option<Duration>,
+    pub wake: WakeConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WakeConfig {
+    pub hold: Duration,
+    pub page: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct PortConfig {
+    pub listen: SocketAddr,
+    pub agent: Name,
+    pub service: Name,
+    pub rules: IpRules,
+}
+
+impl EdgeConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::from_source(&Source::read(path)?)
+    }
+
+    pub fn from_source(src: &Source) -> Result<Self, ConfigError> {
+        let file: File = src.parse()?;
+        convert(src, file)
+    }
+}
+
+fn name_at(src: &Source, value: &Spanned<String>, key: &str) -> Result<Name, ConfigError> {
+    Name::new(value.get_ref().clone()).map_err(|e| src.error_at(value.span(), format!("{key}: {e}")))
+}
+
+/// Lowercase host names of 1 to 253 bytes, dot-separated labels of
+/// letters, digits and `-`; a leading `*.` is not supported.
+fn valid_hostname(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 253
+        && h.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+fn convert(src: &Source, file: File) -> Result<EdgeConfig, ConfigError> {
+    let state_dir = src.resolve(&file.edge.state_dir);
+    let key_path = file
+        .edge
+        .key
+        .as_deref()
+        .map_or_else(|| state_dir.join("edge.key"), |p| src.resolve(p));
+
+    let tls = match file.tls {
+        None => TlsConfig::SelfSigned,
+        Some(t) => match *t.mode.get_ref() {
+            TlsModeName::SelfSigned => TlsConfig::SelfSigned,
+            TlsModeName::Files => match (t.cert, t.key) {
+                (Some(cert), Some(key)) => TlsConfig::Files {
+                    cert: src.resolve(&cert),
+                    key: src.resolve(&key),
+                },
+                _ => {
+                    return Err(src.error_at(t.mode.span(), "tls: mode = \"files\" needs both cert and key"));
+                }
+            },
+            TlsModeName::Acme => {
+                let Some(email) = t.email else {
+                    return Err(src.error_at(t.mode.span(), "tls: mode = \"acme\" needs email"));
+                };
+                let directory = match t.directory.as_deref() {
+                    None => LETS_ENCRYPT.to_owned(),
+                    Some("staging") => LETS_ENCRYPT_STAGING.to_owned(),
+                    Some(d) => d.to_owned(),
+                };
+                TlsConfig::Acme(AcmeConfig {
+                    email,
+                    directory,
+                    directory_ca: t.directory_ca.map(|p| src.resolve(&p)),
+                })
+            }
+        },
+    };
+
+    let access = file.access.unwrap_or_default();
+    let access = AccessConfig {
+        rules: IpRules {
+            allow: access.allow,
+            deny: access.deny,
+        },
+        trusted_proxies: access.trusted_proxies,
+    };
+
+    let mut agents = Vec::new();
+    let mut agent_names = HashSet::new();
+    let mut agent_keys = HashMap::new();
+    for (i, entry) in file.agent.iter().enumerate() {
+        let a = entry.get_ref();
+        let name = name_at(src, &a.name, &format!("agent[{i}].name"))?;
+        if !agent_names.insert(name.clone()) {
+            return Err(src.error_at(a.name.span(), format!("agent[{i}].name: agent {name} is listed twice")));
+        }
+        if let Some(other) = agent_keys.insert(*a.key.get_ref(), name.clone()) {
+            return Err(src.error_at(
+                a.key.span(),
+                format!("agent[{i}].key: the same key is already listed for agent {other}"),
+            ));
+        }
+        agents.push(AgentConfig {
+            name,
+            key: *a.key.get_ref(),
+        });
+    }
+
+    let mut users = Vec::new();
+    let mut user_names = HashSet::new();
+    for (i, entry) in file.user.iter().enumerate() {
+        let u = entry.get_ref();
+        let name = u.name.get_ref().clone();
+        if name.is_empty() || name.contains(':') || name.chars().any(char::is_control) {
+            return Err(src.error_at(u.name.span(), format!("user[{i}].name: must be non-empty, without ':' or control characters")));
+        }
+        if !user_names.insert(name.clone()) {
+            return Err(src.error_at(u.name.span(), format!("user[{i}].name: user {name} is listed twice")));
+        }
+        let hash = u.password.get_ref();
+        if !hash.starts_with("$argon2id$") {
+            // Never echo the value: it may be a plaintext password.
+            return Err(src.error_at(
+                u.password.span(),
+                format!("user[{i}].password: not an argon2id hash; make one with `burrow hash-password`"),
+            ));
+        }
+        users.push(UserConfig {
+            name,
+            password_hash: hash.clone(),
+        });
+    }
+
+    let agent_exists = |value: &Spanned<String>, key: String| -> Result<Name, ConfigError> {
+        let name = name_at(src, value, &key)?;
+        if agent_names.contains(&name) {
+            Ok(name)
+        } else {
+            Err(src.error_at(value.span(), format!("{key}: no [[agent]] named {name}")))
+        }
+    };
+
+    let mut routes = Vec::new();
+    let mut hosts = HashSet::new();
+    for (i, entry) in file.route.iter().enumerate() {
+        let r = entry.get_ref();
+        let host = r.host.get_ref().to_ascii_lowercase();
+        if !valid_hostname(&host) {
+            return Err(src.error_at(r.host.span(), format!("route[{i}].host: {host:?} is not a host name")));
+        }
+        if !hosts.insert(host.clone()) {
+            return Err(src.error_at(r.host.span(), format!("route[{i}].host: {host} has two routes")));
+        }
+        let agent = agent_exists(&r.agent, format!("route[{i}].agent"))?;
+        let service = name_at(src, &r.service, &format!("route[{i}].service"))?;
+        let Some(auth) = r.auth else {
+            return Err(src.error_at(
+                entry.span(),
+                format!("route[{i}].auth: missing; write auth = \"basic\" or, to expose {host} to anyone, auth = \"none\""),
+            ));
+        };
+        let mut route_users = Vec::new();
+        for (j, u) in r.users.iter().enumerate() {
+            if !user_names.contains(u.get_ref()) {
+                return Err(src.error_at(u.span(), format!("route[{i}].users[{j}]: no [[user]] named {}", u.get_ref())));
+            }
+            route_users.push(u.get_ref().clone());
+        }
+        match auth {
+            AuthMode::Basic if route_users.is_empty() => {
+                return Err(src.error_at(entry.span(), format!("route[{i}].users: auth = \"basic\" needs at least one user")));
+            }
+            AuthMode::None if !route_users.is_empty() => {
+                return Err(src.error_at(r.users[0].span(), format!("route[{i}].users: users given but auth = \"none\"")));
+            }
+            _ => {}
+        }
+        for (j, p) in r.public_paths.iter().enumerate() {
+            if !p.starts_with('/') {
+                return Err(src.error_at(entry.span(), format!("route[{i}].public_paths[{j}]: {p:?} must start with '/'")));
+            }
+        }
+        let wake = r.wake.as_ref();
+        routes.push(RouteConfig {
+            host,
+            agent,
+            service,
+            auth,
+            users: route_users,
+            rules: IpRules {
+                allow: r.allow.clone(),
+                deny: r.deny.clone(),
+            },
+            public_paths: r.public_paths.clone(),
+            host_header: r.host_header.clone(),
+            idle_timeout: r.idle_timeout.map(|d| d.0),
+            response_timeout: r.response_timeout.map(|d| d.0),
+            wake: WakeConfig {
+                hold: wake.and_then(|w| w.hold).map_or(DEFAULT_WAKE_HOLD, |d| d.0),
+                page: wake.and_then(|w| w.page).unwrap_or(true),
+            },
+        });
+    }
+
+    let mut ports = Vec::new();
+    let mut listens = HashSet::new();
+    for (i, entry) in file.port.iter().enumerate() {
+        let p = entry.get_ref();
+        if p.listen.port() != 0 && !listens.insert(p.listen) {
+            return Err(src.error_at(entry.span(), format!("port[{i}].listen: {} is used twice", p.listen)));
+        }
+        ports.push(PortConfig {
+            listen: p.listen,
+            agent: agent_exists(&p.agent, format!("port[{i}].agent"))?,
+            service: name_at(src, &p.service, &format!("port[{i}].service"))?,
+            rules: IpRules {
+                allow: p.allow.clone(),
+                deny: p.deny.clone(),
+            },
+        });
+    }
+
+    let default_addr = |s: &str| s.parse::<SocketAddr>().expect("default addresses parse");
+    Ok(EdgeConfig {
+        state_dir,
+        key_path,
+        https: file
+            .edge
+            .https
+            .or_else(|| (!routes.is_empty()).then(|| default_addr(DEFAULT_HTTPS))),
+        http: file.edge.http,
+        tunnel: file.edge.tunnel.unwrap_or_else(|| default_addr(DEFAULT_TUNNEL)),
+        admin: file.edge.admin,
+        tls,
+        access,
+        agents,
+        users,
+        routes,
+        ports,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "sha256:0000000000000000000000000000000000000000000000000000000000000001";
+
+    fn parse(text: &str) -> Result<EdgeConfig, ConfigError> {
+        EdgeConfig::from_source(&Source::new("edge.toml", text))
+    }
+
+    fn base() -> String {
+        format!("[edge]\nstate_dir = \"/tmp/s\"\n\n[[agent]]\nname = \"home\"\nkey = \"{KEY}\"\n")
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = parse(&base()).unwrap();
+        assert_eq!(c.key_path, PathBuf::from("/tmp/s/edge.key"));
+        assert_eq!(c.tunnel, DEFAULT_TUNNEL.parse().unwrap());
+        assert_eq!(c.https, None);
+        assert_eq!(c.tls, TlsConfig::SelfSigned);
+    }
+
+    #[test]
+    fn route_without_auth_is_an_error_naming_the_key() {
+        let text = format!("{}\n[[route]]\nhost = \"chat.example.com\"\nagent = \"home\"\nservice = \"webui\"\n", base());
+        let err = parse(&text).unwrap_err();
+        assert!(err.message.starts_with("route[0].auth: missing"), "{err}");
+        assert_eq!(err.position.map(|p| p.0), Some(8), "{err}");
+    }
+
+    #[test]
+    fn unknown_agent_in_port_points_at_the_value() {
+        let text = format!("{}\n[[port]]\nlisten = \"127.0.0.1:0\"\nagent = \"nas\"\nservice = \"ssh\"\n", base());
+        let err = parse(&text).unwrap_err();
+        assert_eq!(err.to_string(), "edge.toml:10:9: port[0].agent: no [[agent]] named nas");
+    }
+
+    #[test]
+    fn plaintext_password_is_refused_without_echo() {
+        let text = format!("{}\n[[user]]\nname = \"alice\"\npassword = \"hunter2\"\n", base());
+        let err = parse(&text).unwrap_err();
+        assert!(err.message.contains("not an argon2id hash"), "{err}");
+        assert!(!err.to_string().contains("hunter2"));
+    }
+
+    #[test]
+    fn misspelt_key_is_refused_with_position() {
+        let err = parse("[edge]\nstate_dir = \"/s\"\ntunel = \"0.0.0.0:1\"\n").unwrap_err();
+        assert_eq!(err.position, Some((3, 1)), "{err}");
+        assert!(err.message.contains("unknown field `tunel`"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_agent_keys_are_refused() {
+        let text = format!("{}\n[[agent]]\nname = \"other\"\nkey = \"{KEY}\"\n", base());
+        let err = parse(&text).unwrap_err();
+        assert!(err.message.contains("already listed for agent home"), "{err}");
+    }
+
+    #[test]
+    fn hostnames_are_checked() {
+        assert!(valid_hostname("chat.example.com"));
+        assert!(valid_hostname("localhost"));
+        assert!(!valid_hostname("chat..example.com"));
+        assert!(!valid_hostname("-x.example.com"));
+        assert!(!valid_hostname("chat.example.com:443"));
+    }
+}

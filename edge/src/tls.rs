@@ -1,0 +1,174 @@
+//! The edge's certificates: per-name public certificates (self-signed or
+//! from files for now), the identity certificate agents can pin, and the
+//! SNI resolvers that choose between them for HTTPS and for QUIC.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+use burrow_proto::fsutil;
+use burrow_proto::quic::{IDENTITY_SNI, crypto_provider};
+use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {reason}")]
+    Pem { path: String, reason: String },
+    #[error("certificate: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("generating a certificate: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("writing {path}: {source}")]
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// Certificates by host name, swappable while serving.
+#[derive(Debug)]
+pub struct CertStore {
+    identity: Arc<CertifiedKey>,
+    by_name: RwLock<HashMap<String, Arc<CertifiedKey>>>,
+    /// Served to clients that send no SNI or an unknown name.
+    fallback: RwLock<Option<Arc<CertifiedKey>>>,
+}
+
+impl CertStore {
+    pub fn new(identity: Arc<CertifiedKey>) -> Self {
+        Self {
+            identity,
+            by_name: RwLock::default(),
+            fallback: RwLock::default(),
+        }
+    }
+
+    /// Installs `key` for `names`; connections already open keep theirs.
+    pub fn install(&self, names: &[String], key: Arc<CertifiedKey>) {
+        let mut map = self.by_name.write().expect("cert store lock not poisoned");
+        for n in names {
+            map.insert(n.to_ascii_lowercase(), key.clone());
+        }
+        let mut fallback = self.fallback.write().expect("cert store lock not poisoned");
+        if fallback.is_none() {
+            *fallback = Some(key);
+        }
+    }
+
+    fn by_name(&self, sni: Option<&str>) -> Option<Arc<CertifiedKey>> {
+        let map = self.by_name.read().expect("cert store lock not poisoned");
+        sni.and_then(|s| map.get(&s.to_ascii_lowercase()).cloned())
+    }
+
+    /// The resolver for the HTTPS listener.
+    pub fn https_resolver(self: &Arc<Self>) -> Arc<dyn ResolvesServerCert> {
+        Arc::new(HttpsResolver(self.clone()))
+    }
+
+    /// The resolver for the QUIC tunnel: the public certificate for its name
+    /// (agents that verify the edge by DNS name), else the identity.
+    pub fn quic_resolver(self: &Arc<Self>) -> Arc<dyn ResolvesServerCert> {
+        Arc::new(QuicResolver(self.clone()))
+    }
+}
+
+#[derive(Debug)]
+struct HttpsResolver(Arc<CertStore>);
+
+impl ResolvesServerCert for HttpsResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.0.by_name(hello.server_name()).or_else(|| {
+            self.0
+                .fallback
+                .read()
+                .expect("cert store lock not poisoned")
+                .clone()
+        })
+    }
+}
+
+#[derive(Debug)]
+struct QuicResolver(Arc<CertStore>);
+
+impl ResolvesServerCert for QuicResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        match hello.server_name() {
+            Some(IDENTITY_SNI) | None => Some(self.0.identity.clone()),
+            name => self.0.by_name(name).or_else(|| Some(self.0.identity.clone())),
+        }
+    }
+}
+
+fn certified(chain: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'static>) -> Result<Arc<CertifiedKey>, TlsError> {
+    let signer = crypto_provider().key_provider.load_private_key(key)?;
+    Ok(Arc::new(CertifiedKey::new(chain, signer)))
+}
+
+/// Loads a PEM certificate chain and private key (`[tls] mode = "files"`).
+pub fn load_files(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, TlsError> {
+    let read = |p: &Path| {
+        std::fs::read(p).map_err(|source| TlsError::Read {
+            path: p.display().to_string(),
+            source,
+        })
+    };
+    let cert_pem = read(cert)?;
+    let chain = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Pem {
+            path: cert.display().to_string(),
+            reason: e.to_string(),
+        })?;
+    if chain.is_empty() {
+        return Err(TlsError::Pem {
+            path: cert.display().to_string(),
+            reason: "no CERTIFICATE block".into(),
+        });
+    }
+    let key_der = PrivateKeyDer::from_pem_slice(&read(key)?).map_err(|e| TlsError::Pem {
+        path: key.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    certified(chain, key_der)
+}
+
+/// A self-signed certificate for `names`, kept in `state_dir` so browsers'
+/// exceptions survive restarts; remade when the names change.
+pub fn self_signed(state_dir: &Path, names: &[String]) -> Result<Arc<CertifiedKey>, TlsError> {
+    let path = state_dir.join("self-signed.pem");
+    let mut names = names.to_vec();
+    names.sort();
+    let tag = format!("# names: {}\n", names.join(","));
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        if text.starts_with(&tag) {
+            if let Ok(k) = load_files(&path, &path) {
+                return Ok(k);
+            }
+        }
+    }
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let mut params = CertificateParams::new(names.clone())?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "burrow self-signed");
+    let cert = params.self_signed(&key)?;
+    let pem = format!("{tag}{}{}", cert.pem(), key.serialize_pem());
+    fsutil::write_private(&path, pem.as_bytes()).map_err(|source| TlsError::Write {
+        path: path.display().to_string(),
+        source,
+    })?;
+    certified(
+        vec![cert.der().clone()],
+        PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+    )
+}

@@ -1,0 +1,339 @@
+//! The QUIC endpoint agents dial: mutual TLS with pinned agent keys, one
+//! control stream per agent session, and opening forwarded streams.
+
+pub mod registry;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use burrow_proto::framed::{FramedError, FramedRecv, write_frames};
+use burrow_proto::frame::RefuseReason;
+use burrow_proto::identity::{AnyKeyClientVerifier, Fingerprint};
+use burrow_proto::quic::{self, ALPN, Role, code};
+use burrow_proto::{
+    AgentToEdge, EdgeEvent, EdgeSession, Frame, Name, StreamOpen, StreamReply, StreamStatus,
+};
+use bytes::Bytes;
+use rustls::server::ResolvesServerCert;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::config::AgentConfig;
+pub use registry::{AgentLink, Registry};
+
+/// How long a QUIC handshake may take before the attempt is dropped.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an agent has, after the handshake, to open its control stream
+/// and say hello.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the agent has to answer a stream header (it connects to the
+/// service in that time; the agent's own connect timeout is shorter).
+pub const STREAM_REPLY_TIMEOUT: Duration = Duration::from_secs(15);
+/// What the edge tells agents when it shuts down: reconnect at once, the
+/// agent's backoff spaces the attempts while the edge is away.
+pub const RECONNECT_HINT: Duration = Duration::ZERO;
+
+/// Builds the QUIC server config: TLS 1.3, ALPN `burrow/1`, a client
+/// certificate required (checked against the agent list after the handshake).
+pub fn server_config(
+    certs: Arc<dyn ResolvesServerCert>,
+) -> Result<quinn::ServerConfig, rustls::Error> {
+    let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(quic::crypto_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(Arc::new(AnyKeyClientVerifier::default()))
+        .with_cert_resolver(certs);
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.max_early_data_size = 0;
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(Arc::new(quic::transport_config(Role::Edge)));
+    // Agents dial from home connections whose address changes on redial.
+    config.migration(true);
+    Ok(config)
+}
+
+/// The agent side of the tunnel as the rest of the edge sees it.
+#[derive(Debug)]
+pub struct Tunnel {
+    pub registry: Arc<Registry>,
+    agents: Vec<AgentConfig>,
+    next_session: AtomicU64,
+}
+
+impl Tunnel {
+    pub fn new(agents: Vec<AgentConfig>) -> Self {
+        Self {
+            registry: Arc::new(Registry::new(agents.iter().map(|a| a.name.clone()))),
+            agents,
+            next_session: AtomicU64::new(1),
+        }
+    }
+
+    /// Accepts agents until `shutdown`, then tells every agent to go away.
+    pub async fn serve(self: Arc<Self>, endpoint: quinn::Endpoint, shutdown: CancellationToken) {
+        let sessions = CancellationToken::new();
+        loop {
+            let incoming = tokio::select! {
+                i = endpoint.accept() => i,
+                () = shutdown.cancelled() => break,
+            };
+            let Some(incoming) = incoming else { break };
+            let remote = incoming.remote_address();
+            let this = self.clone();
+            let stop = sessions.child_token();
+            tokio::spawn(
+                async move { this.handle_incoming(incoming, stop).await }
+                    .instrument(info_span!("agent", peer = %remote)),
+            );
+        }
+        // Each session sends its going-away notice, then the endpoint closes.
+        sessions.cancel();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        let mut changes = self.registry.subscribe();
+        while !self.registry.connected().is_empty() {
+            if tokio::time::timeout_at(deadline, changes.changed()).await.is_err() {
+                break;
+            }
+        }
+        endpoint.close(code::GOING_AWAY, b"edge shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+    }
+
+    async fn handle_incoming(self: Arc<Self>, incoming: quinn::Incoming, stop: CancellationToken) {
+        let remote = incoming.remote_address();
+        let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => {
+                info!(error = %e, "agent handshake failed");
+                return;
+            }
+            Err(_) => {
+                info!("agent handshake timed out");
+                return;
+            }
+        };
+        let Some(key) = peer_fingerprint(&conn) else {
+            warn!("agent presented no readable certificate");
+            conn.close(code::REFUSED, b"no client certificate");
+            return;
+        };
+        let Some(agent) = self.agents.iter().find(|a| a.key == key) else {
+            warn!(%key, "refused agent: key not listed in any [[agent]]");
+            conn.close(code::REFUSED, b"agent key not listed on this edge");
+            return;
+        };
+        let name = agent.name.clone();
+        let span = info_span!("session", agent = %name);
+        match self.run_session(conn.clone(), name, remote, stop).instrument(span).await {
+            Ok(()) => {}
+            Err(SessionEnd::Protocol(e)) => {
+                warn!(agent = %agent.name, %key, error = %e, "closing agent: protocol error");
+                conn.close(code::PROTOCOL, b"protocol error");
+            }
+            Err(SessionEnd::Refused(why)) => {
+                warn!(agent = %agent.name, %key, reason = why, "refused agent");
+                conn.close(code::REFUSED, why.as_bytes());
+            }
+            Err(SessionEnd::Lost(e)) => {
+                info!(agent = %agent.name, error = %e, "agent disconnected");
+            }
+        }
+    }
+
+    async fn run_session(
+        &self,
+        conn: quinn::Connection,
+        name: Name,
+        remote: SocketAddr,
+        stop: CancellationToken,
+    ) -> Result<(), SessionEnd> {
+        let (mut send, recv) = tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi())
+            .await
+            .map_err(|_| SessionEnd::Protocol("no control stream in time".into()))?
+            .map_err(|e| SessionEnd::Lost(e.to_string()))?;
+        let mut recv = FramedRecv::new(recv);
+        let mut session = EdgeSession::new();
+
+        let hello = tokio::time::timeout(HELLO_TIMEOUT, recv.next::<AgentToEdge>())
+            .await
+            .map_err(|_| SessionEnd::Protocol("no hello in time".into()))?
+            .map_err(SessionEnd::from_framed)?
+            .ok_or_else(|| SessionEnd::Protocol("control stream ended before hello".into()))?;
+        let hello = match session.handle_frame(hello) {
+            Ok(EdgeEvent::Hello(h)) => h,
+            Ok(other) => return Err(SessionEnd::Protocol(format!("expected hello, got {other:?}"))),
+            Err(e) => {
+                // A hello the session refuses (another version) queued a
+                // refusal for the agent; anything else is a protocol error.
+                let refusal: Vec<_> = std::iter::from_fn(|| session.poll_transmit()).collect();
+                if refusal.is_empty() {
+                    return Err(SessionEnd::Protocol(e.to_string()));
+                }
+                let _ = write_frames(&mut send, refusal).await;
+                let _ = send.finish();
+                return Err(SessionEnd::Refused(e.to_string()));
+            }
+        };
+        if hello.agent != name {
+            let why = format!("this key belongs to agent {name}, not {}", hello.agent);
+            session.refuse(RefuseReason::NameMismatch, why.clone());
+            let _ = write_frames(&mut send, std::iter::from_fn(|| session.poll_transmit())).await;
+            let _ = send.finish();
+            // Let the refusal reach the agent before the close overtakes it.
+            let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+            return Err(SessionEnd::Refused(why));
+        }
+
+        let id = self.next_session.fetch_add(1, Ordering::Relaxed);
+        session.accept(id);
+        write_frames(&mut send, std::iter::from_fn(|| session.poll_transmit()))
+            .await
+            .map_err(|e| SessionEnd::Lost(e.to_string()))?;
+        let link = AgentLink::new(name.clone(), id, conn.clone());
+        if let Some(old) = self.registry.insert(link.clone()) {
+            info!(old_session = old.session, "agent logged in again; replacing its old session");
+            old.conn.close(code::REPLACED, b"replaced by a newer session");
+        }
+        info!(session = id, %remote, "agent connected");
+
+        let result = loop {
+            tokio::select! {
+                frame = recv.next::<AgentToEdge>() => {
+                    let frame = match frame {
+                        Ok(Some(f)) => f,
+                        Ok(None) => break Err(SessionEnd::Protocol("control stream ended".into())),
+                        Err(e) => break Err(SessionEnd::from_framed(e)),
+                    };
+                    match session.handle_frame(frame) {
+                        Ok(EdgeEvent::Services(list)) => {
+                            debug!(?list, "services");
+                            link.set_services(list);
+                        }
+                        Ok(EdgeEvent::AgentGoingAway) => {
+                            info!("agent going away");
+                            conn.close(code::OK, b"bye");
+                            break Ok(());
+                        }
+                        Ok(EdgeEvent::Hello(_)) => break Err(SessionEnd::Protocol("second hello".into())),
+                        Err(e) => break Err(SessionEnd::Protocol(e.to_string())),
+                    }
+                }
+                () = stop.cancelled() => {
+                    session.go_away(RECONNECT_HINT);
+                    let _ = write_frames(&mut send, std::iter::from_fn(|| session.poll_transmit())).await;
+                    let _ = send.finish();
+                    conn.close(code::GOING_AWAY, b"edge shutting down");
+                    break Ok(());
+                }
+                e = conn.closed() => break Err(SessionEnd::Lost(e.to_string())),
+            }
+        };
+        self.registry.remove(&name, id);
+        result
+    }
+}
+
+/// Why an agent session ended, for the log line and the close code.
+#[derive(Debug)]
+enum SessionEnd {
+    Protocol(String),
+    Refused(String),
+    Lost(String),
+}
+
+impl SessionEnd {
+    fn from_framed(e: FramedError) -> Self {
+        match e {
+            FramedError::Read(e) => Self::Lost(e.to_string()),
+            other => Self::Protocol(other.to_string()),
+        }
+    }
+}
+
+fn peer_fingerprint(conn: &quinn::Connection) -> Option<Fingerprint> {
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    Fingerprint::of_cert(certs.first()?).ok()
+}
+
+/// Why a forwarded stream could not be opened. One place maps these to
+/// HTTP statuses ([`crate::http`]) and log lines.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("agent {0} is not connected")]
+    AgentOffline(Name),
+    #[error("agent connection lost: {0}")]
+    Lost(String),
+    #[error("agent did not answer the stream header in time")]
+    ReplyTimeout,
+    #[error("agent sent a bad stream reply: {0}")]
+    BadReply(String),
+    #[error("service {service}: {status:?} {message}")]
+    Service {
+        service: Name,
+        status: StreamStatus,
+        message: String,
+    },
+}
+
+/// A forwarded stream the agent has connected to its service.
+#[derive(Debug)]
+pub struct OpenStream {
+    pub send: quinn::SendStream,
+    pub recv: quinn::RecvStream,
+    /// Bytes from the service that arrived with the reply.
+    pub initial: Bytes,
+}
+
+/// Opens a stream to `agent` for `open.service` and waits for the agent's
+/// reply. Waits for a free stream slot when the agent is at its limit.
+pub async fn open_stream(
+    registry: &Registry,
+    agent: &Name,
+    open: StreamOpen,
+) -> Result<OpenStream, OpenError> {
+    let link = registry
+        .wait_for(agent)
+        .await
+        .ok_or_else(|| OpenError::AgentOffline(agent.clone()))?;
+    let (mut send, recv) = link
+        .conn
+        .open_bi()
+        .await
+        .map_err(|e| OpenError::Lost(e.to_string()))?;
+    send.write_all(&open.to_bytes())
+        .await
+        .map_err(|e| OpenError::Lost(e.to_string()))?;
+    let mut recv = FramedRecv::new(recv);
+    let reply = tokio::time::timeout(STREAM_REPLY_TIMEOUT, recv.next::<StreamReply>())
+        .await
+        .map_err(|_| OpenError::ReplyTimeout)?;
+    let reply = match reply {
+        Ok(Some(r)) => r,
+        Ok(None) => return Err(OpenError::BadReply("stream ended before the reply".into())),
+        Err(FramedError::Read(e)) => return Err(OpenError::Lost(e.to_string())),
+        Err(e) => {
+            let _ = send.reset(code::PROTOCOL);
+            return Err(OpenError::BadReply(e.to_string()));
+        }
+    };
+    if reply.status != StreamStatus::Connected {
+        let _ = send.reset(code::STREAM_ABORTED);
+        return Err(OpenError::Service {
+            service: open.service,
+            status: reply.status,
+            message: reply.message,
+        });
+    }
+    let (recv, initial) = recv.into_parts();
+    Ok(OpenStream {
+        send,
+        recv,
+        initial,
+    })
+}
