@@ -20,7 +20,11 @@ const EXIT_CONFIG: u8 = 78;
 const EXIT_FAILURE: u8 = 1;
 
 #[derive(Debug, Parser)]
-#[command(name = "burrow", version, about = "A self-hosted tunnel for the AI you run at home")]
+#[command(
+    name = "burrow",
+    version,
+    about = "A self-hosted tunnel for the AI you run at home"
+)]
 struct Cli {
     /// Log format on stderr (RUST_LOG sets the level, default info).
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
@@ -79,15 +83,16 @@ fn shutdown_on_signals() -> CancellationToken {
         let ctrl_c = tokio::signal::ctrl_c();
         #[cfg(unix)]
         {
-            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(e) => {
-                    error!(error = %e, "cannot listen for SIGTERM");
-                    let _ = ctrl_c.await;
-                    t.cancel();
-                    return;
-                }
-            };
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        error!(error = %e, "cannot listen for SIGTERM");
+                        let _ = ctrl_c.await;
+                        t.cancel();
+                        return;
+                    }
+                };
             tokio::select! {
                 _ = ctrl_c => {}
                 _ = term.recv() => {}

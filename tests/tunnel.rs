@@ -1,6 +1,8 @@
 //! The tunnel core end to end: raw TCP forwarding through real QUIC, pinned
 //! keys, refusals, bad peers, session replacement and edge restarts.
 
+#![allow(clippy::unwrap_used)] // Test helpers fail loudly by design.
+
 mod common;
 
 use std::net::SocketAddr;
@@ -25,7 +27,9 @@ async fn hash_service() -> SocketAddr {
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
         loop {
-            let Ok((mut s, _)) = listener.accept().await else { return };
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
             tokio::spawn(async move {
                 let seed = s.read_u64().await.expect("seed");
                 let len = s.read_u64().await.expect("len");
@@ -38,7 +42,9 @@ async fn hash_service() -> SocketAddr {
                     }
                     ctx.update(&buf[..n]);
                 }
-                s.write_all(ctx.finish().as_ref()).await.expect("write hash");
+                s.write_all(ctx.finish().as_ref())
+                    .await
+                    .expect("write hash");
                 let mut back = vec![0u8; usize::try_from(len).expect("len fits")];
                 fill_pseudo_random(seed, &mut back);
                 s.write_all(&back).await.expect("write data");
@@ -60,10 +66,18 @@ async fn bulk_exchange(port: SocketAddr, seed: u64, up: usize, down: usize) {
     let mut answer = Vec::with_capacity(32 + down);
     s.read_to_end(&mut answer).await.expect("read answer");
     assert_eq!(answer.len(), 32 + down, "connection {seed}: answer length");
-    assert_eq!(answer[..32], sha256(&payload), "connection {seed}: upload hash");
+    assert_eq!(
+        answer[..32],
+        sha256(&payload),
+        "connection {seed}: upload hash"
+    );
     let mut expected = vec![0u8; down];
     fill_pseudo_random(seed ^ 0xdead_beef, &mut expected);
-    assert_eq!(sha256(&answer[32..]), sha256(&expected), "connection {seed}: download hash");
+    assert_eq!(
+        sha256(&answer[32..]),
+        sha256(&expected),
+        "connection {seed}: download hash"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -108,7 +122,12 @@ async fn empty_and_one_sided_transfers_keep_half_close() {
 async fn agent_with_an_unlisted_key_is_refused_and_others_keep_working() {
     let echo = echo_service().await;
     let p = pair(&[("echo", echo)]).await;
-    let before = p.edge.registry.get(&Name::new("home").unwrap()).expect("home connected").session;
+    let before = p
+        .edge
+        .registry
+        .get(&Name::new("home").unwrap())
+        .expect("home connected")
+        .session;
 
     let (rogue_key, _) = p.world.agent_key("rogue");
     let rogue = agent_config(&format!(
@@ -116,14 +135,25 @@ async fn agent_with_an_unlisted_key_is_refused_and_others_keep_working() {
         p.edge.tunnel, p.edge.fingerprint, rogue_key
     ));
     let mut rogue = start_agent(rogue);
-    let status = rogue.wait("refused", |s| matches!(s, AgentStatus::Refused(_))).await;
-    let AgentStatus::Refused(why) = status else { unreachable!() };
+    let status = rogue
+        .wait("refused", |s| matches!(s, AgentStatus::Refused(_)))
+        .await;
+    let AgentStatus::Refused(why) = status else {
+        unreachable!()
+    };
     assert!(why.contains("not listed"), "refusal reason: {why}");
 
     // The listed agent was not disturbed.
-    let now = p.edge.registry.get(&Name::new("home").unwrap()).expect("home connected");
+    let now = p
+        .edge
+        .registry
+        .get(&Name::new("home").unwrap())
+        .expect("home connected");
     assert_eq!(now.session, before);
-    assert_eq!(echo_once(p.edge.ports[0], b"still here").await, b"still here");
+    assert_eq!(
+        echo_once(p.edge.ports[0], b"still here").await,
+        b"still here"
+    );
 }
 
 #[tokio::test]
@@ -136,8 +166,14 @@ async fn agent_refuses_an_edge_with_another_key() {
         "[agent]\nname = \"home\"\nedge = \"{}\"\nedge_key = \"{wrong_pin}\"\nkey = {:?}\n",
         p.edge.tunnel, key
     )));
-    let status = a.wait("disconnected", |s| matches!(s, AgentStatus::Disconnected(_))).await;
-    let AgentStatus::Disconnected(why) = status else { unreachable!() };
+    let status = a
+        .wait("disconnected", |s| {
+            matches!(s, AgentStatus::Disconnected(_))
+        })
+        .await;
+    let AgentStatus::Disconnected(why) = status else {
+        unreachable!()
+    };
     assert!(why.contains("handshake"), "{why}");
 }
 
@@ -152,11 +188,17 @@ async fn raw_agent(p: &Pair, name: &str, key_name: &str) -> quinn::Connection {
     let client = burrow_agent::tunnel::client_config(&config, &id).unwrap();
     let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     ep.set_default_client_config(client);
-    ep.connect(p.edge.tunnel, IDENTITY_SNI).unwrap().await.expect("handshake")
+    ep.connect(p.edge.tunnel, IDENTITY_SNI)
+        .unwrap()
+        .await
+        .expect("handshake")
 }
 
 async fn closed_with(conn: &quinn::Connection) -> quinn::VarInt {
-    match tokio::time::timeout(WAIT, conn.closed()).await.expect("closed in time") {
+    match tokio::time::timeout(WAIT, conn.closed())
+        .await
+        .expect("closed in time")
+    {
         quinn::ConnectionError::ApplicationClosed(c) => c.error_code,
         other => panic!("expected an application close, got {other}"),
     }
@@ -178,7 +220,11 @@ async fn garbage_and_truncated_frames_close_only_that_peer() {
         edge.tunnel, edge.fingerprint, home_key
     )));
     let session = home.connected().await;
-    let p = Pair { world, edge, agent: home };
+    let p = Pair {
+        world,
+        edge,
+        agent: home,
+    };
 
     let hello = AgentToEdge::Hello(Hello {
         version: PROTOCOL_VERSION,
@@ -190,7 +236,11 @@ async fn garbage_and_truncated_frames_close_only_that_peer() {
         ("length over the limit", vec![0x01, 0xff, 0xff], false),
         ("bad name bytes", vec![0x01, 0, 5, 0, 1, 2, b'a', 0], false),
         ("truncated hello", hello[..hello.len() - 1].to_vec(), true),
-        ("service list before hello", AgentToEdge::Services(vec![]).to_bytes().to_vec(), false),
+        (
+            "service list before hello",
+            AgentToEdge::Services(vec![]).to_bytes().to_vec(),
+            false,
+        ),
     ];
     for (what, bytes, finish) in cases {
         let conn = raw_agent(&p, "other", "other").await;
@@ -203,16 +253,28 @@ async fn garbage_and_truncated_frames_close_only_that_peer() {
     }
 
     // The well-behaved agent kept its session and forwards as before.
-    let link = p.edge.registry.get(&Name::new("home").unwrap()).expect("home still connected");
+    let link = p
+        .edge
+        .registry
+        .get(&Name::new("home").unwrap())
+        .expect("home still connected");
     assert_eq!(link.session, session);
-    assert_eq!(echo_once(p.edge.ports[0], b"unaffected").await, b"unaffected");
+    assert_eq!(
+        echo_once(p.edge.ports[0], b"unaffected").await,
+        b"unaffected"
+    );
 }
 
 #[tokio::test]
 async fn a_new_login_replaces_the_old_session_at_once() {
     let echo = echo_service().await;
     let mut p = pair(&[("echo", echo)]).await;
-    let first = p.edge.registry.get(&Name::new("home").unwrap()).unwrap().session;
+    let first = p
+        .edge
+        .registry
+        .get(&Name::new("home").unwrap())
+        .unwrap()
+        .session;
 
     // Log in again with the same key, by hand.
     let conn = raw_agent(&p, "home", "home").await;
@@ -224,12 +286,18 @@ async fn a_new_login_replaces_the_old_session_at_once() {
     send.write_all(&hello.to_bytes()).await.unwrap();
     let mut framed = burrow_proto::framed::FramedRecv::new(recv);
     let welcome = framed.next::<EdgeToAgent>().await.unwrap().unwrap();
-    let EdgeToAgent::Welcome(w) = welcome else { panic!("expected welcome, got {welcome:?}") };
+    let EdgeToAgent::Welcome(w) = welcome else {
+        panic!("expected welcome, got {welcome:?}")
+    };
     assert_ne!(w.session, first);
 
     // The old session was closed at once; the real agent notices and comes
     // back, replacing the hand-made session in turn.
-    p.agent.wait("disconnected", |s| matches!(s, AgentStatus::Disconnected(_))).await;
+    p.agent
+        .wait("disconnected", |s| {
+            matches!(s, AgentStatus::Disconnected(_))
+        })
+        .await;
     let again = p.agent.connected().await;
     assert!(again > w.session);
     assert_eq!(closed_with(&conn).await, code::REPLACED);
@@ -259,7 +327,9 @@ async fn port_deny_rules_close_the_connection() {
         let _ = s.write_all(b"hello").await;
         let mut back = Vec::new();
         // Closed by the edge: EOF or a reset, and nothing echoed.
-        let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut back)).await.expect("closed in time");
+        let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut back))
+            .await
+            .expect("closed in time");
         assert!(back.is_empty(), "denied port echoed {back:?}");
     }
     assert_eq!(echo_once(edge.ports[2], b"allowed").await, b"allowed");
@@ -307,7 +377,10 @@ async fn restart_under_agent(signal: &str) -> Duration {
     assert_eq!(echo_once(port, b"before").await, b"before");
 
     // Same ports for the next run, so the agent and clients find it again.
-    world.write("edge.toml", &edge_toml(&tunnel.to_string(), &port.to_string()));
+    world.write(
+        "edge.toml",
+        &edge_toml(&tunnel.to_string(), &port.to_string()),
+    );
     edge.signal(signal);
     let status = edge.wait_exit();
     if signal == "TERM" {
@@ -316,7 +389,11 @@ async fn restart_under_agent(signal: &str) -> Duration {
 
     let restarted = Instant::now();
     let (_edge2, tunnel2, port2, fp2) = spawn_edge(&config);
-    assert_eq!((tunnel2, port2, fp2), (tunnel, port, fp), "same addresses and identity");
+    assert_eq!(
+        (tunnel2, port2, fp2),
+        (tunnel, port, fp),
+        "same addresses and identity"
+    );
     if signal == "KILL" {
         // Nothing told the agent; it finds out at its next keep-alive.
         agent.wait_log("connected to edge");
@@ -325,7 +402,10 @@ async fn restart_under_agent(signal: &str) -> Duration {
     let mut s = TcpStream::connect(port).await.unwrap();
     s.write_all(b"after").await.unwrap();
     let mut first = [0u8; 1];
-    tokio::time::timeout(WAIT, s.read_exact(&mut first)).await.expect("first byte in time").unwrap();
+    tokio::time::timeout(WAIT, s.read_exact(&mut first))
+        .await
+        .expect("first byte in time")
+        .unwrap();
     let elapsed = restarted.elapsed();
     assert_eq!(&first, b"a");
     eprintln!("edge restart ({signal}) to first forwarded byte: {elapsed:?}");
@@ -345,5 +425,8 @@ async fn edge_crash_recovers_at_the_next_keep_alive() {
     // agent redials at once instead of waiting out the idle timeout.
     let elapsed = restart_under_agent("KILL").await;
     let bound = burrow_proto::quic::KEEP_ALIVE_INTERVAL + Duration::from_secs(3);
-    assert!(elapsed < bound, "took {elapsed:?}, more than keep-alive + 3 s");
+    assert!(
+        elapsed < bound,
+        "took {elapsed:?}, more than keep-alive + 3 s"
+    );
 }

@@ -44,7 +44,10 @@ mod tests {
     fn grows_from_under_200ms_to_the_cap() {
         let mut b = Backoff::new();
         let first = b.next_delay(0.999);
-        assert!(first <= Duration::from_millis(100) && first >= Duration::from_millis(50), "{first:?}");
+        assert!(
+            first <= Duration::from_millis(100) && first >= Duration::from_millis(50),
+            "{first:?}"
+        );
         let mut last = first;
         for _ in 0..40 {
             last = b.next_delay(0.999);

@@ -163,7 +163,10 @@ fn convert(src: &Source, file: File) -> Result<AgentConfig, ConfigError> {
     let name = Name::new(a.name.get_ref().clone())
         .map_err(|e| src.error_at(a.name.span(), format!("agent.name: {e}")))?;
     let (edge_host, edge_port) = split_host_port(a.edge.get_ref(), None).ok_or_else(|| {
-        src.error_at(a.edge.span(), "agent.edge: write host:port, e.g. \"edge.example.com:443\"")
+        src.error_at(
+            a.edge.span(),
+            "agent.edge: write host:port, e.g. \"edge.example.com:443\"",
+        )
     })?;
 
     let mut services = Vec::new();
@@ -173,7 +176,10 @@ fn convert(src: &Source, file: File) -> Result<AgentConfig, ConfigError> {
         let name = Name::new(s.name.get_ref().clone())
             .map_err(|e| src.error_at(s.name.span(), format!("service[{i}].name: {e}")))?;
         if !names.insert(name.clone()) {
-            return Err(src.error_at(s.name.span(), format!("service[{i}].name: service {name} is listed twice")));
+            return Err(src.error_at(
+                s.name.span(),
+                format!("service[{i}].name: service {name} is listed twice"),
+            ));
         }
         let url = s.url.get_ref();
         let bad_url = || {
@@ -191,15 +197,26 @@ fn convert(src: &Source, file: File) -> Result<AgentConfig, ConfigError> {
         };
         let rest = rest.strip_suffix('/').unwrap_or(rest);
         if rest.contains('/') {
-            return Err(src.error_at(s.url.span(), format!("service[{i}].url: a service URL has no path")));
+            return Err(src.error_at(
+                s.url.span(),
+                format!("service[{i}].url: a service URL has no path"),
+            ));
         }
         let (host, port) = split_host_port(rest, default_port).ok_or_else(bad_url)?;
         let health = match &s.health {
             Some(h) if scheme == Scheme::Tcp => {
-                return Err(src.error_at(h.span(), format!("service[{i}].health: tcp services are probed by connecting; remove health")));
+                return Err(src.error_at(
+                    h.span(),
+                    format!(
+                        "service[{i}].health: tcp services are probed by connecting; remove health"
+                    ),
+                ));
             }
             Some(h) if !h.get_ref().starts_with('/') => {
-                return Err(src.error_at(h.span(), format!("service[{i}].health: a path starting with '/'")));
+                return Err(src.error_at(
+                    h.span(),
+                    format!("service[{i}].health: a path starting with '/'"),
+                ));
             }
             h => h.as_ref().map(|h| h.get_ref().clone()),
         };
@@ -207,7 +224,12 @@ fn convert(src: &Source, file: File) -> Result<AgentConfig, ConfigError> {
             None => None,
             Some(w) => {
                 let mac = parse_mac(w.mac.get_ref()).ok_or_else(|| {
-                    src.error_at(w.mac.span(), format!("service[{i}].wake.mac: write six hex pairs, e.g. \"AA:BB:CC:DD:EE:FF\""))
+                    src.error_at(
+                        w.mac.span(),
+                        format!(
+                            "service[{i}].wake.mac: write six hex pairs, e.g. \"AA:BB:CC:DD:EE:FF\""
+                        ),
+                    )
                 })?;
                 let broadcast = match &w.broadcast {
                     None => join_host_port("255.255.255.255", DEFAULT_WAKE_PORT),
@@ -236,7 +258,10 @@ fn convert(src: &Source, file: File) -> Result<AgentConfig, ConfigError> {
         let service = Name::new(l.service.get_ref().clone())
             .map_err(|e| src.error_at(l.service.span(), format!("lan[{i}].service: {e}")))?;
         if !names.contains(&service) {
-            return Err(src.error_at(l.service.span(), format!("lan[{i}].service: no [[service]] named {service}")));
+            return Err(src.error_at(
+                l.service.span(),
+                format!("lan[{i}].service: no [[service]] named {service}"),
+            ));
         }
         lan.push(LanConfig {
             listen: l.listen,
@@ -264,7 +289,8 @@ mod tests {
         AgentConfig::from_source(&Source::new("/etc/burrow/agent.toml", text))
     }
 
-    const BASE: &str = "[agent]\nname = \"home\"\nedge = \"edge.example.com:443\"\nkey = \"agent.key\"\n";
+    const BASE: &str =
+        "[agent]\nname = \"home\"\nedge = \"edge.example.com:443\"\nkey = \"agent.key\"\n";
 
     #[test]
     fn services_parse_with_defaults() {
@@ -287,17 +313,27 @@ mod tests {
 
     #[test]
     fn bad_values_point_at_them() {
-        let err = parse(&format!("{BASE}\n[[service]]\nname = \"x\"\nurl = \"https://a:1\"\n")).unwrap_err();
+        let err = parse(&format!(
+            "{BASE}\n[[service]]\nname = \"x\"\nurl = \"https://a:1\"\n"
+        ))
+        .unwrap_err();
         assert_eq!(err.position, Some((8, 7)), "{err}");
-        let err = parse("[agent]\nname = \"home\"\nedge = \"edge.example.com\"\nkey = \"k\"\n").unwrap_err();
+        let err = parse("[agent]\nname = \"home\"\nedge = \"edge.example.com\"\nkey = \"k\"\n")
+            .unwrap_err();
         assert!(err.to_string().contains(":3:8: agent.edge"), "{err}");
-        let err = parse(&format!("{BASE}\n[[lan]]\nlisten = \"127.0.0.1:0\"\nservice = \"nope\"\n")).unwrap_err();
+        let err = parse(&format!(
+            "{BASE}\n[[lan]]\nlisten = \"127.0.0.1:0\"\nservice = \"nope\"\n"
+        ))
+        .unwrap_err();
         assert!(err.message.contains("no [[service]] named nope"), "{err}");
     }
 
     #[test]
     fn macs_and_host_ports() {
-        assert_eq!(parse_mac("AA:BB:CC:DD:EE:0F"), Some([0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0x0f]));
+        assert_eq!(
+            parse_mac("AA:BB:CC:DD:EE:0F"),
+            Some([0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0x0f])
+        );
         assert_eq!(parse_mac("AA:BB:CC:DD:EE"), None);
         assert_eq!(parse_mac("AA:BB:CC:DD:EE:GG"), None);
         assert_eq!(split_host_port("a:1", None), Some(("a".into(), 1)));

@@ -45,7 +45,8 @@ pub async fn handle_stream(
     services: Arc<Services>,
 ) {
     let mut framed = FramedRecv::new(recv);
-    let open = match tokio::time::timeout(STREAM_HEADER_TIMEOUT, framed.next::<StreamOpen>()).await {
+    let open = match tokio::time::timeout(STREAM_HEADER_TIMEOUT, framed.next::<StreamOpen>()).await
+    {
         Ok(Ok(Some(open))) => open,
         Ok(Ok(None)) => return,
         Ok(Err(e)) => {
@@ -60,19 +61,33 @@ pub async fn handle_stream(
             return;
         }
     };
-    let span = info_span!("stream", service = %open.service, client = %open.client, kind = ?open.kind);
+    let span =
+        info_span!("stream", service = %open.service, client = %open.client, kind = ?open.kind);
     serve(open, send, framed, services).instrument(span).await;
 }
 
-async fn serve(open: StreamOpen, mut send: quinn::SendStream, framed: FramedRecv, services: Arc<Services>) {
+async fn serve(
+    open: StreamOpen,
+    mut send: quinn::SendStream,
+    framed: FramedRecv,
+    services: Arc<Services>,
+) {
     let reply = |status, message: String| StreamReply { status, message };
     let Some(service) = services.get(&open.service) else {
         warn!("edge asked for an unknown service");
-        let _ = write_frames(&mut send, [reply(StreamStatus::UnknownService, format!("no service {} on this agent", open.service))]).await;
+        let _ = write_frames(
+            &mut send,
+            [reply(
+                StreamStatus::UnknownService,
+                format!("no service {} on this agent", open.service),
+            )],
+        )
+        .await;
         let _ = send.finish();
         return;
     };
-    let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&service.target)).await {
+    let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&service.target)).await
+    {
         Ok(Ok(tcp)) => tcp,
         Ok(Err(e)) => {
             warn!(target = %service.target, error = %e, "service refused the connection");
@@ -82,18 +97,29 @@ async fn serve(open: StreamOpen, mut send: quinn::SendStream, framed: FramedRecv
         }
         Err(_) => {
             warn!(target = %service.target, "service did not accept the connection in time");
-            let _ = write_frames(&mut send, [reply(StreamStatus::TimedOut, "connect timed out".into())]).await;
+            let _ = write_frames(
+                &mut send,
+                [reply(StreamStatus::TimedOut, "connect timed out".into())],
+            )
+            .await;
             let _ = send.finish();
             return;
         }
     };
     let _ = tcp.set_nodelay(true);
-    if write_frames(&mut send, [reply(StreamStatus::Connected, String::new())]).await.is_err() {
+    if write_frames(&mut send, [reply(StreamStatus::Connected, String::new())])
+        .await
+        .is_err()
+    {
         return;
     }
     let (recv, initial) = framed.into_parts();
     match pipe(tcp, send, recv, initial).await {
-        Ok(stats) => debug!(from_edge = stats.from_quic, to_edge = stats.to_quic, "stream done"),
+        Ok(stats) => debug!(
+            from_edge = stats.from_quic,
+            to_edge = stats.to_quic,
+            "stream done"
+        ),
         Err(e) => debug!(error = %e, "stream aborted"),
     }
 }

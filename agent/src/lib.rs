@@ -86,6 +86,13 @@ impl Agent {
             fingerprint = %self.identity.fingerprint(),
             "agent starting"
         );
+        // Wake-on-LAN and the LAN proxy arrive with their own issue; say so
+        // rather than pretend.
+        if !self.config.lan.is_empty() || self.config.services.iter().any(|s| s.wake.is_some()) {
+            tracing::warn!(
+                "[[lan]] and [service.wake] are not active in this build yet; they are ignored"
+            );
+        }
         let dialer = Dialer {
             services: Arc::new(Services::new(self.config.services.clone())),
             config: self.config,

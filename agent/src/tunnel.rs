@@ -28,7 +28,9 @@ pub const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AgentStatus {
     Connecting,
-    Connected { session: u64 },
+    Connected {
+        session: u64,
+    },
     /// The edge refused this agent (unknown key, wrong name, version).
     Refused(String),
     Disconnected(String),
@@ -45,7 +47,10 @@ pub enum TlsSetupError {
 
 /// The QUIC client config: TLS 1.3, the agent's key as client certificate,
 /// the edge checked by pinned key or by its public certificate.
-pub fn client_config(config: &AgentConfig, identity: &Identity) -> Result<quinn::ClientConfig, TlsSetupError> {
+pub fn client_config(
+    config: &AgentConfig,
+    identity: &Identity,
+) -> Result<quinn::ClientConfig, TlsSetupError> {
     let builder = rustls::ClientConfig::builder_with_provider(Arc::new(quic::crypto_provider()))
         .with_protocol_versions(&[&rustls::version::TLS13])?;
     let builder = match config.edge_key {
@@ -61,7 +66,9 @@ pub fn client_config(config: &AgentConfig, identity: &Identity) -> Result<quinn:
                     reason,
                 };
                 for cert in CertificateDer::pem_file_iter(ca).map_err(|e| bad(e.to_string()))? {
-                    roots.add(cert.map_err(|e| bad(e.to_string()))?).map_err(|e| bad(e.to_string()))?;
+                    roots
+                        .add(cert.map_err(|e| bad(e.to_string()))?)
+                        .map_err(|e| bad(e.to_string()))?;
                 }
             }
             builder.with_root_certificates(roots)
@@ -108,7 +115,8 @@ impl Dialer {
                 Outcome::GoingAway(hint) => {
                     info!(retry_in = ?hint, "edge is going away; reconnecting");
                     backoff.reset();
-                    self.status.send_replace(AgentStatus::Disconnected("edge going away".into()));
+                    self.status
+                        .send_replace(AgentStatus::Disconnected("edge going away".into()));
                     hint
                 }
                 Outcome::Lost(why) => {
@@ -149,7 +157,11 @@ impl Dialer {
             .ok_or_else(|| format!("{} resolves to no address", self.config.edge))
     }
 
-    async fn connect_once(&self, endpoint: &quinn::Endpoint, shutdown: &CancellationToken) -> Outcome {
+    async fn connect_once(
+        &self,
+        endpoint: &quinn::Endpoint,
+        shutdown: &CancellationToken,
+    ) -> Outcome {
         let addr = match self.resolve().await {
             Ok(a) => a,
             Err(e) => return Outcome::Failed(e),
@@ -191,7 +203,9 @@ impl Dialer {
             .collect();
         let mut session = AgentSession::new(self.config.name.clone(), statuses);
         let mut recv = FramedRecv::new(recv);
-        if let Err(e) = write_frames(&mut send, std::iter::from_fn(|| session.poll_transmit())).await {
+        if let Err(e) =
+            write_frames(&mut send, std::iter::from_fn(|| session.poll_transmit())).await
+        {
             return Outcome::Failed(format!("sending hello: {e}"));
         }
         let first = tokio::select! {
@@ -207,7 +221,8 @@ impl Dialer {
         match session.handle_frame(first) {
             Ok(AgentEvent::Established(w)) => {
                 info!(session = w.session, "connected to edge");
-                self.status.send_replace(AgentStatus::Connected { session: w.session });
+                self.status
+                    .send_replace(AgentStatus::Connected { session: w.session });
             }
             Ok(AgentEvent::Refused(r)) => return Outcome::Refused(r.message),
             Ok(other) => return Outcome::Failed(format!("unexpected {other:?}")),

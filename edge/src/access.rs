@@ -50,7 +50,6 @@ impl IpRules {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,9 +9,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use burrow_proto::Name;
 use burrow_proto::confkit::{Cidr, ConfigError, HumanDuration, Source, Spanned};
 use burrow_proto::identity::Fingerprint;
-use burrow_proto::Name;
 use serde::Deserialize;
 
 use crate::access::IpRules;
@@ -248,7 +248,8 @@ impl EdgeConfig {
 }
 
 fn name_at(src: &Source, value: &Spanned<String>, key: &str) -> Result<Name, ConfigError> {
-    Name::new(value.get_ref().clone()).map_err(|e| src.error_at(value.span(), format!("{key}: {e}")))
+    Name::new(value.get_ref().clone())
+        .map_err(|e| src.error_at(value.span(), format!("{key}: {e}")))
 }
 
 /// Lowercase host names of 1 to 253 bytes, dot-separated labels of
@@ -261,7 +262,9 @@ fn valid_hostname(h: &str) -> bool {
                 && label.len() <= 63
                 && !label.starts_with('-')
                 && !label.ends_with('-')
-                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
         })
 }
 
@@ -283,7 +286,10 @@ fn convert(src: &Source, file: File) -> Result<EdgeConfig, ConfigError> {
                     key: src.resolve(&key),
                 },
                 _ => {
-                    return Err(src.error_at(t.mode.span(), "tls: mode = \"files\" needs both cert and key"));
+                    return Err(src.error_at(
+                        t.mode.span(),
+                        "tls: mode = \"files\" needs both cert and key",
+                    ));
                 }
             },
             TlsModeName::Acme => {
@@ -320,7 +326,10 @@ fn convert(src: &Source, file: File) -> Result<EdgeConfig, ConfigError> {
         let a = entry.get_ref();
         let name = name_at(src, &a.name, &format!("agent[{i}].name"))?;
         if !agent_names.insert(name.clone()) {
-            return Err(src.error_at(a.name.span(), format!("agent[{i}].name: agent {name} is listed twice")));
+            return Err(src.error_at(
+                a.name.span(),
+                format!("agent[{i}].name: agent {name} is listed twice"),
+            ));
         }
         if let Some(other) = agent_keys.insert(*a.key.get_ref(), name.clone()) {
             return Err(src.error_at(
@@ -340,17 +349,25 @@ fn convert(src: &Source, file: File) -> Result<EdgeConfig, ConfigError> {
         let u = entry.get_ref();
         let name = u.name.get_ref().clone();
         if name.is_empty() || name.contains(':') || name.chars().any(char::is_control) {
-            return Err(src.error_at(u.name.span(), format!("user[{i}].name: must be non-empty, without ':' or control characters")));
+            return Err(src.error_at(
+                u.name.span(),
+                format!("user[{i}].name: must be non-empty, without ':' or control characters"),
+            ));
         }
         if !user_names.insert(name.clone()) {
-            return Err(src.error_at(u.name.span(), format!("user[{i}].name: user {name} is listed twice")));
+            return Err(src.error_at(
+                u.name.span(),
+                format!("user[{i}].name: user {name} is listed twice"),
+            ));
         }
         let hash = u.password.get_ref();
         if !hash.starts_with("$argon2id$") {
             // Never echo the value: it may be a plaintext password.
             return Err(src.error_at(
                 u.password.span(),
-                format!("user[{i}].password: not an argon2id hash; make one with `burrow hash-password`"),
+                format!(
+                    "user[{i}].password: not an argon2id hash; make one with `burrow hash-password`"
+                ),
             ));
         }
         users.push(UserConfig {
@@ -374,10 +391,16 @@ fn convert(src: &Source, file: File) -> Result<EdgeConfig, ConfigError> {
         let r = entry.get_ref();
         let host = r.host.get_ref().to_ascii_lowercase();
         if !valid_hostname(&host) {
-            return Err(src.error_at(r.host.span(), format!("route[{i}].host: {host:?} is not a host name")));
+            return Err(src.error_at(
+                r.host.span(),
+                format!("route[{i}].host: {host:?} is not a host name"),
+            ));
         }
         if !hosts.insert(host.clone()) {
-            return Err(src.error_at(r.host.span(), format!("route[{i}].host: {host} has two routes")));
+            return Err(src.error_at(
+                r.host.span(),
+                format!("route[{i}].host: {host} has two routes"),
+            ));
         }
         let agent = agent_exists(&r.agent, format!("route[{i}].agent"))?;
         let service = name_at(src, &r.service, &format!("route[{i}].service"))?;
@@ -390,22 +413,34 @@ fn convert(src: &Source, file: File) -> Result<EdgeConfig, ConfigError> {
         let mut route_users = Vec::new();
         for (j, u) in r.users.iter().enumerate() {
             if !user_names.contains(u.get_ref()) {
-                return Err(src.error_at(u.span(), format!("route[{i}].users[{j}]: no [[user]] named {}", u.get_ref())));
+                return Err(src.error_at(
+                    u.span(),
+                    format!("route[{i}].users[{j}]: no [[user]] named {}", u.get_ref()),
+                ));
             }
             route_users.push(u.get_ref().clone());
         }
         match auth {
             AuthMode::Basic if route_users.is_empty() => {
-                return Err(src.error_at(entry.span(), format!("route[{i}].users: auth = \"basic\" needs at least one user")));
+                return Err(src.error_at(
+                    entry.span(),
+                    format!("route[{i}].users: auth = \"basic\" needs at least one user"),
+                ));
             }
             AuthMode::None if !route_users.is_empty() => {
-                return Err(src.error_at(r.users[0].span(), format!("route[{i}].users: users given but auth = \"none\"")));
+                return Err(src.error_at(
+                    r.users[0].span(),
+                    format!("route[{i}].users: users given but auth = \"none\""),
+                ));
             }
             _ => {}
         }
         for (j, p) in r.public_paths.iter().enumerate() {
             if !p.starts_with('/') {
-                return Err(src.error_at(entry.span(), format!("route[{i}].public_paths[{j}]: {p:?} must start with '/'")));
+                return Err(src.error_at(
+                    entry.span(),
+                    format!("route[{i}].public_paths[{j}]: {p:?} must start with '/'"),
+                ));
             }
         }
         let wake = r.wake.as_ref();
@@ -435,7 +470,10 @@ fn convert(src: &Source, file: File) -> Result<EdgeConfig, ConfigError> {
     for (i, entry) in file.port.iter().enumerate() {
         let p = entry.get_ref();
         if p.listen.port() != 0 && !listens.insert(p.listen) {
-            return Err(src.error_at(entry.span(), format!("port[{i}].listen: {} is used twice", p.listen)));
+            return Err(src.error_at(
+                entry.span(),
+                format!("port[{i}].listen: {} is used twice", p.listen),
+            ));
         }
         ports.push(PortConfig {
             listen: p.listen,
@@ -457,7 +495,10 @@ fn convert(src: &Source, file: File) -> Result<EdgeConfig, ConfigError> {
             .https
             .or_else(|| (!routes.is_empty()).then(|| default_addr(DEFAULT_HTTPS))),
         http: file.edge.http,
-        tunnel: file.edge.tunnel.unwrap_or_else(|| default_addr(DEFAULT_TUNNEL)),
+        tunnel: file
+            .edge
+            .tunnel
+            .unwrap_or_else(|| default_addr(DEFAULT_TUNNEL)),
         admin: file.edge.admin,
         tls,
         access,
@@ -493,7 +534,10 @@ mod tests {
 
     #[test]
     fn route_without_auth_is_an_error_naming_the_key() {
-        let text = format!("{}\n[[route]]\nhost = \"chat.example.com\"\nagent = \"home\"\nservice = \"webui\"\n", base());
+        let text = format!(
+            "{}\n[[route]]\nhost = \"chat.example.com\"\nagent = \"home\"\nservice = \"webui\"\n",
+            base()
+        );
         let err = parse(&text).unwrap_err();
         assert!(err.message.starts_with("route[0].auth: missing"), "{err}");
         assert_eq!(err.position.map(|p| p.0), Some(8), "{err}");
@@ -501,14 +545,23 @@ mod tests {
 
     #[test]
     fn unknown_agent_in_port_points_at_the_value() {
-        let text = format!("{}\n[[port]]\nlisten = \"127.0.0.1:0\"\nagent = \"nas\"\nservice = \"ssh\"\n", base());
+        let text = format!(
+            "{}\n[[port]]\nlisten = \"127.0.0.1:0\"\nagent = \"nas\"\nservice = \"ssh\"\n",
+            base()
+        );
         let err = parse(&text).unwrap_err();
-        assert_eq!(err.to_string(), "edge.toml:10:9: port[0].agent: no [[agent]] named nas");
+        assert_eq!(
+            err.to_string(),
+            "edge.toml:10:9: port[0].agent: no [[agent]] named nas"
+        );
     }
 
     #[test]
     fn plaintext_password_is_refused_without_echo() {
-        let text = format!("{}\n[[user]]\nname = \"alice\"\npassword = \"hunter2\"\n", base());
+        let text = format!(
+            "{}\n[[user]]\nname = \"alice\"\npassword = \"hunter2\"\n",
+            base()
+        );
         let err = parse(&text).unwrap_err();
         assert!(err.message.contains("not an argon2id hash"), "{err}");
         assert!(!err.to_string().contains("hunter2"));
@@ -525,7 +578,10 @@ mod tests {
     fn duplicate_agent_keys_are_refused() {
         let text = format!("{}\n[[agent]]\nname = \"other\"\nkey = \"{KEY}\"\n", base());
         let err = parse(&text).unwrap_err();
-        assert!(err.message.contains("already listed for agent home"), "{err}");
+        assert!(
+            err.message.contains("already listed for agent home"),
+            "{err}"
+        );
     }
 
     #[test]

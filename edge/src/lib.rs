@@ -72,7 +72,9 @@ impl Edge {
         if created == Created::Yes {
             info!(path = %config.key_path.display(), "created edge identity key");
         }
-        let certs = Arc::new(CertStore::new(identity.certified_key().map_err(TlsError::from)?));
+        let certs = Arc::new(CertStore::new(
+            identity.certified_key().map_err(TlsError::from)?,
+        ));
         let hosts: Vec<String> = config.routes.iter().map(|r| r.host.clone()).collect();
         match &config.tls {
             TlsConfig::SelfSigned => {
@@ -88,19 +90,21 @@ impl Edge {
             }
         }
 
-        let (socket, _buffers) = quic::bind_udp(config.tunnel).map_err(|source| EdgeError::Bind {
-            what: "QUIC tunnel endpoint",
-            addr: config.tunnel,
-            source,
-        })?;
-        let server = tunnel::server_config(certs.quic_resolver()).map_err(TlsError::from)?;
-        let endpoint = quic::endpoint(socket, Some(server), identity.endpoint_keys()).map_err(
-            |source| EdgeError::Bind {
+        let (socket, _buffers) =
+            quic::bind_udp(config.tunnel).map_err(|source| EdgeError::Bind {
                 what: "QUIC tunnel endpoint",
                 addr: config.tunnel,
                 source,
-            },
-        )?;
+            })?;
+        let server = tunnel::server_config(certs.quic_resolver()).map_err(TlsError::from)?;
+        let endpoint =
+            quic::endpoint(socket, Some(server), identity.endpoint_keys()).map_err(|source| {
+                EdgeError::Bind {
+                    what: "QUIC tunnel endpoint",
+                    addr: config.tunnel,
+                    source,
+                }
+            })?;
 
         let mut ports = Vec::new();
         for p in &config.ports {
@@ -130,7 +134,10 @@ impl Edge {
     pub fn port_addrs(&self) -> Vec<SocketAddr> {
         self.ports
             .iter()
-            .map(|(_, l)| l.local_addr().expect("a bound listener has a local address"))
+            .map(|(_, l)| {
+                l.local_addr()
+                    .expect("a bound listener has a local address")
+            })
             .collect()
     }
 

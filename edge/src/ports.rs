@@ -63,7 +63,11 @@ async fn forward(tcp: TcpStream, peer: SocketAddr, port: Arc<PortConfig>, regist
         }
     };
     match pipe(tcp, stream.send, stream.recv, stream.initial).await {
-        Ok(stats) => debug!(up = stats.to_quic, down = stats.from_quic, "connection closed"),
+        Ok(stats) => debug!(
+            up = stats.to_quic,
+            down = stats.from_quic,
+            "connection closed"
+        ),
         Err(e) => debug!(error = %e, "connection aborted"),
     }
 }

@@ -14,7 +14,6 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
-
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("reading {path}: {source}")]
@@ -104,12 +103,18 @@ impl ResolvesServerCert for QuicResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         match hello.server_name() {
             Some(IDENTITY_SNI) | None => Some(self.0.identity.clone()),
-            name => self.0.by_name(name).or_else(|| Some(self.0.identity.clone())),
+            name => self
+                .0
+                .by_name(name)
+                .or_else(|| Some(self.0.identity.clone())),
         }
     }
 }
 
-fn certified(chain: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'static>) -> Result<Arc<CertifiedKey>, TlsError> {
+fn certified(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<Arc<CertifiedKey>, TlsError> {
     let signer = crypto_provider().key_provider.load_private_key(key)?;
     Ok(Arc::new(CertifiedKey::new(chain, signer)))
 }

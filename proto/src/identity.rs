@@ -459,11 +459,12 @@ mod tests {
         let a = Identity::generate().unwrap();
         let b = Identity::from_pem(&a.pem, Path::new("mem")).unwrap();
         let tag = |id: &Identity| {
-            ring::hmac::sign(&id.stateless_reset_key(), b"cid")
-                .as_ref()
-                .to_vec()
+            let k = id.endpoint_keys();
+            (ring::hmac::sign(&k.reset, b"cid").as_ref().to_vec(), k.cid)
         };
         assert_eq!(tag(&a), tag(&b));
-        assert_ne!(tag(&a), tag(&Identity::generate().unwrap()));
+        let c = tag(&Identity::generate().unwrap());
+        assert_ne!(tag(&a).0, c.0);
+        assert_ne!(tag(&a).1, c.1);
     }
 }

@@ -2,7 +2,7 @@
 //! `burrow` processes), real sockets on loopback with port 0, and waiting on
 //! events (status changes, log lines), never on sleeps.
 
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -85,7 +85,7 @@ pub struct EdgeHandle {
 pub async fn start_edge(config: EdgeConfig) -> EdgeHandle {
     let edge = Edge::bind(config).await.expect("edge binds");
     let shutdown = CancellationToken::new();
-    let handle = EdgeHandle {
+    EdgeHandle {
         tunnel: edge.tunnel_addr(),
         ports: edge.port_addrs(),
         fingerprint: edge.fingerprint(),
@@ -94,8 +94,7 @@ pub async fn start_edge(config: EdgeConfig) -> EdgeHandle {
         task: tokio::spawn(async move {
             edge.run(shutdown).await.expect("edge runs");
         }),
-    };
-    handle
+    }
 }
 
 impl Drop for EdgeHandle {
@@ -132,12 +131,18 @@ impl AgentHandle {
             .await
             .map(|r| r.expect("agent status channel open").clone());
         found.unwrap_or_else(|_| {
-            panic!("agent never became {what}; last status {:?}", *self.status.borrow())
+            panic!(
+                "agent never became {what}; last status {:?}",
+                *self.status.borrow()
+            )
         })
     }
 
     pub async fn connected(&mut self) -> u64 {
-        match self.wait("connected", |s| matches!(s, AgentStatus::Connected { .. })).await {
+        match self
+            .wait("connected", |s| matches!(s, AgentStatus::Connected { .. }))
+            .await
+        {
             AgentStatus::Connected { session } => session,
             other => unreachable!("{other:?}"),
         }
@@ -161,7 +166,9 @@ pub async fn pair(services: &[(&str, SocketAddr)]) -> Pair {
         world.path("state")
     );
     for (name, _) in services {
-        edge_toml += &format!("\n[[port]]\nlisten = \"127.0.0.1:0\"\nagent = \"home\"\nservice = \"{name}\"\n");
+        edge_toml += &format!(
+            "\n[[port]]\nlisten = \"127.0.0.1:0\"\nagent = \"home\"\nservice = \"{name}\"\n"
+        );
     }
     let edge = start_edge(edge_config(&edge_toml)).await;
     let mut agent_toml = format!(
@@ -183,7 +190,9 @@ pub async fn echo_service() -> SocketAddr {
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
         loop {
-            let Ok((mut s, _)) = listener.accept().await else { return };
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
             tokio::spawn(async move {
                 let (mut r, mut w) = s.split();
                 let _ = tokio::io::copy(&mut r, &mut w).await;

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use burrow_proto::framed::{FramedError, FramedRecv, write_frames};
 use burrow_proto::frame::RefuseReason;
+use burrow_proto::framed::{FramedError, FramedRecv, write_frames};
 use burrow_proto::identity::{AnyKeyClientVerifier, Fingerprint};
 use burrow_proto::quic::{self, ALPN, Role, code};
 use burrow_proto::{
@@ -94,7 +94,10 @@ impl Tunnel {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
         let mut changes = self.registry.subscribe();
         while !self.registry.connected().is_empty() {
-            if tokio::time::timeout_at(deadline, changes.changed()).await.is_err() {
+            if tokio::time::timeout_at(deadline, changes.changed())
+                .await
+                .is_err()
+            {
                 break;
             }
         }
@@ -127,7 +130,11 @@ impl Tunnel {
         };
         let name = agent.name.clone();
         let span = info_span!("session", agent = %name);
-        match self.run_session(conn.clone(), name, remote, stop).instrument(span).await {
+        match self
+            .run_session(conn.clone(), name, remote, stop)
+            .instrument(span)
+            .await
+        {
             Ok(()) => {}
             Err(SessionEnd::Protocol(e)) => {
                 warn!(agent = %agent.name, %key, error = %e, "closing agent: protocol error");
@@ -164,7 +171,11 @@ impl Tunnel {
             .ok_or_else(|| SessionEnd::Protocol("control stream ended before hello".into()))?;
         let hello = match session.handle_frame(hello) {
             Ok(EdgeEvent::Hello(h)) => h,
-            Ok(other) => return Err(SessionEnd::Protocol(format!("expected hello, got {other:?}"))),
+            Ok(other) => {
+                return Err(SessionEnd::Protocol(format!(
+                    "expected hello, got {other:?}"
+                )));
+            }
             Err(e) => {
                 // A hello the session refuses (another version) queued a
                 // refusal for the agent; anything else is a protocol error.
@@ -194,8 +205,12 @@ impl Tunnel {
             .map_err(|e| SessionEnd::Lost(e.to_string()))?;
         let link = AgentLink::new(name.clone(), id, conn.clone());
         if let Some(old) = self.registry.insert(link.clone()) {
-            info!(old_session = old.session, "agent logged in again; replacing its old session");
-            old.conn.close(code::REPLACED, b"replaced by a newer session");
+            info!(
+                old_session = old.session,
+                "agent logged in again; replacing its old session"
+            );
+            old.conn
+                .close(code::REPLACED, b"replaced by a newer session");
         }
         info!(session = id, %remote, "agent connected");
 

@@ -38,7 +38,10 @@ impl AgentLink {
     }
 
     pub fn services(&self) -> Vec<ServiceStatus> {
-        self.services.lock().expect("services lock not poisoned").clone()
+        self.services
+            .lock()
+            .expect("services lock not poisoned")
+            .clone()
     }
 }
 
@@ -122,7 +125,7 @@ impl Registry {
             if let Some(link) = inner.links.get(name) {
                 return Some(link.clone());
             }
-            inner.offline_since.get(name)? .checked_add(AGENT_GRACE)?
+            inner.offline_since.get(name)?.checked_add(AGENT_GRACE)?
         };
         loop {
             match tokio::time::timeout_at(deadline, changes.changed()).await {

@@ -1,0 +1,35 @@
+//! Feeds arbitrary bytes, split at an arbitrary point, through the edge's
+//! frame buffer and control session, as the edge's driver does: any byte
+//! sequence ends in frames, events or an error, never a panic.
+#![no_main]
+
+use burrow_proto::{AgentToEdge, EdgeSession, FrameBuf};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&split, data)) = data.split_first() else { return };
+    let cut = usize::from(split).min(data.len());
+    let mut buf = FrameBuf::new();
+    let mut session = EdgeSession::new();
+    for part in [&data[..cut], &data[cut..]] {
+        for chunk in part.chunks(FrameBuf::CAPACITY) {
+            if chunk.len() > buf.space() {
+                return;
+            }
+            buf.push(chunk);
+            loop {
+                match buf.next_frame::<AgentToEdge>() {
+                    Ok(Some(frame)) => {
+                        if session.handle_frame(frame).is_err() {
+                            return;
+                        }
+                        session.accept(1);
+                        while session.poll_transmit().is_some() {}
+                    }
+                    Ok(None) => break,
+                    Err(_) => return,
+                }
+            }
+        }
+    }
+});
