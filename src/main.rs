@@ -51,6 +51,12 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Edge, agent and a sample chat app on this machine, with self-signed TLS.
+    Demo {
+        /// HTTPS port on 127.0.0.1 (0, or a taken port, picks a free one).
+        #[arg(long, default_value_t = 8443)]
+        port: u16,
+    },
     /// Validate an edge or agent config: exit 0, or print file:line:col and exit 78.
     Check {
         #[arg(long)]
@@ -211,6 +217,9 @@ fn main() -> ExitCode {
             Ok(c) => runtime().block_on(run_agent(c)),
             Err(e) => config_failure(&e),
         },
+        Command::Demo { port } => {
+            runtime().block_on(async move { burrow::demo::run(port, shutdown_on_signals()).await })
+        }
     }
 }
 

@@ -19,6 +19,8 @@ use crate::access::IpRules;
 /// Where the edge listens by default.
 pub const DEFAULT_HTTPS: &str = "0.0.0.0:443";
 pub const DEFAULT_TUNNEL: &str = "0.0.0.0:443";
+/// How long a client may take for its TLS handshake and each request head.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long held requests wait for a waking service by default.
 pub const DEFAULT_WAKE_HOLD: Duration = Duration::from_secs(180);
 
@@ -47,6 +49,8 @@ struct EdgeSection {
     http: Option<SocketAddr>,
     tunnel: Option<SocketAddr>,
     admin: Option<SocketAddr>,
+    /// How long a client may take for its TLS handshake and request head.
+    header_timeout: Option<HumanDuration>,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -153,6 +157,7 @@ pub struct EdgeConfig {
     pub http: Option<SocketAddr>,
     pub tunnel: SocketAddr,
     pub admin: Option<SocketAddr>,
+    pub header_timeout: Duration,
     pub tls: TlsConfig,
     pub access: AccessConfig,
     pub agents: Vec<AgentConfig>,
@@ -500,6 +505,10 @@ fn convert(src: &Source, file: File) -> Result<EdgeConfig, ConfigError> {
             .tunnel
             .unwrap_or_else(|| default_addr(DEFAULT_TUNNEL)),
         admin: file.edge.admin,
+        header_timeout: file
+            .edge
+            .header_timeout
+            .map_or(DEFAULT_HEADER_TIMEOUT, |d| d.0),
         tls,
         access,
         agents,

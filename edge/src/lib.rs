@@ -8,6 +8,7 @@
 
 pub mod access;
 pub mod config;
+pub mod http;
 pub mod ports;
 pub mod tls;
 pub mod tunnel;
@@ -48,6 +49,8 @@ pub struct Edge {
     identity: Identity,
     endpoint: quinn::Endpoint,
     ports: Vec<(PortConfig, TcpListener)>,
+    https: Option<TcpListener>,
+    http: Option<TcpListener>,
     tunnel: Arc<Tunnel>,
     certs: Arc<CertStore>,
 }
@@ -110,7 +113,17 @@ impl Edge {
         for p in &config.ports {
             ports.push((p.clone(), bind_tcp("forwarded port", p.listen).await?));
         }
+        let https = match config.https {
+            Some(addr) => Some(bind_tcp("HTTPS listener", addr).await?),
+            None => None,
+        };
+        let http = match (config.http, config.https) {
+            (Some(addr), Some(_)) => Some(bind_tcp("HTTP listener", addr).await?),
+            _ => None,
+        };
         Ok(Self {
+            https,
+            http,
             tunnel: Arc::new(Tunnel::new(config.agents.clone())),
             config: Arc::new(config),
             identity,
@@ -141,6 +154,14 @@ impl Edge {
             .collect()
     }
 
+    pub fn https_addr(&self) -> Option<SocketAddr> {
+        self.https.as_ref().map(http::local_addr)
+    }
+
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().map(http::local_addr)
+    }
+
     pub fn registry(&self) -> Arc<Registry> {
         self.tunnel.registry.clone()
     }
@@ -166,6 +187,32 @@ impl Edge {
                 self.tunnel.registry.clone(),
                 shutdown.clone(),
             ));
+        }
+        if let Some(listener) = self.https {
+            let addr = http::local_addr(&listener);
+            let tls = http::tls_config(self.certs.https_resolver()).map_err(TlsError::from)?;
+            let state = Arc::new(http::HttpState::new(
+                &self.config.routes,
+                self.config.access.rules.clone(),
+                self.tunnel.registry.clone(),
+            ));
+            info!(%addr, routes = self.config.routes.len(), "serving https");
+            tasks.spawn(http::serve_https(
+                listener,
+                Arc::new(tls),
+                state,
+                self.config.header_timeout,
+                shutdown.clone(),
+            ));
+            if let Some(plain) = self.http {
+                info!(addr = %http::local_addr(&plain), "redirecting http to https");
+                tasks.spawn(http::serve_http_redirect(
+                    plain,
+                    addr.port(),
+                    self.config.header_timeout,
+                    shutdown.clone(),
+                ));
+            }
         }
         tasks.spawn(self.tunnel.clone().serve(self.endpoint, shutdown.clone()));
         while tasks.join_next().await.is_some() {}
