@@ -29,6 +29,7 @@ const MAX_CHAT_BODY: usize = 1024 * 1024;
 const TOKEN_DELAY: Duration = Duration::from_millis(40);
 const MAX_TOKEN_DELAY_MS: u64 = 2_000;
 const MAX_TOKENS: usize = 10_000;
+const MAX_DOWNLOAD: u64 = 16 << 30;
 
 const REPLY: &str = "Hello from your home server! Every word of this answer travels \
 through the burrow tunnel as soon as it is generated, so you see it appear token by token, \
@@ -173,6 +174,30 @@ async fn chat(req: Request<Incoming>) -> Response<AppBody> {
     streaming("application/x-ndjson", spawn_feed(chunks, delay))
 }
 
+/// `bytes` of filler, for measuring throughput with curl.
+fn download(req: &Request<Incoming>) -> Response<AppBody> {
+    const BLOCK: usize = 256 * 1024;
+    let total = query_param(req, "bytes")
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0)
+        .min(MAX_DOWNLOAD);
+    let block = Bytes::from(vec![b'x'; BLOCK]);
+    let (tx, rx) = mpsc::channel(8);
+    tokio::spawn(async move {
+        let mut left = total;
+        while left > 0 {
+            let n = left.min(BLOCK as u64) as usize;
+            if tx.send(block.slice(..n)).await.is_err() {
+                return;
+            }
+            left -= n as u64;
+        }
+    });
+    let mut r = streaming("application/octet-stream", rx);
+    r.headers_mut().insert(header::CONTENT_LENGTH, total.into());
+    r
+}
+
 fn websocket(req: Request<Incoming>) -> Response<AppBody> {
     let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY) else {
         return full(
@@ -195,8 +220,11 @@ fn websocket(req: Request<Incoming>) -> Response<AppBody> {
                     continue;
                 }
                 Message::Text(_) | Message::Binary(_) => msg,
-                Message::Close(_) => break,
-                Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
+                // tungstenite queues the close reply; reading on flushes it
+                // and then ends the stream.
+                Message::Close(_) | Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {
+                    continue;
+                }
             };
             if ws.send(reply).await.is_err() {
                 break;
@@ -234,6 +262,7 @@ async fn route(req: Request<Incoming>) -> Response<AppBody> {
         }
         (&Method::GET, "/sse") => sse(&req),
         (&Method::POST, "/api/chat") => chat(req).await,
+        (&Method::GET, "/download") => download(&req),
         (&Method::GET, "/ws") => websocket(req),
         _ => full(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
     }

@@ -111,6 +111,9 @@ auth = "none"
         println!(
             "  Ollama   curl -kN {url}api/chat -d '{{\"model\":\"demo\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'"
         );
+        println!(
+            "  direct   http://{app_addr}/  (the sample app without the tunnel, for comparison)"
+        );
         println!("\nCtrl-C to stop.");
     }
     shutdown.cancelled().await;
