@@ -62,6 +62,9 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Read a password (prompt on a terminal, else one line of stdin) and
+    /// print its argon2id hash for [[user]] password.
+    HashPassword,
     /// Make an identity key and print its fingerprint.
     Keygen {
         #[arg(long)]
@@ -209,6 +212,18 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_FAILURE)
             }
         },
+        Command::HashPassword => match read_password().and_then(|p| {
+            burrow_edge::access::auth::hash_password(p.as_bytes()).map_err(|e| e.to_string())
+        }) {
+            Ok(hash) => {
+                println!("{hash}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("burrow hash-password: {e}");
+                ExitCode::from(EXIT_FAILURE)
+            }
+        },
         Command::Edge { config } => match EdgeConfig::load(&config) {
             Ok(c) => runtime().block_on(run_edge(c)),
             Err(e) => config_failure(&e),
@@ -221,6 +236,35 @@ fn main() -> ExitCode {
             runtime().block_on(async move { burrow::demo::run(port, shutdown_on_signals()).await })
         }
     }
+}
+
+/// The most password bytes read from stdin.
+const MAX_PASSWORD: u64 = 4096;
+
+/// A password from a prompt (asked twice) or from one line of stdin.
+fn read_password() -> Result<String, String> {
+    use std::io::{BufRead, IsTerminal, Read};
+    let password = if std::io::stdin().is_terminal() {
+        let first = rpassword::prompt_password("Password: ").map_err(|e| e.to_string())?;
+        let again = rpassword::prompt_password("Again: ").map_err(|e| e.to_string())?;
+        if first != again {
+            return Err("the passwords differ".into());
+        }
+        first
+    } else {
+        let mut line = String::new();
+        std::io::stdin()
+            .lock()
+            .take(MAX_PASSWORD)
+            .read_line(&mut line)
+            .map_err(|e| format!("reading stdin: {e}"))?;
+        let line = line.strip_suffix('\n').unwrap_or(&line);
+        line.strip_suffix('\r').unwrap_or(line).to_owned()
+    };
+    if password.is_empty() {
+        return Err("empty password".into());
+    }
+    Ok(password)
 }
 
 fn runtime() -> tokio::runtime::Runtime {

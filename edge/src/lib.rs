@@ -22,6 +22,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use access::auth::{self, Verifier};
+use access::gate::Gate;
+use access::session::SessionKeys;
 pub use config::EdgeConfig;
 use config::{PortConfig, TlsConfig};
 use tls::{CertStore, TlsError};
@@ -41,6 +44,11 @@ pub enum EdgeError {
     },
     #[error("{0}")]
     Unsupported(String),
+    #[error("{what} in state_dir: {source}")]
+    State {
+        what: &'static str,
+        source: std::io::Error,
+    },
 }
 
 /// An edge with all its sockets bound, ready to run.
@@ -51,6 +59,7 @@ pub struct Edge {
     ports: Vec<(PortConfig, TcpListener)>,
     https: Option<TcpListener>,
     http: Option<TcpListener>,
+    gate: Option<Arc<Gate>>,
     tunnel: Arc<Tunnel>,
     certs: Arc<CertStore>,
 }
@@ -121,9 +130,30 @@ impl Edge {
             (Some(addr), Some(_)) => Some(bind_tcp("HTTP listener", addr).await?),
             _ => None,
         };
+        let gate = if config.users.is_empty() {
+            None
+        } else {
+            let sessions = SessionKeys::load_or_create(&config.state_dir).map_err(|source| {
+                EdgeError::State {
+                    what: "session key",
+                    source,
+                }
+            })?;
+            let hashes = config
+                .users
+                .iter()
+                .filter_map(|u| Some((u.name.clone(), auth::parse_hash(&u.password_hash).ok()?)))
+                .collect();
+            Some(Arc::new(Gate::new(
+                &config.users,
+                sessions,
+                Verifier::new(hashes),
+            )))
+        };
         Ok(Self {
             https,
             http,
+            gate,
             tunnel: Arc::new(Tunnel::new(config.agents.clone())),
             config: Arc::new(config),
             identity,
@@ -166,6 +196,11 @@ impl Edge {
         self.tunnel.registry.clone()
     }
 
+    /// Authentication state (argon2 counters, throttle), when users exist.
+    pub fn gate(&self) -> Option<Arc<Gate>> {
+        self.gate.clone()
+    }
+
     pub fn certs(&self) -> Arc<CertStore> {
         self.certs.clone()
     }
@@ -193,8 +228,9 @@ impl Edge {
             let tls = http::tls_config(self.certs.https_resolver()).map_err(TlsError::from)?;
             let state = Arc::new(http::HttpState::new(
                 &self.config.routes,
-                self.config.access.rules.clone(),
+                &self.config.access,
                 self.tunnel.registry.clone(),
+                self.gate.clone(),
             ));
             info!(%addr, routes = self.config.routes.len(), "serving https");
             tasks.spawn(http::serve_https(

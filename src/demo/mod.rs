@@ -45,6 +45,17 @@ async fn run_inner(
     let app_addr = app_listener.local_addr()?;
     tokio::spawn(app::serve(app_listener, shutdown.clone()));
 
+    // A fresh password per run, shown once below.
+    let password: String = {
+        use rand::Rng;
+        const ALPHABET: &[u8] = b"abcdefghijkmnopqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789";
+        let mut rng = rand::rng();
+        (0..16)
+            .map(|_| char::from(ALPHABET[rng.random_range(0..ALPHABET.len())]))
+            .collect()
+    };
+    let hash =
+        burrow_edge::access::auth::hash_password(password.as_bytes()).map_err(|e| e.to_string())?;
     let agent_key = dir.join("agent.key");
     let agent_fp = Identity::create(&agent_key)?.fingerprint();
     let edge_toml = format!(
@@ -60,17 +71,25 @@ mode = "self-signed"
 name = "home"
 key = "{agent_fp}"
 
+[[user]]
+name = "demo"
+password = "{hash}"
+
 [[route]]
 host = "localhost"
 agent = "home"
 service = "chat"
-auth = "none"
+auth = "basic"
+users = ["demo"]
+public_paths = ["/manifest.json"]
 
 [[route]]
 host = "127.0.0.1"
 agent = "home"
 service = "chat"
-auth = "none"
+auth = "basic"
+users = ["demo"]
+public_paths = ["/manifest.json"]
 "#,
         state = dir.join("edge"),
         https = https_addr(port).await,
@@ -106,10 +125,11 @@ auth = "none"
         println!("burrow demo is running: edge, agent and a sample chat app on this machine.\n");
         println!("  open     {url}");
         println!("           (self-signed certificate: accept the browser's warning)");
-        println!("  login    none yet: this demo route is auth = \"none\"");
-        println!("  SSE      curl -kN {url}sse");
+        println!("  user     demo");
+        println!("  password {password}");
+        println!("  SSE      curl -kN -u demo:{password} {url}sse");
         println!(
-            "  Ollama   curl -kN {url}api/chat -d '{{\"model\":\"demo\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'"
+            "  Ollama   curl -kN -u demo:{password} {url}api/chat -d '{{\"model\":\"demo\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'"
         );
         println!(
             "  direct   http://{app_addr}/  (the sample app without the tunnel, for comparison)"

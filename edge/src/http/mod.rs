@@ -24,8 +24,11 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use burrow_proto::confkit::Cidr;
+
 use crate::access::IpRules;
-use crate::config::RouteConfig;
+use crate::access::gate::Gate;
+use crate::config::{AccessConfig, RouteConfig};
 use crate::tunnel::Registry;
 
 /// The response body type of everything the edge serves.
@@ -47,15 +50,25 @@ pub const H2_KEEP_ALIVE: Duration = Duration::from_secs(20);
 pub struct HttpState {
     routes: HashMap<String, RouteConfig>,
     pub access: IpRules,
+    pub trusted_proxies: Vec<Cidr>,
     pub registry: Arc<Registry>,
+    /// Present when any user is configured.
+    pub gate: Option<Arc<Gate>>,
 }
 
 impl HttpState {
-    pub fn new(routes: &[RouteConfig], access: IpRules, registry: Arc<Registry>) -> Self {
+    pub fn new(
+        routes: &[RouteConfig],
+        access: &AccessConfig,
+        registry: Arc<Registry>,
+        gate: Option<Arc<Gate>>,
+    ) -> Self {
         Self {
             routes: routes.iter().map(|r| (r.host.clone(), r.clone())).collect(),
-            access,
+            access: access.rules.clone(),
+            trusted_proxies: access.trusted_proxies.clone(),
             registry,
+            gate,
         }
     }
 

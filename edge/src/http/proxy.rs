@@ -17,8 +17,9 @@ use tracing::{debug, info, warn};
 
 use super::io::{IdleIo, QuicIo};
 use super::{Body, HttpState, error_response};
-use crate::access::Decision;
-use crate::config::RouteConfig;
+use crate::access::gate::Admission;
+use crate::access::{Decision, client_ip};
+use crate::config::{AuthMode, RouteConfig};
 use crate::tunnel::{OpenError, open_stream};
 
 /// Headers that describe one hop and never cross a proxy (RFC 9110 7.6.1),
@@ -60,15 +61,33 @@ pub async fn handle(
         debug!(%peer, host = %host.name, "no route for host");
         return error_response(StatusCode::NOT_FOUND, "no such site here");
     };
-    if let Decision::Deny(reason) = state
-        .access
-        .check(peer.ip())
-        .and(route.rules.check(peer.ip()))
-    {
-        info!(%peer, host = %route.host, ?reason, "denied by ip rules");
+    let ip = client_ip(peer, req.headers(), &state.trusted_proxies);
+    if let Decision::Deny(reason) = state.access.check(ip).and(route.rules.check(ip)) {
+        info!(%peer, client = %ip, host = %route.host, ?reason, "denied by ip rules");
         return error_response(StatusCode::FORBIDDEN, "forbidden");
     }
-    forward(req, &state, route, &host, peer).await
+    let client = SocketAddr::new(ip, peer.port());
+    let (req, set_cookie) = match (route.auth, &state.gate) {
+        (AuthMode::None, _) => (req, None),
+        (AuthMode::Basic, Some(gate)) => match gate.admit(req, route, ip).await {
+            Admission::Forward {
+                req, set_cookie, ..
+            } => (req, set_cookie),
+            Admission::Respond(r) => return r,
+        },
+        // Config validation guarantees users for basic routes; fail closed.
+        (AuthMode::Basic, None) => {
+            return error_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "authentication unavailable",
+            );
+        }
+    };
+    let mut resp = forward(req, &state, route, &host, client).await;
+    if let Some(cookie) = set_cookie {
+        resp.headers_mut().append(header::SET_COOKIE, cookie);
+    }
+    resp
 }
 
 /// The host a request is for, as written by the client and lowercased.

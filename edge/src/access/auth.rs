@@ -1,0 +1,205 @@
+//! Password checks: argon2id hashes from the config, verified off the async
+//! threads with bounded concurrency, and a short-lived cache of successes
+//! keyed by a keyed hash of the credential, so a chat session pays argon2
+//! once instead of per request.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use argon2::password_hash::{
+    PasswordHash, PasswordHashString, PasswordHasher, PasswordVerifier, SaltString,
+};
+use argon2::{Algorithm, Argon2};
+use ring::rand::{SecureRandom, SystemRandom};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+
+/// argon2 checks running at once (each takes a core for tens of ms).
+pub const HASH_CONCURRENCY: usize = 2;
+/// Checks waiting or running at once; beyond it, logins get 503 at once
+/// rather than an ever longer queue.
+pub const HASH_QUEUE: usize = 64;
+/// How long a verified credential is remembered.
+pub const CACHE_TTL: Duration = Duration::from_secs(10 * 60);
+/// The most remembered credentials.
+pub const CACHE_MAX: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+#[error("not an argon2id PHC string: {0}")]
+pub struct BadHash(String);
+
+/// Parses and checks a PHC string from the config: it must be argon2id.
+pub fn parse_hash(phc: &str) -> Result<PasswordHashString, BadHash> {
+    let parsed = PasswordHash::new(phc).map_err(|e| BadHash(e.to_string()))?;
+    if parsed.algorithm != Algorithm::Argon2id.ident() {
+        return Err(BadHash(format!(
+            "algorithm is {}, expected argon2id",
+            parsed.algorithm
+        )));
+    }
+    argon2::Params::try_from(&parsed).map_err(|e| BadHash(e.to_string()))?;
+    Ok(parsed.serialize())
+}
+
+/// Hashes a password with argon2id at the default (OWASP) cost:
+/// m = 19 MiB, t = 2, p = 1, a 16-byte random salt.
+pub fn hash_password(password: &[u8]) -> Result<String, argon2::password_hash::Error> {
+    let mut salt = [0u8; 16];
+    SystemRandom::new()
+        .fill(&mut salt)
+        .map_err(|_| argon2::password_hash::Error::Crypto)?;
+    let salt = SaltString::encode_b64(&salt)?;
+    Ok(Argon2::default()
+        .hash_password(password, &salt)?
+        .to_string())
+}
+
+/// The outcome of a check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Valid,
+    Invalid,
+    /// Too many checks in flight; try again shortly.
+    Busy,
+}
+
+/// Verifies user credentials against the configured hashes.
+pub struct Verifier {
+    users: HashMap<String, PasswordHashString>,
+    /// Checked for unknown users, so their answers take as long.
+    dummy: PasswordHashString,
+    cache_key: ring::hmac::Key,
+    cache: Mutex<HashMap<[u8; 32], Instant>>,
+    running: Arc<Semaphore>,
+    queued: Arc<Semaphore>,
+    argon2_runs: AtomicU64,
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verifier")
+            .field("users", &self.users.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Verifier {
+    pub fn new(users: HashMap<String, PasswordHashString>) -> Self {
+        let rng = SystemRandom::new();
+        let mut random = [0u8; 32];
+        rng.fill(&mut random).expect("the OS random source works");
+        let dummy = hash_password(&random).expect("hashing a random password");
+        Self {
+            users,
+            dummy: parse_hash(&dummy).expect("our own hash parses"),
+            cache_key: ring::hmac::Key::generate(ring::hmac::HMAC_SHA256, &rng)
+                .expect("the OS random source works"),
+            cache: Mutex::default(),
+            running: Arc::new(Semaphore::new(HASH_CONCURRENCY)),
+            queued: Arc::new(Semaphore::new(HASH_QUEUE)),
+            argon2_runs: AtomicU64::new(0),
+        }
+    }
+
+    /// How many argon2 verifications ran since start.
+    pub fn argon2_runs(&self) -> u64 {
+        self.argon2_runs.load(Ordering::Relaxed)
+    }
+
+    fn cache_id(&self, user: &str, password: &[u8]) -> [u8; 32] {
+        let mut ctx = ring::hmac::Context::with_key(&self.cache_key);
+        ctx.update(&(user.len() as u64).to_be_bytes());
+        ctx.update(user.as_bytes());
+        ctx.update(password);
+        let mut id = [0u8; 32];
+        id.copy_from_slice(ctx.sign().as_ref());
+        id
+    }
+
+    pub async fn verify(&self, user: &str, password: &[u8]) -> Verdict {
+        let id = self.cache_id(user, password);
+        let now = Instant::now();
+        {
+            let cache = self.cache.lock().expect("cache lock not poisoned");
+            if cache.get(&id).is_some_and(|&until| until > now) {
+                return Verdict::Valid;
+            }
+        }
+        let Ok(_queued) = self.queued.clone().try_acquire_owned() else {
+            return Verdict::Busy;
+        };
+        let Ok(_running) = self.running.clone().acquire_owned().await else {
+            return Verdict::Busy;
+        };
+        let known = self.users.get(user);
+        let hash = known.unwrap_or(&self.dummy).clone();
+        let password = password.to_vec();
+        self.argon2_runs.fetch_add(1, Ordering::Relaxed);
+        let ok = tokio::task::spawn_blocking(move || {
+            Argon2::default()
+                .verify_password(&password, &hash.password_hash())
+                .is_ok()
+        })
+        .await
+        .unwrap_or(false);
+        if !(ok && known.is_some()) {
+            return Verdict::Invalid;
+        }
+        let mut cache = self.cache.lock().expect("cache lock not poisoned");
+        if cache.len() >= CACHE_MAX {
+            let now = Instant::now();
+            cache.retain(|_, until| *until > now);
+            if cache.len() >= CACHE_MAX {
+                // Still full of live entries: forget the one expiring first.
+                if let Some(oldest) = cache.iter().min_by_key(|(_, t)| **t).map(|(k, _)| *k) {
+                    cache.remove(&oldest);
+                }
+            }
+        }
+        cache.insert(id, Instant::now() + CACHE_TTL);
+        Verdict::Valid
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A cheap hash for tests (the edge honours the parameters in the string).
+    fn cheap(password: &str) -> String {
+        let params = argon2::Params::new(1024, 1, 1, None).unwrap();
+        let a = Argon2::new(Algorithm::Argon2id, argon2::Version::V0x13, params);
+        let salt = SaltString::encode_b64(b"0123456789abcdef").unwrap();
+        a.hash_password(password.as_bytes(), &salt)
+            .unwrap()
+            .to_string()
+    }
+
+    #[test]
+    fn only_argon2id_hashes_are_accepted() {
+        assert!(parse_hash(&cheap("pw")).is_ok());
+        assert!(parse_hash("hunter2").is_err());
+        let argon2i = cheap("pw").replace("$argon2id$", "$argon2i$");
+        assert!(parse_hash(&argon2i).is_err());
+        assert!(parse_hash(&hash_password(b"x").unwrap()).is_ok());
+    }
+
+    #[tokio::test]
+    async fn success_is_cached_and_failures_are_not() {
+        let users = HashMap::from([("alice".to_owned(), parse_hash(&cheap("right")).unwrap())]);
+        let v = Verifier::new(users);
+        assert_eq!(v.verify("alice", b"right").await, Verdict::Valid);
+        assert_eq!(v.argon2_runs(), 1);
+        assert_eq!(v.verify("alice", b"right").await, Verdict::Valid);
+        assert_eq!(v.argon2_runs(), 1, "second check served from the cache");
+        assert_eq!(v.verify("alice", b"wrong").await, Verdict::Invalid);
+        assert_eq!(v.verify("alice", b"wrong").await, Verdict::Invalid);
+        assert_eq!(v.argon2_runs(), 3);
+        // Unknown users cost a check too, and never pass.
+        assert_eq!(v.verify("mallory", b"right").await, Verdict::Invalid);
+        assert_eq!(v.argon2_runs(), 4);
+    }
+}

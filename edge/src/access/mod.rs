@@ -1,0 +1,12 @@
+//! Who may reach a route: client addresses (allow/deny, trusted proxies),
+//! basic auth with argon2id, signed session cookies, a login page for
+//! browsers, and brute-force throttling.
+
+pub mod auth;
+pub mod gate;
+pub mod ip;
+pub mod login;
+pub mod session;
+pub mod throttle;
+
+pub use ip::{Decision, DenyReason, IpRules, client_ip};
