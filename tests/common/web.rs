@@ -257,6 +257,7 @@ pub struct Site {
     pub https: SocketAddr,
     pub agent: AgentHandle,
     pub roots: Arc<rustls::RootCertStore>,
+    pub gate: Option<Arc<burrow_edge::access::gate::Gate>>,
 }
 
 pub async fn site(extra_edge: &str, routes: &str, services: &[(&str, String)]) -> Site {
@@ -271,6 +272,7 @@ pub async fn site(extra_edge: &str, routes: &str, services: &[(&str, String)]) -
     let config = edge_config(&edge_toml);
     let edge_bound = burrow_edge::Edge::bind(config).await.unwrap();
     let https = edge_bound.https_addr().unwrap();
+    let gate = edge_bound.gate();
     let shutdown = CancellationToken::new();
     let edge = EdgeHandle {
         tunnel: edge_bound.tunnel_addr(),
@@ -299,6 +301,7 @@ pub async fn site(extra_edge: &str, routes: &str, services: &[(&str, String)]) -
         https,
         agent,
         roots: Arc::new(roots),
+        gate,
     }
 }
 
@@ -309,6 +312,17 @@ impl Site {
 
     /// A TLS connection to the edge for `host`, offering `alpn`.
     pub async fn tls(&self, host: &str, alpn: &[&[u8]]) -> TlsStream<TcpStream> {
+        self.tls_from("127.0.0.1".parse().unwrap(), host, alpn)
+            .await
+    }
+
+    /// Like `tls`, from another loopback source address (another "client").
+    pub async fn tls_from(
+        &self,
+        source: std::net::IpAddr,
+        host: &str,
+        alpn: &[&[u8]],
+    ) -> TlsStream<TcpStream> {
         let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
@@ -317,7 +331,9 @@ impl Site {
         .with_root_certificates(self.roots.clone())
         .with_no_client_auth();
         config.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
-        let tcp = TcpStream::connect(self.https).await.unwrap();
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::new(source, 0)).unwrap();
+        let tcp = socket.connect(self.https).await.unwrap();
         tokio_rustls::TlsConnector::from(Arc::new(config))
             .connect(ServerName::try_from(host.to_owned()).unwrap(), tcp)
             .await
@@ -326,7 +342,16 @@ impl Site {
 
     /// An HTTP/1.1 client connection to the edge for `host`.
     pub async fn h1(&self, host: &str) -> hyper::client::conn::http1::SendRequest<TestBody> {
-        let tls = self.tls(host, &[b"http/1.1"]).await;
+        self.h1_from("127.0.0.1".parse().unwrap(), host).await
+    }
+
+    /// An HTTP/1.1 client connection from another loopback address.
+    pub async fn h1_from(
+        &self,
+        source: std::net::IpAddr,
+        host: &str,
+    ) -> hyper::client::conn::http1::SendRequest<TestBody> {
+        let tls = self.tls_from(source, host, &[b"http/1.1"]).await;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
             .await
             .unwrap();

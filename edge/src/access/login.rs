@@ -59,7 +59,7 @@ button{padding:.6rem;border:0;border-radius:.4rem;background:#2f7de1;color:#fff}
         html,
         "<input name=\"user\" id=\"user\" placeholder=\"User\" autocomplete=\"username\" required autofocus>\
 <input name=\"password\" id=\"password\" type=\"password\" placeholder=\"Password\" autocomplete=\"current-password\" required>\
-<input type=\"hidden\" name=\"next\" value=\"{}\"><button id=\"submit\">Sign in</button></form></body></html>",
+<input type=\"hidden\" name=\"next\" value=\"{}\"><button id=\"sign-in\">Sign in</button></form></body></html>",
         escape(safe_next(next))
     );
     html
