@@ -51,6 +51,9 @@ struct EdgeSection {
     admin: Option<SocketAddr>,
     /// How long a client may take for its TLS handshake and request head.
     header_timeout: Option<HumanDuration>,
+    /// The edge's own DNS name: with ACME it gets a certificate too, which
+    /// the tunnel presents so agents can check the edge by name.
+    hostname: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +71,8 @@ struct TlsSection {
     email: Option<String>,
     directory: Option<String>,
     directory_ca: Option<PathBuf>,
+    /// First retry delay after a failed order; doubles up to a day.
+    retry_min: Option<HumanDuration>,
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
 }
@@ -158,6 +163,7 @@ pub struct EdgeConfig {
     pub tunnel: SocketAddr,
     pub admin: Option<SocketAddr>,
     pub header_timeout: Duration,
+    pub hostname: Option<String>,
     pub tls: TlsConfig,
     pub access: AccessConfig,
     pub agents: Vec<AgentConfig>,
@@ -178,7 +184,11 @@ pub struct AcmeConfig {
     pub email: String,
     pub directory: String,
     pub directory_ca: Option<PathBuf>,
+    pub retry_min: Duration,
 }
+
+/// The first retry after a failed order, by default.
+pub const DEFAULT_ACME_RETRY: Duration = Duration::from_secs(60);
 
 /// Let's Encrypt's production and staging directories.
 pub const LETS_ENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
@@ -310,6 +320,7 @@ fn convert(src: &Source, file: File) -> Result<EdgeConfig, ConfigError> {
                     email,
                     directory,
                     directory_ca: t.directory_ca.map(|p| src.resolve(&p)),
+                    retry_min: t.retry_min.map_or(DEFAULT_ACME_RETRY, |d| d.0),
                 })
             }
         },
@@ -491,6 +502,19 @@ fn convert(src: &Source, file: File) -> Result<EdgeConfig, ConfigError> {
         });
     }
 
+    let hostname = match &file.edge.hostname {
+        Some(h) => {
+            let name = h.get_ref().to_ascii_lowercase();
+            if !valid_hostname(&name) {
+                return Err(src.error_at(
+                    h.span(),
+                    format!("edge.hostname: {name:?} is not a host name"),
+                ));
+            }
+            Some(name)
+        }
+        None => None,
+    };
     let default_addr = |s: &str| s.parse::<SocketAddr>().expect("default addresses parse");
     Ok(EdgeConfig {
         state_dir,
@@ -509,6 +533,7 @@ fn convert(src: &Source, file: File) -> Result<EdgeConfig, ConfigError> {
             .edge
             .header_timeout
             .map_or(DEFAULT_HEADER_TIMEOUT, |d| d.0),
+        hostname,
         tls,
         access,
         agents,

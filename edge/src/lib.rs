@@ -27,6 +27,7 @@ use access::gate::Gate;
 use access::session::SessionKeys;
 pub use config::EdgeConfig;
 use config::{PortConfig, TlsConfig};
+use tls::acme::AcmeManager;
 use tls::{CertStore, TlsError};
 use tunnel::{Registry, Tunnel};
 
@@ -60,6 +61,7 @@ pub struct Edge {
     https: Option<TcpListener>,
     http: Option<TcpListener>,
     gate: Option<Arc<Gate>>,
+    acme: Option<Arc<AcmeManager>>,
     tunnel: Arc<Tunnel>,
     certs: Arc<CertStore>,
 }
@@ -87,7 +89,13 @@ impl Edge {
         let certs = Arc::new(CertStore::new(
             identity.certified_key().map_err(TlsError::from)?,
         ));
-        let hosts: Vec<String> = config.routes.iter().map(|r| r.host.clone()).collect();
+        let mut hosts: Vec<String> = config.routes.iter().map(|r| r.host.clone()).collect();
+        if let Some(h) = &config.hostname {
+            if !hosts.contains(h) {
+                hosts.push(h.clone());
+            }
+        }
+        let mut acme = None;
         match &config.tls {
             TlsConfig::SelfSigned => {
                 if !hosts.is_empty() {
@@ -95,10 +103,14 @@ impl Edge {
                 }
             }
             TlsConfig::Files { cert, key } => certs.install(&hosts, tls::load_files(cert, key)?),
-            TlsConfig::Acme(_) => {
-                return Err(EdgeError::Unsupported(
-                    "tls mode = \"acme\" is not available in this build yet; use \"self-signed\" or \"files\"".into(),
-                ));
+            TlsConfig::Acme(a) => {
+                acme = Some(Arc::new(AcmeManager::load(
+                    a.clone(),
+                    &config.state_dir,
+                    hosts.clone(),
+                    certs.clone(),
+                    config.http.is_some() && config.https.is_some(),
+                )?));
             }
         }
 
@@ -154,6 +166,7 @@ impl Edge {
             https,
             http,
             gate,
+            acme,
             tunnel: Arc::new(Tunnel::new(config.agents.clone())),
             config: Arc::new(config),
             identity,
@@ -201,6 +214,11 @@ impl Edge {
         self.gate.clone()
     }
 
+    /// The ACME manager, in `[tls] mode = "acme"`.
+    pub fn acme(&self) -> Option<Arc<AcmeManager>> {
+        self.acme.clone()
+    }
+
     pub fn certs(&self) -> Arc<CertStore> {
         self.certs.clone()
     }
@@ -225,12 +243,14 @@ impl Edge {
         }
         if let Some(listener) = self.https {
             let addr = http::local_addr(&listener);
-            let tls = http::tls_config(self.certs.https_resolver()).map_err(TlsError::from)?;
+            let tls = http::tls_config(self.certs.https_resolver(), self.acme.is_some())
+                .map_err(TlsError::from)?;
             let state = Arc::new(http::HttpState::new(
                 &self.config.routes,
                 &self.config.access,
                 self.tunnel.registry.clone(),
                 self.gate.clone(),
+                self.certs.clone(),
             ));
             info!(%addr, routes = self.config.routes.len(), "serving https");
             tasks.spawn(http::serve_https(
@@ -244,11 +264,15 @@ impl Edge {
                 info!(addr = %http::local_addr(&plain), "redirecting http to https");
                 tasks.spawn(http::serve_http_redirect(
                     plain,
+                    self.certs.clone(),
                     addr.port(),
                     self.config.header_timeout,
                     shutdown.clone(),
                 ));
             }
+        }
+        if let Some(acme) = self.acme {
+            tasks.spawn(acme.run(shutdown.clone()));
         }
         tasks.spawn(self.tunnel.clone().serve(self.endpoint, shutdown.clone()));
         while tasks.join_next().await.is_some() {}

@@ -29,6 +29,7 @@ use burrow_proto::confkit::Cidr;
 use crate::access::IpRules;
 use crate::access::gate::Gate;
 use crate::config::{AccessConfig, RouteConfig};
+use crate::tls::{ACME_TLS_ALPN, CertStore};
 use crate::tunnel::Registry;
 
 /// The response body type of everything the edge serves.
@@ -54,6 +55,8 @@ pub struct HttpState {
     pub registry: Arc<Registry>,
     /// Present when any user is configured.
     pub gate: Option<Arc<Gate>>,
+    /// For ACME challenge answers.
+    pub certs: Arc<CertStore>,
 }
 
 impl HttpState {
@@ -62,8 +65,10 @@ impl HttpState {
         access: &AccessConfig,
         registry: Arc<Registry>,
         gate: Option<Arc<Gate>>,
+        certs: Arc<CertStore>,
     ) -> Self {
         Self {
+            certs,
             routes: routes.iter().map(|r| (r.host.clone(), r.clone())).collect(),
             access: access.rules.clone(),
             trusted_proxies: access.trusted_proxies.clone(),
@@ -112,6 +117,7 @@ pub fn error_response(status: StatusCode, message: &str) -> Response<Body> {
 /// and http/1.1.
 pub fn tls_config(
     certs: Arc<dyn ResolvesServerCert>,
+    acme: bool,
 ) -> Result<rustls::ServerConfig, rustls::Error> {
     let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
         burrow_proto::quic::crypto_provider(),
@@ -120,6 +126,9 @@ pub fn tls_config(
     .with_no_client_auth()
     .with_cert_resolver(certs);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    if acme {
+        config.alpn_protocols.push(ACME_TLS_ALPN.to_vec());
+    }
     Ok(config)
 }
 
@@ -182,6 +191,11 @@ pub async fn serve_https(
                     return;
                 }
             };
+            if tls.get_ref().1.alpn_protocol() == Some(ACME_TLS_ALPN) {
+                // A TLS-ALPN-01 validation: the handshake was the answer.
+                debug!(%peer, "answered a tls-alpn-01 validation");
+                return;
+            }
             let service = service_fn(move |req: Request<Incoming>| {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(proxy::handle(req, state, peer).await) }
@@ -199,6 +213,7 @@ pub async fn serve_https(
 /// Plain HTTP: every request is redirected to the same URL over HTTPS.
 pub async fn serve_http_redirect(
     listener: TcpListener,
+    certs: Arc<CertStore>,
     https_port: u16,
     header_timeout: Duration,
     shutdown: CancellationToken,
@@ -216,15 +231,39 @@ pub async fn serve_http_redirect(
             () = shutdown.cancelled() => return,
         };
         let builder = builder.clone();
+        let certs = certs.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |req: Request<Incoming>| async move {
-                Ok::<_, Infallible>(redirect(&req, https_port))
+            let service = service_fn(move |req: Request<Incoming>| {
+                let certs = certs.clone();
+                async move {
+                    // ACME challenges bypass everything; the rest goes to https.
+                    let resp = match acme_answer(&certs, req.uri().path()) {
+                        Some(r) => r,
+                        None => redirect(&req, https_port),
+                    };
+                    Ok::<_, Infallible>(resp)
+                }
             });
             if let Err(e) = builder.serve_connection(TokioIo::new(tcp), service).await {
                 debug!(%peer, error = %e, "http connection ended with an error");
             }
         });
     }
+}
+
+/// The answer to an HTTP-01 validation request for a pending challenge.
+pub fn acme_answer(certs: &CertStore, path: &str) -> Option<Response<Body>> {
+    let key_auth = certs.http_challenge(path)?;
+    let mut r = Response::new(
+        Full::new(Bytes::from(key_auth))
+            .map_err(|never: Infallible| match never {})
+            .boxed(),
+    );
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/octet-stream"),
+    );
+    Some(r)
 }
 
 fn redirect<B>(req: &Request<B>, https_port: u16) -> Response<Body> {

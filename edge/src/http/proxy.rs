@@ -50,6 +50,10 @@ pub async fn handle(
     state: Arc<HttpState>,
     peer: SocketAddr,
 ) -> Response<Body> {
+    // ACME validations bypass IP rules and auth; nothing else does.
+    if let Some(answer) = super::acme_answer(&state.certs, req.uri().path()) {
+        return answer;
+    }
     let host = match request_host(&req) {
         Ok(h) => h,
         Err(why) => {

@@ -1,6 +1,9 @@
-//! The edge's certificates: per-name public certificates (self-signed or
-//! from files for now), the identity certificate agents can pin, and the
-//! SNI resolvers that choose between them for HTTPS and for QUIC.
+//! The edge's certificates: per-name public certificates (self-signed,
+//! from files, or from ACME), the identity certificate agents can pin, the
+//! ACME challenge answers, and the SNI resolvers that choose between them
+//! for HTTPS and for QUIC.
+
+pub mod acme;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -34,13 +37,23 @@ pub enum TlsError {
     },
 }
 
-/// Certificates by host name, swappable while serving.
+/// ALPN of the TLS-ALPN-01 challenge (RFC 8737).
+pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
+/// Path prefix of HTTP-01 challenges (RFC 8555 8.3).
+pub const ACME_HTTP_PREFIX: &str = "/.well-known/acme-challenge/";
+
+/// Certificates by host name, swappable while serving, and the answers to
+/// pending ACME challenges.
 #[derive(Debug)]
 pub struct CertStore {
     identity: Arc<CertifiedKey>,
     by_name: RwLock<HashMap<String, Arc<CertifiedKey>>>,
     /// Served to clients that send no SNI or an unknown name.
     fallback: RwLock<Option<Arc<CertifiedKey>>>,
+    /// TLS-ALPN-01 challenge certificates by name.
+    alpn_challenges: RwLock<HashMap<String, Arc<CertifiedKey>>>,
+    /// HTTP-01 key authorizations by token.
+    http_challenges: RwLock<HashMap<String, String>>,
 }
 
 impl CertStore {
@@ -49,7 +62,46 @@ impl CertStore {
             identity,
             by_name: RwLock::default(),
             fallback: RwLock::default(),
+            alpn_challenges: RwLock::default(),
+            http_challenges: RwLock::default(),
         }
+    }
+
+    /// The certificate served for `name` now, if any.
+    pub fn get(&self, name: &str) -> Option<Arc<CertifiedKey>> {
+        self.by_name(Some(name))
+    }
+
+    pub fn set_alpn_challenge(&self, name: &str, key: Option<Arc<CertifiedKey>>) {
+        let mut map = self
+            .alpn_challenges
+            .write()
+            .expect("cert store lock not poisoned");
+        match key {
+            Some(k) => map.insert(name.to_ascii_lowercase(), k),
+            None => map.remove(&name.to_ascii_lowercase()),
+        };
+    }
+
+    pub fn set_http_challenge(&self, token: &str, key_authorization: Option<String>) {
+        let mut map = self
+            .http_challenges
+            .write()
+            .expect("cert store lock not poisoned");
+        match key_authorization {
+            Some(k) => map.insert(token.to_owned(), k),
+            None => map.remove(token),
+        };
+    }
+
+    /// The answer to an HTTP-01 challenge request path, if one is pending.
+    pub fn http_challenge(&self, path: &str) -> Option<String> {
+        let token = path.strip_prefix(ACME_HTTP_PREFIX)?;
+        self.http_challenges
+            .read()
+            .expect("cert store lock not poisoned")
+            .get(token)
+            .cloned()
     }
 
     /// Installs `key` for `names`; connections already open keep theirs.
@@ -86,6 +138,20 @@ struct HttpsResolver(Arc<CertStore>);
 
 impl ResolvesServerCert for HttpsResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let acme = hello
+            .alpn()
+            .is_some_and(|mut protos| protos.any(|p| p == ACME_TLS_ALPN));
+        if acme {
+            // A validation connection gets the challenge certificate or nothing.
+            let name = hello.server_name()?.to_ascii_lowercase();
+            return self
+                .0
+                .alpn_challenges
+                .read()
+                .expect("cert store lock not poisoned")
+                .get(&name)
+                .cloned();
+        }
         self.0.by_name(hello.server_name()).or_else(|| {
             self.0
                 .fallback
@@ -147,6 +213,26 @@ pub fn load_files(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, TlsError
     certified(chain, key_der)
 }
 
+fn generate(names: &[String]) -> Result<(rcgen::Certificate, KeyPair), TlsError> {
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let mut params = CertificateParams::new(names.to_vec())?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "burrow self-signed");
+    let cert = params.self_signed(&key)?;
+    Ok((cert, key))
+}
+
+/// A throwaway self-signed certificate for `names`, served while the real
+/// one is on its way.
+pub fn temporary(names: &[String]) -> Result<Arc<CertifiedKey>, TlsError> {
+    let (cert, key) = generate(names)?;
+    certified(
+        vec![cert.der().clone()],
+        PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+    )
+}
+
 /// A self-signed certificate for `names`, kept in `state_dir` so browsers'
 /// exceptions survive restarts; remade when the names change.
 pub fn self_signed(state_dir: &Path, names: &[String]) -> Result<Arc<CertifiedKey>, TlsError> {
@@ -161,12 +247,7 @@ pub fn self_signed(state_dir: &Path, names: &[String]) -> Result<Arc<CertifiedKe
             }
         }
     }
-    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-    let mut params = CertificateParams::new(names.clone())?;
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "burrow self-signed");
-    let cert = params.self_signed(&key)?;
+    let (cert, key) = generate(&names)?;
     let pem = format!("{tag}{}{}", cert.pem(), key.serialize_pem());
     fsutil::write_private(&path, pem.as_bytes()).map_err(|source| TlsError::Write {
         path: path.display().to_string(),

@@ -1,0 +1,478 @@
+//! Certificates from a real ACME server: Pebble and pebble-challtestsrv
+//! (Debian's `pebble` package) on loopback. challtestsrv is the DNS server
+//! that points every name at 127.0.0.1; Pebble validates against the
+//! edge's own HTTP and HTTPS ports.
+
+#![allow(clippy::unwrap_used)] // Test helpers fail loudly by design.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use burrow_edge::tls::acme::{AcmeManager, CertStatus};
+use common::web::*;
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+use rustls::pki_types::pem::PemObject;
+use tokio_tungstenite::tungstenite::Message;
+
+const NAME: &str = "chat.example.com";
+
+/// A port that was free a moment ago, for servers that cannot report theirs
+/// (Pebble takes its ports from a config file).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Spawns `cmd` and waits for a stdout line containing `ready`.
+fn spawn_until(mut cmd: Command, ready: &str) -> Child {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?} ({e}); CI installs Debian's pebble"));
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let ready = ready.to_owned();
+    std::thread::spawn(move || {
+        let mut sent = false;
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if !sent && line.contains(&ready) {
+                let _ = tx.send(());
+                sent = true;
+            }
+        }
+    });
+    rx.recv_timeout(WAIT).expect("server announced it is ready");
+    child
+}
+
+struct Pebble {
+    pebble: Child,
+    challtestsrv: Child,
+    dir: tempfile::TempDir,
+    directory: String,
+    /// The CA of Pebble's own HTTPS (for the edge's ACME client).
+    directory_ca: PathBuf,
+    /// The root Pebble issues under (for clients of the edge).
+    root: PathBuf,
+}
+
+impl Drop for Pebble {
+    fn drop(&mut self) {
+        for c in [&mut self.pebble, &mut self.challtestsrv] {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Pebble {
+    /// Pebble validating against the edge's `http_port` and `tls_port`;
+    /// `validity` shortens the certificates it issues.
+    async fn start(http_port: u16, tls_port: u16, validity: Option<Duration>) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let dns = free_port();
+        let mut cts = Command::new("pebble-challtestsrv");
+        cts.args([
+            "-dns01",
+            &format!("127.0.0.1:{dns}"),
+            "-management",
+            &format!("127.0.0.1:{}", free_port()),
+            "-http01",
+            "",
+            "-https01",
+            "",
+            "-tlsalpn01",
+            "",
+            "-defaultIPv4",
+            "127.0.0.1",
+            "-defaultIPv6",
+            "",
+        ]);
+        let challtestsrv = spawn_until(cts, "Starting challenge servers");
+
+        // Pebble's own HTTPS certificate, from a CA made here.
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "burrow test CA");
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, ca_key);
+        let server_key = KeyPair::generate().unwrap();
+        let server = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+            .unwrap()
+            .signed_by(&server_key, &issuer)
+            .unwrap();
+        let path = |n: &str| dir.path().join(n);
+        std::fs::write(path("ca.pem"), ca_cert.pem()).unwrap();
+        std::fs::write(path("cert.pem"), server.pem()).unwrap();
+        std::fs::write(path("key.pem"), server_key.serialize_pem()).unwrap();
+
+        let (acme_port, mgmt_port) = (free_port(), free_port());
+        let mut config = serde_json::json!({ "pebble": {
+            "listenAddress": format!("127.0.0.1:{acme_port}"),
+            "managementListenAddress": format!("127.0.0.1:{mgmt_port}"),
+            "certificate": path("cert.pem"),
+            "privateKey": path("key.pem"),
+            "httpPort": http_port,
+            "tlsPort": tls_port,
+            "ocspResponderURL": "",
+            "externalAccountBindingRequired": false,
+        }});
+        if let Some(v) = validity {
+            config["pebble"]["certificateValidityPeriod"] = v.as_secs().into();
+        }
+        std::fs::write(path("pebble.json"), config.to_string()).unwrap();
+        let mut cmd = Command::new("pebble");
+        cmd.args([
+            "-config",
+            path("pebble.json").to_str().unwrap(),
+            "-dnsserver",
+            &format!("127.0.0.1:{dns}"),
+        ])
+        .env("PEBBLE_VA_NOSLEEP", "1")
+        .env("PEBBLE_WFE_NONCEREJECT", "0");
+        let pebble = spawn_until(cmd, "ACME directory available");
+
+        // The issuing root, from Pebble's management interface.
+        let out = tokio::process::Command::new("curl")
+            .args([
+                "-sSf",
+                "--cacert",
+                path("ca.pem").to_str().unwrap(),
+                &format!("https://127.0.0.1:{mgmt_port}/roots/0"),
+            ])
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::write(path("root.pem"), &out.stdout).unwrap();
+        Self {
+            pebble,
+            challtestsrv,
+            directory: format!("https://127.0.0.1:{acme_port}/dir"),
+            directory_ca: path("ca.pem"),
+            root: path("root.pem"),
+            dir,
+        }
+    }
+}
+
+struct AcmeEdge {
+    edge: EdgeHandle,
+    acme: Arc<AcmeManager>,
+    https: u16,
+    started: Instant,
+}
+
+fn edge_toml(
+    world: &World,
+    pebble: &Pebble,
+    http: Option<u16>,
+    https: u16,
+    agent_fp: &str,
+) -> String {
+    let http = http.map_or(String::new(), |p| format!("http = \"127.0.0.1:{p}\"\n"));
+    format!(
+        "[edge]\nstate_dir = {:?}\nhttps = \"127.0.0.1:{https}\"\n{http}tunnel = \"127.0.0.1:0\"\n\n\
+         [tls]\nmode = \"acme\"\nemail = \"ops@example.com\"\ndirectory = \"{}\"\ndirectory_ca = {:?}\nretry_min = \"1s\"\n\n\
+         [[agent]]\nname = \"home\"\nkey = \"{agent_fp}\"\n\n\
+         [[route]]\nhost = \"{NAME}\"\nagent = \"home\"\nservice = \"app\"\nauth = \"none\"\n",
+        world.path("state"),
+        pebble.directory,
+        pebble.directory_ca,
+    )
+}
+
+async fn start_acme_edge(toml: &str) -> AcmeEdge {
+    let config = edge_config(toml);
+    let https = config.https.unwrap().port();
+    let started = Instant::now();
+    let edge = burrow_edge::Edge::bind(config).await.unwrap();
+    let acme = edge.acme().expect("acme mode");
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let handle = EdgeHandle {
+        tunnel: edge.tunnel_addr(),
+        ports: edge.port_addrs(),
+        fingerprint: edge.fingerprint(),
+        registry: edge.registry(),
+        shutdown: shutdown.clone(),
+        task: tokio::spawn(async move { edge.run(shutdown).await.unwrap() }),
+    };
+    AcmeEdge {
+        edge: handle,
+        acme,
+        https,
+        started,
+    }
+}
+
+/// Waits until `pred` holds for the status of `NAME`.
+async fn wait_status(
+    acme: &AcmeManager,
+    what: &str,
+    pred: impl Fn(&CertStatus) -> bool,
+) -> CertStatus {
+    let mut changes = acme.subscribe();
+    let found = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            if let Some(st) = acme.status().get(NAME).filter(|s| pred(s)) {
+                return st.clone();
+            }
+            changes.changed().await.unwrap();
+        }
+    })
+    .await;
+    found.unwrap_or_else(|_| panic!("certificate never {what}: {:?}", acme.status()))
+}
+
+async fn connect_agent(world: &World, edge: &EdgeHandle, key: &std::path::Path) -> AgentHandle {
+    let app = demo_app().await;
+    let mut agent = start_agent(agent_config(&format!(
+        "[agent]\nname = \"home\"\nedge = \"{}\"\nedge_key = \"{}\"\nkey = {:?}\n\n[[service]]\nname = \"app\"\nurl = \"http://{app}\"\n",
+        edge.tunnel, edge.fingerprint, key
+    )));
+    let _ = world;
+    agent.connected().await;
+    agent
+}
+
+/// curl verifying the edge against Pebble's root; returns the body.
+async fn curl_verified(pebble: &Pebble, https: u16, path: &str) -> String {
+    let out = tokio::process::Command::new("curl")
+        .args([
+            "-sSf",
+            "--cacert",
+            pebble.root.to_str().unwrap(),
+            "--resolve",
+            &format!("{NAME}:{https}:127.0.0.1"),
+            &format!("https://{NAME}:{https}{path}"),
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+async fn obtain_with(http01: bool) {
+    let world = World::new();
+    let (key, fp) = world.agent_key("home");
+    let (http, https) = (free_port(), free_port());
+    let pebble = Pebble::start(http, https, None).await;
+    let e = start_acme_edge(&edge_toml(
+        &world,
+        &pebble,
+        http01.then_some(http),
+        https,
+        &fp.to_string(),
+    ))
+    .await;
+    let st = wait_status(&e.acme, "issued", |s| s.not_after.is_some()).await;
+    eprintln!(
+        "fresh start to valid certificate ({}): {:?}",
+        if http01 { "http-01" } else { "tls-alpn-01" },
+        e.started.elapsed()
+    );
+    assert!(st.not_after.unwrap() > SystemTime::now());
+    assert_eq!(st.last_error, None);
+    let _agent = connect_agent(&world, &e.edge, &key).await;
+    let body = curl_verified(&pebble, e.https, "/api/version").await;
+    assert!(body.contains("burrow-demo"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_edge_gets_a_certificate_by_http01() {
+    obtain_with(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_edge_gets_a_certificate_by_tls_alpn01() {
+    obtain_with(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_places_no_new_order() {
+    let world = World::new();
+    let (key, fp) = world.agent_key("home");
+    let (http, https) = (free_port(), free_port());
+    let pebble = Pebble::start(http, https, None).await;
+    let toml = edge_toml(&world, &pebble, Some(http), https, &fp.to_string());
+    let first = start_acme_edge(&toml).await;
+    let issued = wait_status(&first.acme, "issued", |s| s.not_after.is_some()).await;
+    assert!(first.acme.orders() >= 1);
+    first.edge.shutdown.cancel();
+    let AcmeEdge { mut edge, .. } = first;
+    (&mut edge.task).await.unwrap();
+
+    let second = start_acme_edge(&toml).await;
+    // The certificate on disk is served from the start...
+    assert_eq!(second.acme.status()[NAME].not_after, issued.not_after);
+    // ...and a full pass of the schedule orders nothing.
+    let mut passes = second.acme.passes();
+    tokio::time::timeout(WAIT, passes.wait_for(|n| *n >= 1))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(second.acme.orders(), 0);
+    let _agent = connect_agent(&world, &second.edge, &key).await;
+    let body = curl_verified(&pebble, second.https, "/api/version").await;
+    assert!(body.contains("burrow-demo"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_lived_certificates_renew_while_a_websocket_stays_open() {
+    let world = World::new();
+    let (key, fp) = world.agent_key("home");
+    let (http, https) = (free_port(), free_port());
+    // 12 s certificates: renewal due after 8 s.
+    let pebble = Pebble::start(http, https, Some(Duration::from_secs(12))).await;
+    let e = start_acme_edge(&edge_toml(
+        &world,
+        &pebble,
+        Some(http),
+        https,
+        &fp.to_string(),
+    ))
+    .await;
+    let first = wait_status(&e.acme, "issued", |s| s.not_after.is_some()).await;
+    let _agent = connect_agent(&world, &e.edge, &key).await;
+
+    // A WebSocket opened on the first certificate.
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(&pebble.root).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", e.https))
+        .await
+        .unwrap();
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
+        .connect(NAME.try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(format!("wss://{NAME}/ws"), stream)
+        .await
+        .unwrap();
+    ws.send(Message::text("before")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("before"));
+
+    let renewed = wait_status(&e.acme, "renewed", |s| {
+        s.not_after.is_some_and(|t| t > first.not_after.unwrap())
+    })
+    .await;
+    assert!(e.acme.orders() >= 2);
+    // The old connection lives on; new clients verify the new certificate.
+    ws.send(Message::text("after")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("after"));
+    curl_verified(&pebble, e.https, "/api/version").await;
+    assert!(renewed.not_after > first.not_after);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_ca_gone_the_edge_keeps_serving_and_backs_off() {
+    let world = World::new();
+    let (key, fp) = world.agent_key("home");
+    let (http, https) = (free_port(), free_port());
+    // 18 s certificates: renewal due after 12 s, when the CA is gone; three
+    // failures (backing off 1 s, 2 s) fit before the certificate expires.
+    let mut pebble = Pebble::start(http, https, Some(Duration::from_secs(18))).await;
+    let e = start_acme_edge(&edge_toml(
+        &world,
+        &pebble,
+        Some(http),
+        https,
+        &fp.to_string(),
+    ))
+    .await;
+    let issued = wait_status(&e.acme, "issued", |s| s.not_after.is_some()).await;
+    let _agent = connect_agent(&world, &e.edge, &key).await;
+    pebble.pebble.kill().unwrap();
+    pebble.pebble.wait().unwrap();
+
+    let first = wait_status(&e.acme, "failed once", |s| s.failures >= 1).await;
+    let second = wait_status(&e.acme, "failed twice", |s| s.failures >= 2).await;
+    let third = wait_status(&e.acme, "failed three times", |s| s.failures >= 3).await;
+    assert!(first.last_error.is_some(), "{first:?}");
+    let gap = |a: &CertStatus, b: &CertStatus| {
+        b.next_attempt
+            .unwrap()
+            .duration_since(a.next_attempt.unwrap())
+            .unwrap_or_default()
+    };
+    assert!(
+        gap(&second, &third) > gap(&first, &second),
+        "delays grow: {first:?} {second:?} {third:?}"
+    );
+    // Still serving the certificate it has.
+    assert_eq!(e.acme.status()[NAME].not_after, issued.not_after);
+    let body = curl_verified(&pebble, e.https, "/api/version").await;
+    assert!(body.contains("burrow-demo"));
+    let _ = &pebble.dir;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tunnel_presents_the_acme_certificate_to_agents_that_check_by_name() {
+    let world = World::new();
+    let (key, fp) = world.agent_key("home");
+    let (http, https) = (free_port(), free_port());
+    let pebble = Pebble::start(http, https, None).await;
+    // The edge's own name gets a certificate too.
+    let toml = edge_toml(&world, &pebble, Some(http), https, &fp.to_string()).replacen(
+        "[edge]\n",
+        "[edge]\nhostname = \"localhost\"\n",
+        1,
+    );
+    let e = start_acme_edge(&toml).await;
+    let mut changes = e.acme.subscribe();
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while e
+            .acme
+            .status()
+            .get("localhost")
+            .and_then(|s| s.not_after)
+            .is_none()
+        {
+            changes.changed().await.unwrap();
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no certificate for the edge's name: {:?}", e.acme.status()));
+
+    // No pinned key: the agent checks the edge's certificate for its name.
+    let app = demo_app().await;
+    let mut agent = start_agent(agent_config(&format!(
+        "[agent]\nname = \"home\"\nedge = \"localhost:{}\"\nedge_ca = {:?}\nkey = {:?}\n\n[[service]]\nname = \"app\"\nurl = \"http://{app}\"\n",
+        e.edge.tunnel.port(),
+        pebble.root,
+        key
+    )));
+    agent.connected().await;
+}
