@@ -15,6 +15,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 use tracing::error;
 
+mod notify;
+
 /// Exit code for a bad config (EX_CONFIG), so systemd does not restart-loop.
 const EXIT_CONFIG: u8 = 78;
 const EXIT_FAILURE: u8 = 1;
@@ -69,6 +71,9 @@ enum Command {
     Keygen {
         #[arg(long)]
         out: PathBuf,
+        /// When the file exists, print its fingerprint instead of failing.
+        #[arg(long)]
+        if_missing: bool,
     },
 }
 
@@ -110,6 +115,7 @@ fn shutdown_on_signals() -> CancellationToken {
         #[cfg(not(unix))]
         let _ = ctrl_c.await;
         tracing::info!("shutting down");
+        notify::notify("STOPPING=1");
         t.cancel();
     });
     token
@@ -139,7 +145,34 @@ fn check(path: &std::path::Path) -> Result<ConfigKind, ConfigError> {
     }
 }
 
-async fn run_edge(config: EdgeConfig) -> ExitCode {
+/// Reloads the config file on each SIGHUP and hands valid ones to `tx`; a
+/// file that does not load is logged and the running config stays.
+fn reload_on_sighup(path: PathBuf, tx: tokio::sync::mpsc::Sender<EdgeConfig>) {
+    tokio::spawn(async move {
+        let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                error!(error = %e, "cannot listen for SIGHUP; reload disabled");
+                return;
+            }
+        };
+        while hup.recv().await.is_some() {
+            notify::notify("RELOADING=1");
+            match EdgeConfig::load(&path) {
+                Ok(config) => {
+                    tracing::info!(path = %path.display(), "reloading config");
+                    if tx.send(config).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => error!(error = %e, "reload refused; the running config stays"),
+            }
+            notify::notify("READY=1");
+        }
+    });
+}
+
+async fn run_edge(config: EdgeConfig, path: PathBuf) -> ExitCode {
     let edge = match Edge::bind(config).await {
         Ok(e) => e,
         Err(e) => {
@@ -147,7 +180,12 @@ async fn run_edge(config: EdgeConfig) -> ExitCode {
             return ExitCode::from(EXIT_FAILURE);
         }
     };
-    match edge.run(shutdown_on_signals()).await {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    reload_on_sighup(path, tx);
+    let shutdown = shutdown_on_signals();
+    notify::notify("READY=1");
+    notify::spawn_watchdog();
+    match edge.run_with_reloads(shutdown, rx).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!(error = %e, "edge failed");
@@ -164,6 +202,8 @@ async fn run_agent(config: AgentConfig) -> ExitCode {
             return ExitCode::from(EXIT_FAILURE);
         }
     };
+    notify::notify("READY=1");
+    notify::spawn_watchdog();
     match agent.run(shutdown_on_signals()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -202,7 +242,11 @@ fn main() -> ExitCode {
             }
             Err(e) => config_failure(&e),
         },
-        Command::Keygen { out } => match Identity::create(&out) {
+        Command::Keygen { out, if_missing } => match if if_missing && out.exists() {
+            Identity::load(&out)
+        } else {
+            Identity::create(&out)
+        } {
             Ok(id) => {
                 println!("{}", id.fingerprint());
                 ExitCode::SUCCESS
@@ -225,7 +269,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Edge { config } => match EdgeConfig::load(&config) {
-            Ok(c) => runtime().block_on(run_edge(c)),
+            Ok(c) => runtime().block_on(run_edge(c, config)),
             Err(e) => config_failure(&e),
         },
         Command::Agent { config } => match AgentConfig::load(&config) {

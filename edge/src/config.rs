@@ -21,6 +21,8 @@ pub const DEFAULT_HTTPS: &str = "0.0.0.0:443";
 pub const DEFAULT_TUNNEL: &str = "0.0.0.0:443";
 /// How long a client may take for its TLS handshake and each request head.
 pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long open streams may finish after SIGTERM, by default.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(30);
 /// How long held requests wait for a waking service by default.
 pub const DEFAULT_WAKE_HOLD: Duration = Duration::from_secs(180);
 
@@ -54,6 +56,8 @@ struct EdgeSection {
     /// The edge's own DNS name: with ACME it gets a certificate too, which
     /// the tunnel presents so agents can check the edge by name.
     hostname: Option<Spanned<String>>,
+    /// How long open streams may run on after SIGTERM.
+    grace: Option<HumanDuration>,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -164,6 +168,7 @@ pub struct EdgeConfig {
     pub admin: Option<SocketAddr>,
     pub header_timeout: Duration,
     pub hostname: Option<String>,
+    pub grace: Duration,
     pub tls: TlsConfig,
     pub access: AccessConfig,
     pub agents: Vec<AgentConfig>,
@@ -534,6 +539,7 @@ fn convert(src: &Source, file: File) -> Result<EdgeConfig, ConfigError> {
             .header_timeout
             .map_or(DEFAULT_HEADER_TIMEOUT, |d| d.0),
         hostname,
+        grace: file.edge.grace.map_or(DEFAULT_GRACE, |d| d.0),
         tls,
         access,
         agents,

@@ -7,8 +7,10 @@
 #![forbid(unsafe_code)]
 
 pub mod access;
+pub mod admin;
 pub mod config;
 pub mod http;
+pub mod metrics;
 pub mod ports;
 pub mod tls;
 pub mod tunnel;
@@ -19,14 +21,18 @@ use std::sync::Arc;
 use burrow_proto::identity::{Created, Fingerprint, Identity, IdentityError};
 use burrow_proto::quic;
 use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
 
+use access::IpRules;
 use access::auth::{self, Verifier};
 use access::gate::Gate;
 use access::session::SessionKeys;
 pub use config::EdgeConfig;
 use config::{PortConfig, TlsConfig};
+use metrics::Metrics;
 use tls::acme::AcmeManager;
 use tls::{CertStore, TlsError};
 use tunnel::{Registry, Tunnel};
@@ -60,6 +66,7 @@ pub struct Edge {
     ports: Vec<(PortConfig, TcpListener)>,
     https: Option<TcpListener>,
     http: Option<TcpListener>,
+    admin: Option<TcpListener>,
     gate: Option<Arc<Gate>>,
     acme: Option<Arc<AcmeManager>>,
     tunnel: Arc<Tunnel>,
@@ -89,12 +96,7 @@ impl Edge {
         let certs = Arc::new(CertStore::new(
             identity.certified_key().map_err(TlsError::from)?,
         ));
-        let mut hosts: Vec<String> = config.routes.iter().map(|r| r.host.clone()).collect();
-        if let Some(h) = &config.hostname {
-            if !hosts.contains(h) {
-                hosts.push(h.clone());
-            }
-        }
+        let hosts = cert_names(&config);
         let mut acme = None;
         match &config.tls {
             TlsConfig::SelfSigned => {
@@ -142,27 +144,13 @@ impl Edge {
             (Some(addr), Some(_)) => Some(bind_tcp("HTTP listener", addr).await?),
             _ => None,
         };
-        let gate = if config.users.is_empty() {
-            None
-        } else {
-            let sessions = SessionKeys::load_or_create(&config.state_dir).map_err(|source| {
-                EdgeError::State {
-                    what: "session key",
-                    source,
-                }
-            })?;
-            let hashes = config
-                .users
-                .iter()
-                .filter_map(|u| Some((u.name.clone(), auth::parse_hash(&u.password_hash).ok()?)))
-                .collect();
-            Some(Arc::new(Gate::new(
-                &config.users,
-                sessions,
-                Verifier::new(hashes),
-            )))
+        let gate = build_gate(&config)?;
+        let admin = match config.admin {
+            Some(addr) => Some(bind_tcp("admin listener", addr).await?),
+            None => None,
         };
         Ok(Self {
+            admin,
             https,
             http,
             gate,
@@ -197,6 +185,10 @@ impl Edge {
             .collect()
     }
 
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(http::local_addr)
+    }
+
     pub fn https_addr(&self) -> Option<SocketAddr> {
         self.https.as_ref().map(http::local_addr)
     }
@@ -223,42 +215,68 @@ impl Edge {
         self.certs.clone()
     }
 
-    /// Serves until `shutdown` is cancelled; agents are told to reconnect.
+    /// Serves until `shutdown` is cancelled; see [`Edge::run_with_reloads`].
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), EdgeError> {
+        let (_keep, reloads) = mpsc::channel(1);
+        self.run_with_reloads(shutdown, reloads).await
+    }
+
+    /// Serves until `shutdown`, applying each config received on `reloads`
+    /// (routes, users, rules, agents, port rules) without dropping tunnels
+    /// or open streams. On shutdown: stop accepting, tell agents to go
+    /// away, let open streams finish for up to `[edge] grace`, then return.
+    pub async fn run_with_reloads(
+        self,
+        shutdown: CancellationToken,
+        mut reloads: mpsc::Receiver<EdgeConfig>,
+    ) -> Result<(), EdgeError> {
         info!(
             tunnel = %self.tunnel_addr(),
             fingerprint = %self.identity.fingerprint(),
             "edge listening"
         );
+        let tracker = TaskTracker::new();
+        let drained = CancellationToken::new();
+        let metrics = Arc::new(Metrics::default());
         let mut tasks = tokio::task::JoinSet::new();
+
+        let mut port_rules = Vec::new();
         for (port, listener) in self.ports {
-            info!(listen = %listener.local_addr().map_err(|source| EdgeError::Bind { what: "forwarded port", addr: port.listen, source })?, agent = %port.agent, service = %port.service, "forwarding port");
-            tasks.spawn(ports::serve_port(
-                listener,
-                port,
-                self.config.access.rules.clone(),
-                self.tunnel.registry.clone(),
-                shutdown.clone(),
-            ));
+            let addr = http::local_addr(&listener);
+            info!(listen = %addr, agent = %port.agent, service = %port.service, "forwarding port");
+            let (tx, rx) = watch::channel((self.config.access.rules.clone(), port.rules.clone()));
+            port_rules.push((port.clone(), tx));
+            let ctx = ports::PortContext {
+                rules: rx,
+                registry: self.tunnel.registry.clone(),
+                metrics: metrics.clone(),
+                tracker: tracker.clone(),
+            };
+            tasks.spawn(ports::serve_port(listener, port, ctx, shutdown.clone()));
         }
+
+        let http_state = http::HttpState::new(
+            &self.config.routes,
+            &self.config.access,
+            self.tunnel.registry.clone(),
+            self.gate.clone(),
+            self.certs.clone(),
+            metrics.clone(),
+            tracker.clone(),
+        );
+        let (http_tx, http_rx) = watch::channel(Arc::new(http_state));
         if let Some(listener) = self.https {
             let addr = http::local_addr(&listener);
             let tls = http::tls_config(self.certs.https_resolver(), self.acme.is_some())
                 .map_err(TlsError::from)?;
-            let state = Arc::new(http::HttpState::new(
-                &self.config.routes,
-                &self.config.access,
-                self.tunnel.registry.clone(),
-                self.gate.clone(),
-                self.certs.clone(),
-            ));
             info!(%addr, routes = self.config.routes.len(), "serving https");
             tasks.spawn(http::serve_https(
                 listener,
                 Arc::new(tls),
-                state,
+                http_rx.clone(),
                 self.config.header_timeout,
                 shutdown.clone(),
+                tracker.clone(),
             ));
             if let Some(plain) = self.http {
                 info!(addr = %http::local_addr(&plain), "redirecting http to https");
@@ -271,12 +289,196 @@ impl Edge {
                 ));
             }
         }
-        if let Some(acme) = self.acme {
+        if let Some(listener) = self.admin {
+            info!(addr = %http::local_addr(&listener), "serving metrics and status");
+            let state = admin::AdminState {
+                metrics: metrics.clone(),
+                registry: self.tunnel.registry.clone(),
+                certs: self.certs.clone(),
+                acme: self.acme.clone(),
+                http: Some(http_rx.clone()),
+            };
+            tasks.spawn(admin::serve(listener, state, drained.clone()));
+        }
+        if let Some(acme) = self.acme.clone() {
             tasks.spawn(acme.run(shutdown.clone()));
         }
-        tasks.spawn(self.tunnel.clone().serve(self.endpoint, shutdown.clone()));
+        tasks.spawn(
+            self.tunnel
+                .clone()
+                .serve(self.endpoint, shutdown.clone(), drained.clone()),
+        );
+
+        let mut current = (*self.config).clone();
+        let reloader = Reloader {
+            tunnel: self.tunnel.clone(),
+            certs: self.certs.clone(),
+            acme: self.acme.clone(),
+            metrics,
+            tracker: tracker.clone(),
+        };
+        loop {
+            tokio::select! {
+                Some(new) = reloads.recv() => {
+                    reloader.apply(&mut current, new, &http_tx, &port_rules);
+                }
+                () = shutdown.cancelled() => break,
+            }
+        }
+
+        tracker.close();
+        info!(open = tracker.len(), grace = ?current.grace, "draining");
+        if tokio::time::timeout(current.grace, tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                open = tracker.len(),
+                "grace period over; closing what is still open"
+            );
+        }
+        drained.cancel();
         while tasks.join_next().await.is_some() {}
         info!("edge stopped");
         Ok(())
     }
+}
+
+/// Applies a new config to a running edge.
+struct Reloader {
+    tunnel: Arc<Tunnel>,
+    certs: Arc<CertStore>,
+    acme: Option<Arc<AcmeManager>>,
+    metrics: Arc<Metrics>,
+    tracker: TaskTracker,
+}
+
+impl Reloader {
+    fn apply(
+        &self,
+        current: &mut EdgeConfig,
+        new: EdgeConfig,
+        http_tx: &watch::Sender<Arc<http::HttpState>>,
+        port_rules: &[(PortConfig, watch::Sender<(IpRules, IpRules)>)],
+    ) {
+        let restart_only = [
+            ("edge.state_dir", current.state_dir != new.state_dir),
+            ("edge.key", current.key_path != new.key_path),
+            ("edge.https", current.https != new.https),
+            ("edge.http", current.http != new.http),
+            ("edge.tunnel", current.tunnel != new.tunnel),
+            ("edge.admin", current.admin != new.admin),
+            (
+                "edge.header_timeout",
+                current.header_timeout != new.header_timeout,
+            ),
+            (
+                "tls.mode",
+                std::mem::discriminant(&current.tls) != std::mem::discriminant(&new.tls),
+            ),
+        ];
+        for (key, changed) in restart_only {
+            if changed {
+                warn!(
+                    key,
+                    "changed in the config; it takes effect at the next restart"
+                );
+            }
+        }
+
+        let hosts = cert_names(&new);
+        let cert_result = match &current.tls {
+            TlsConfig::SelfSigned if cert_names(current) != hosts && !hosts.is_empty() => {
+                tls::self_signed(&new.state_dir, &hosts).map(|k| self.certs.install(&hosts, k))
+            }
+            TlsConfig::Files { cert, key } => {
+                tls::load_files(cert, key).map(|k| self.certs.install(&hosts, k))
+            }
+            TlsConfig::Acme(_) => match &self.acme {
+                Some(a) => a.add_names(&hosts),
+                None => Ok(()),
+            },
+            TlsConfig::SelfSigned => Ok(()),
+        };
+        if let Err(e) = cert_result {
+            error!(error = %e, "reload: certificates not updated");
+        }
+
+        let gate = match build_gate(&new) {
+            Ok(g) => g,
+            Err(e) => {
+                error!(error = %e, "reload refused: keeping the running config");
+                return;
+            }
+        };
+        self.tunnel.set_agents(new.agents.clone());
+        http_tx.send_replace(Arc::new(http::HttpState::new(
+            &new.routes,
+            &new.access,
+            self.tunnel.registry.clone(),
+            gate,
+            self.certs.clone(),
+            self.metrics.clone(),
+            self.tracker.clone(),
+        )));
+
+        for (running, tx) in port_rules {
+            match new.ports.iter().find(|p| p.listen == running.listen) {
+                Some(p) if p.agent == running.agent && p.service == running.service => {
+                    tx.send_replace((new.access.rules.clone(), p.rules.clone()));
+                }
+                Some(_) => {
+                    warn!(listen = %running.listen, "port target changed; it takes effect at the next restart")
+                }
+                None => {
+                    warn!(listen = %running.listen, "port removed from the config; it closes at the next restart")
+                }
+            }
+        }
+        for p in &new.ports {
+            if !port_rules.iter().any(|(r, _)| r.listen == p.listen) {
+                warn!(listen = %p.listen, "new port; it opens at the next restart");
+            }
+        }
+        info!(
+            routes = new.routes.len(),
+            agents = new.agents.len(),
+            users = new.users.len(),
+            "config reloaded"
+        );
+        *current = new;
+    }
+}
+
+/// The names that need a certificate: every route host and the edge's own.
+fn cert_names(config: &EdgeConfig) -> Vec<String> {
+    let mut hosts: Vec<String> = config.routes.iter().map(|r| r.host.clone()).collect();
+    if let Some(h) = &config.hostname {
+        if !hosts.contains(h) {
+            hosts.push(h.clone());
+        }
+    }
+    hosts
+}
+
+/// The authentication gate for `config`'s users, if there are any.
+fn build_gate(config: &EdgeConfig) -> Result<Option<Arc<Gate>>, EdgeError> {
+    if config.users.is_empty() {
+        return Ok(None);
+    }
+    let sessions =
+        SessionKeys::load_or_create(&config.state_dir).map_err(|source| EdgeError::State {
+            what: "session key",
+            source,
+        })?;
+    let hashes = config
+        .users
+        .iter()
+        .filter_map(|u| Some((u.name.clone(), auth::parse_hash(&u.password_hash).ok()?)))
+        .collect();
+    Ok(Some(Arc::new(Gate::new(
+        &config.users,
+        sessions,
+        Verifier::new(hashes),
+    ))))
 }

@@ -319,6 +319,10 @@ impl Process {
         });
         let status = self.child.wait().expect("wait for child");
         let _ = done.send(());
+        // Keep every line the process wrote before it exited.
+        while let Ok(v) = self.lines.recv_timeout(WAIT) {
+            self.seen.push(v);
+        }
         status
     }
 }

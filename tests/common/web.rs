@@ -258,6 +258,7 @@ pub struct Site {
     pub agent: AgentHandle,
     pub roots: Arc<rustls::RootCertStore>,
     pub gate: Option<Arc<burrow_edge::access::gate::Gate>>,
+    pub admin: Option<SocketAddr>,
 }
 
 pub async fn site(extra_edge: &str, routes: &str, services: &[(&str, String)]) -> Site {
@@ -273,6 +274,7 @@ pub async fn site(extra_edge: &str, routes: &str, services: &[(&str, String)]) -
     let edge_bound = burrow_edge::Edge::bind(config).await.unwrap();
     let https = edge_bound.https_addr().unwrap();
     let gate = edge_bound.gate();
+    let admin = edge_bound.admin_addr();
     let shutdown = CancellationToken::new();
     let edge = EdgeHandle {
         tunnel: edge_bound.tunnel_addr(),
@@ -302,6 +304,7 @@ pub async fn site(extra_edge: &str, routes: &str, services: &[(&str, String)]) -
         agent,
         roots: Arc::new(roots),
         gate,
+        admin,
     }
 }
 

@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -11,18 +12,32 @@ use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
+use crate::metrics::{Metrics, StreamGuard};
+use crate::tunnel::OpenStream;
+
 /// A forwarded stream as one duplex byte stream: reads yield the bytes that
-/// came with the agent's reply first, then the QUIC receive stream.
+/// came with the agent's reply first, then the QUIC receive stream. Bytes
+/// each way are counted in the metrics; the stream counts as open until
+/// this is dropped.
 #[derive(Debug)]
 pub struct QuicIo {
     prefix: Bytes,
     recv: quinn::RecvStream,
     send: quinn::SendStream,
+    metrics: Arc<Metrics>,
+    _open: StreamGuard,
 }
 
 impl QuicIo {
-    pub fn new(send: quinn::SendStream, recv: quinn::RecvStream, prefix: Bytes) -> Self {
-        Self { prefix, recv, send }
+    pub fn new(stream: OpenStream, metrics: Arc<Metrics>) -> Self {
+        metrics.add_from_agents(stream.initial.len() as u64);
+        Self {
+            prefix: stream.initial,
+            recv: stream.recv,
+            send: stream.send,
+            _open: stream.guard,
+            metrics,
+        }
     }
 }
 
@@ -39,7 +54,11 @@ impl AsyncRead for QuicIo {
             this.prefix.advance(n);
             return Poll::Ready(Ok(()));
         }
-        Pin::new(&mut this.recv).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.recv).poll_read(cx, buf);
+        this.metrics
+            .add_from_agents((buf.filled().len() - before) as u64);
+        r
     }
 }
 
@@ -49,9 +68,14 @@ impl AsyncWrite for QuicIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().send)
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.send)
             .poll_write(cx, buf)
-            .map_err(io::Error::from)
+            .map_err(io::Error::from);
+        if let Poll::Ready(Ok(n)) = r {
+            this.metrics.add_to_agents(n as u64);
+        }
+        r
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

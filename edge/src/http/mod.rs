@@ -20,8 +20,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use rustls::server::ResolvesServerCert;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use burrow_proto::confkit::Cidr;
@@ -29,6 +30,7 @@ use burrow_proto::confkit::Cidr;
 use crate::access::IpRules;
 use crate::access::gate::Gate;
 use crate::config::{AccessConfig, RouteConfig};
+use crate::metrics::Metrics;
 use crate::tls::{ACME_TLS_ALPN, CertStore};
 use crate::tunnel::Registry;
 
@@ -57,6 +59,10 @@ pub struct HttpState {
     pub gate: Option<Arc<Gate>>,
     /// For ACME challenge answers.
     pub certs: Arc<CertStore>,
+    pub metrics: Arc<Metrics>,
+    /// Tasks that outlive their request (upgraded connections), so a
+    /// graceful shutdown waits for them.
+    pub tracker: TaskTracker,
 }
 
 impl HttpState {
@@ -66,9 +72,13 @@ impl HttpState {
         registry: Arc<Registry>,
         gate: Option<Arc<Gate>>,
         certs: Arc<CertStore>,
+        metrics: Arc<Metrics>,
+        tracker: TaskTracker,
     ) -> Self {
         Self {
             certs,
+            metrics,
+            tracker,
             routes: routes.iter().map(|r| (r.host.clone(), r.clone())).collect(),
             access: access.rules.clone(),
             trusted_proxies: access.trusted_proxies.clone(),
@@ -147,13 +157,18 @@ fn http_builder(header_timeout: Duration) -> auto::Builder<TokioExecutor> {
     b
 }
 
-/// Serves HTTPS on `listener` until `shutdown`.
+/// Serves HTTPS on `listener` until `shutdown`. Each request uses the
+/// state current at its arrival (a reload swaps it). On shutdown, accepting
+/// stops and every connection is asked to finish gracefully (HTTP/1.1
+/// closes after the response in flight, HTTP/2 sends GOAWAY); connection
+/// tasks are tracked by `tracker` so the edge can wait for them.
 pub async fn serve_https(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
-    state: Arc<HttpState>,
+    state: watch::Receiver<Arc<HttpState>>,
     header_timeout: Duration,
     shutdown: CancellationToken,
+    tracker: TaskTracker,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let builder = Arc::new(http_builder(header_timeout));
@@ -177,7 +192,8 @@ pub async fn serve_https(
         let acceptor = acceptor.clone();
         let builder = builder.clone();
         let state = state.clone();
-        tokio::spawn(async move {
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
             let _permit = permit;
             // The TLS handshake gets the same budget as a request head.
             let tls = match tokio::time::timeout(header_timeout, acceptor.accept(tcp)).await {
@@ -197,13 +213,19 @@ pub async fn serve_https(
                 return;
             }
             let service = service_fn(move |req: Request<Incoming>| {
-                let state = state.clone();
+                let state = state.borrow().clone();
                 async move { Ok::<_, Infallible>(proxy::handle(req, state, peer).await) }
             });
-            if let Err(e) = builder
-                .serve_connection_with_upgrades(TokioIo::new(tls), service)
-                .await
-            {
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                () = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
                 debug!(%peer, error = %e, "client connection ended with an error");
             }
         });

@@ -3,13 +3,15 @@
 //! request over its own QUIC stream, and stream the response back chunk by
 //! chunk (or splice an upgraded connection).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Instant;
 
 use burrow_proto::{StreamKind, StreamOpen, StreamStatus};
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, Uri};
-use http::{Request, Response, StatusCode, Version};
+use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -50,6 +52,35 @@ pub async fn handle(
     state: Arc<HttpState>,
     peer: SocketAddr,
 ) -> Response<Body> {
+    let started = Instant::now();
+    let mut entry = AccessEntry {
+        client: peer.ip().to_canonical(),
+        user: None,
+        method: req.method().clone(),
+        host: String::new(),
+        path: req.uri().path().to_owned(),
+        status: 0,
+        started,
+    };
+    let resp = route_request(req, &state, peer, &mut entry).await;
+    state.metrics.response(resp.status().as_u16());
+    entry.status = resp.status().as_u16();
+    resp.map(|body| {
+        LoggedBody {
+            inner: body,
+            bytes: 0,
+            entry: Some(entry),
+        }
+        .boxed()
+    })
+}
+
+async fn route_request(
+    req: Request<Incoming>,
+    state: &HttpState,
+    peer: SocketAddr,
+    entry: &mut AccessEntry,
+) -> Response<Body> {
     // ACME validations bypass IP rules and auth; nothing else does.
     if let Some(answer) = super::acme_answer(&state.certs, req.uri().path()) {
         return answer;
@@ -61,11 +92,13 @@ pub async fn handle(
             return error_response(StatusCode::BAD_REQUEST, why);
         }
     };
+    entry.host.clone_from(&host.name);
     let Some(route) = state.route(&host.name) else {
         debug!(%peer, host = %host.name, "no route for host");
         return error_response(StatusCode::NOT_FOUND, "no such site here");
     };
     let ip = client_ip(peer, req.headers(), &state.trusted_proxies);
+    entry.client = ip;
     if let Decision::Deny(reason) = state.access.check(ip).and(route.rules.check(ip)) {
         info!(%peer, client = %ip, host = %route.host, ?reason, "denied by ip rules");
         return error_response(StatusCode::FORBIDDEN, "forbidden");
@@ -75,9 +108,22 @@ pub async fn handle(
         (AuthMode::None, _) => (req, None),
         (AuthMode::Basic, Some(gate)) => match gate.admit(req, route, ip).await {
             Admission::Forward {
-                req, set_cookie, ..
-            } => (req, set_cookie),
-            Admission::Respond(r) => return r,
+                req,
+                set_cookie,
+                user,
+            } => {
+                entry.user = user;
+                (req, set_cookie)
+            }
+            Admission::Respond(r) => {
+                if matches!(
+                    r.status(),
+                    StatusCode::UNAUTHORIZED | StatusCode::TOO_MANY_REQUESTS
+                ) {
+                    state.metrics.auth_failure();
+                }
+                return r;
+            }
         },
         // Config validation guarantees users for basic routes; fail closed.
         (AuthMode::Basic, None) => {
@@ -87,11 +133,92 @@ pub async fn handle(
             );
         }
     };
-    let mut resp = forward(req, &state, route, &host, client).await;
+    let mut resp = forward(req, state, route, &host, client).await;
     if let Some(cookie) = set_cookie {
         resp.headers_mut().append(header::SET_COOKIE, cookie);
     }
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        state.metrics.time_to_first_byte(entry.started.elapsed());
+    }
     resp
+}
+
+/// What the access log says about one request.
+#[derive(Debug)]
+struct AccessEntry {
+    client: IpAddr,
+    user: Option<String>,
+    method: Method,
+    host: String,
+    path: String,
+    status: u16,
+    started: Instant,
+}
+
+/// A response body that counts what it sends and writes the request's
+/// access-log line when it ends (completed, or cut off by the client).
+struct LoggedBody {
+    inner: Body,
+    bytes: u64,
+    entry: Option<AccessEntry>,
+}
+
+impl LoggedBody {
+    fn log(&mut self, outcome: &'static str) {
+        if let Some(e) = self.entry.take() {
+            info!(
+                target: "burrow::access",
+                client = %e.client,
+                user = e.user.as_deref().unwrap_or("-"),
+                method = %e.method,
+                host = %e.host,
+                path = %e.path,
+                status = e.status,
+                bytes = self.bytes,
+                duration_ms = u64::try_from(e.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                outcome,
+                "request"
+            );
+        }
+    }
+}
+
+impl hyper::body::Body for LoggedBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        let r = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+        match &r {
+            std::task::Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    this.bytes += d.len() as u64;
+                }
+            }
+            std::task::Poll::Ready(None) => this.log("complete"),
+            std::task::Poll::Ready(Some(Err(_))) => this.log("error"),
+            std::task::Poll::Pending => {}
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for LoggedBody {
+    fn drop(&mut self) {
+        self.log("client gone");
+    }
 }
 
 /// The host a request is for, as written by the client and lowercased.
@@ -252,7 +379,7 @@ async fn forward(
         service: route.service.clone(),
         client,
     };
-    let stream = match open_stream(&state.registry, &route.agent, open).await {
+    let stream = match open_stream(&state.registry, &route.agent, open, &state.metrics).await {
         Ok(s) => s,
         Err(e) => {
             let (status, body) = open_error_status(&e);
@@ -261,7 +388,7 @@ async fn forward(
         }
     };
     let io = IdleIo::new(
-        QuicIo::new(stream.send, stream.recv, stream.initial),
+        QuicIo::new(stream, state.metrics.clone()),
         route.idle_timeout,
     );
     let (mut sender, conn) = match hyper::client::conn::http1::Builder::new()
@@ -308,7 +435,7 @@ async fn forward(
             return error_response(StatusCode::BAD_GATEWAY, "the service failed to respond");
         };
         let upstream_upgrade = hyper::upgrade::on(&mut response);
-        tokio::spawn(async move {
+        state.tracker.spawn(async move {
             match tokio::try_join!(client_upgrade, upstream_upgrade) {
                 Ok((c, u)) => {
                     let mut c = TokioIo::new(c);

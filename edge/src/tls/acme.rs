@@ -130,7 +130,9 @@ impl Issued {
 pub struct AcmeManager {
     config: AcmeConfig,
     dir: PathBuf,
-    names: Vec<String>,
+    names: Mutex<Vec<String>>,
+    /// Wakes the schedule early (names added by a reload).
+    wake: tokio::sync::Notify,
     certs: Arc<CertStore>,
     /// Whether HTTP-01 can be answered (a plain-HTTP listener exists).
     http01: bool,
@@ -145,7 +147,10 @@ impl std::fmt::Debug for AcmeManager {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AcmeManager")
             .field("directory", &self.config.directory)
-            .field("names", &self.names)
+            .field(
+                "names",
+                &self.names.lock().expect("names lock not poisoned"),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -209,7 +214,8 @@ impl AcmeManager {
         Ok(Self {
             config,
             dir,
-            names,
+            names: Mutex::new(names),
+            wake: tokio::sync::Notify::new(),
             certs,
             http01,
             account: tokio::sync::Mutex::new(None),
@@ -218,6 +224,31 @@ impl AcmeManager {
             changed: watch::channel(0).0,
             passes: watch::channel(0).0,
         })
+    }
+
+    /// Adds names (a reload added routes): they get a temporary certificate
+    /// now and are ordered at once.
+    pub fn add_names(&self, names: &[String]) -> Result<(), super::TlsError> {
+        let mut known = self.names.lock().expect("names lock not poisoned");
+        let mut added = false;
+        for name in names {
+            if !known.contains(name) {
+                self.certs.install(
+                    std::slice::from_ref(name),
+                    super::temporary(std::slice::from_ref(name))?,
+                );
+                self.status
+                    .lock()
+                    .expect("status lock not poisoned")
+                    .insert(name.clone(), CertStatus::default());
+                known.push(name.clone());
+                added = true;
+            }
+        }
+        if added {
+            self.wake.notify_one();
+        }
+        Ok(())
     }
 
     /// Each name's certificate state.
@@ -271,7 +302,8 @@ impl AcmeManager {
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         loop {
             let now = SystemTime::now();
-            for name in self.names.clone() {
+            let names = self.names.lock().expect("names lock not poisoned").clone();
+            for name in names {
                 if shutdown.is_cancelled() {
                     return;
                 }
@@ -289,6 +321,7 @@ impl AcmeManager {
                 .min(CHECK_INTERVAL);
             tokio::select! {
                 () = tokio::time::sleep(jitter(wait)) => {}
+                () = self.wake.notified() => {}
                 () = shutdown.cancelled() => return,
             }
         }

@@ -67,6 +67,25 @@ impl CertStore {
         }
     }
 
+    /// Each named certificate's expiry, by name.
+    pub fn expiries(&self) -> Vec<(String, std::time::SystemTime)> {
+        let map = self.by_name.read().expect("cert store lock not poisoned");
+        let mut out: Vec<_> = map
+            .iter()
+            .filter_map(|(name, key)| {
+                let leaf = key.cert.first()?;
+                let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
+                let secs = u64::try_from(cert.validity().not_after.timestamp()).ok()?;
+                Some((
+                    name.clone(),
+                    std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs),
+                ))
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
     /// The certificate served for `name` now, if any.
     pub fn get(&self, name: &str) -> Option<Arc<CertifiedKey>> {
         self.by_name(Some(name))
@@ -214,7 +233,17 @@ pub fn load_files(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, TlsError
 }
 
 fn generate(names: &[String]) -> Result<(rcgen::Certificate, KeyPair), TlsError> {
-    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    generate_with(names, None)
+}
+
+fn generate_with(
+    names: &[String],
+    key: Option<KeyPair>,
+) -> Result<(rcgen::Certificate, KeyPair), TlsError> {
+    let key = match key {
+        Some(k) => k,
+        None => KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?,
+    };
     let mut params = CertificateParams::new(names.to_vec())?;
     params
         .distinguished_name
@@ -240,14 +269,21 @@ pub fn self_signed(state_dir: &Path, names: &[String]) -> Result<Arc<CertifiedKe
     let mut names = names.to_vec();
     names.sort();
     let tag = format!("# names: {}\n", names.join(","));
-    if let Ok(text) = std::fs::read_to_string(&path) {
+    let existing = std::fs::read_to_string(&path).ok();
+    if let Some(text) = &existing {
         if text.starts_with(&tag) {
             if let Ok(k) = load_files(&path, &path) {
                 return Ok(k);
             }
         }
     }
-    let (cert, key) = generate(&names)?;
+    // New names: keep the key (and subject), so a client that trusts the
+    // old certificate as an anchor still verifies the new one.
+    let old_key = existing.and_then(|t| {
+        let block = &t[t.find("-----BEGIN PRIVATE KEY-----")?..];
+        KeyPair::from_pem(block).ok()
+    });
+    let (cert, key) = generate_with(&names, old_key)?;
     let pem = format!("{tag}{}{}", cert.pem(), key.serialize_pem());
     fsutil::write_private(&path, pem.as_bytes()).map_err(|source| TlsError::Write {
         path: path.display().to_string(),

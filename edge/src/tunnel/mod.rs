@@ -59,7 +59,7 @@ pub fn server_config(
 #[derive(Debug)]
 pub struct Tunnel {
     pub registry: Arc<Registry>,
-    agents: Vec<AgentConfig>,
+    agents: std::sync::RwLock<Vec<AgentConfig>>,
     next_session: AtomicU64,
 }
 
@@ -67,45 +67,76 @@ impl Tunnel {
     pub fn new(agents: Vec<AgentConfig>) -> Self {
         Self {
             registry: Arc::new(Registry::new(agents.iter().map(|a| a.name.clone()))),
-            agents,
+            agents: std::sync::RwLock::new(agents),
             next_session: AtomicU64::new(1),
         }
     }
 
-    /// Accepts agents until `shutdown`, then tells every agent to go away.
-    pub async fn serve(self: Arc<Self>, endpoint: quinn::Endpoint, shutdown: CancellationToken) {
-        let sessions = CancellationToken::new();
+    fn agent_for(&self, key: Fingerprint) -> Option<AgentConfig> {
+        self.agents
+            .read()
+            .expect("agents lock not poisoned")
+            .iter()
+            .find(|a| a.key == key)
+            .cloned()
+    }
+
+    /// Replaces the list of allowed agents (config reload). Sessions of
+    /// agents that were removed, or whose key changed, are closed.
+    pub fn set_agents(&self, agents: Vec<AgentConfig>) {
+        self.registry.expect(agents.iter().map(|a| a.name.clone()));
+        for link in self.registry.connected() {
+            if !agents
+                .iter()
+                .any(|a| a.name == link.name && a.key == link.key)
+            {
+                info!(agent = %link.name, "agent removed from the config; closing its session");
+                link.conn
+                    .close(code::REFUSED, b"agent removed from the edge config");
+            }
+        }
+        *self.agents.write().expect("agents lock not poisoned") = agents;
+    }
+
+    /// Accepts agents until `shutdown`; then tells every agent to go away
+    /// and refuses new sessions, but keeps the existing connections (and
+    /// the streams in flight on them) until `drained`.
+    pub async fn serve(
+        self: Arc<Self>,
+        endpoint: quinn::Endpoint,
+        shutdown: CancellationToken,
+        drained: CancellationToken,
+    ) {
+        let sessions = shutdown.child_token();
         loop {
             let incoming = tokio::select! {
                 i = endpoint.accept() => i,
-                () = shutdown.cancelled() => break,
+                () = drained.cancelled() => break,
             };
             let Some(incoming) = incoming else { break };
+            if shutdown.is_cancelled() {
+                incoming.refuse();
+                continue;
+            }
             let remote = incoming.remote_address();
             let this = self.clone();
             let stop = sessions.child_token();
+            let drained = drained.clone();
             tokio::spawn(
-                async move { this.handle_incoming(incoming, stop).await }
+                async move { this.handle_incoming(incoming, stop, drained).await }
                     .instrument(info_span!("agent", peer = %remote)),
             );
-        }
-        // Each session sends its going-away notice, then the endpoint closes.
-        sessions.cancel();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
-        let mut changes = self.registry.subscribe();
-        while !self.registry.connected().is_empty() {
-            if tokio::time::timeout_at(deadline, changes.changed())
-                .await
-                .is_err()
-            {
-                break;
-            }
         }
         endpoint.close(code::GOING_AWAY, b"edge shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
     }
 
-    async fn handle_incoming(self: Arc<Self>, incoming: quinn::Incoming, stop: CancellationToken) {
+    async fn handle_incoming(
+        self: Arc<Self>,
+        incoming: quinn::Incoming,
+        stop: CancellationToken,
+        drained: CancellationToken,
+    ) {
         let remote = incoming.remote_address();
         let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
             Ok(Ok(conn)) => conn,
@@ -123,7 +154,7 @@ impl Tunnel {
             conn.close(code::REFUSED, b"no client certificate");
             return;
         };
-        let Some(agent) = self.agents.iter().find(|a| a.key == key) else {
+        let Some(agent) = self.agent_for(key) else {
             warn!(%key, "refused agent: key not listed in any [[agent]]");
             conn.close(code::REFUSED, b"agent key not listed on this edge");
             return;
@@ -131,7 +162,7 @@ impl Tunnel {
         let name = agent.name.clone();
         let span = info_span!("session", agent = %name);
         match self
-            .run_session(conn.clone(), name, remote, stop)
+            .run_session(conn.clone(), name, key, remote, (stop, drained))
             .instrument(span)
             .await
         {
@@ -154,8 +185,9 @@ impl Tunnel {
         &self,
         conn: quinn::Connection,
         name: Name,
+        key: Fingerprint,
         remote: SocketAddr,
-        stop: CancellationToken,
+        (stop, drained): (CancellationToken, CancellationToken),
     ) -> Result<(), SessionEnd> {
         let (mut send, recv) = tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi())
             .await
@@ -203,7 +235,7 @@ impl Tunnel {
         write_frames(&mut send, std::iter::from_fn(|| session.poll_transmit()))
             .await
             .map_err(|e| SessionEnd::Lost(e.to_string()))?;
-        let link = AgentLink::new(name.clone(), id, conn.clone());
+        let link = AgentLink::new(name.clone(), key, id, conn.clone());
         if let Some(old) = self.registry.insert(link.clone()) {
             info!(
                 old_session = old.session,
@@ -237,9 +269,16 @@ impl Tunnel {
                     }
                 }
                 () = stop.cancelled() => {
+                    // Tell the agent to go (it redials, and a restarted edge
+                    // takes it), but keep this connection for the streams
+                    // still in flight until the edge has drained.
                     session.go_away(RECONNECT_HINT);
                     let _ = write_frames(&mut send, std::iter::from_fn(|| session.poll_transmit())).await;
                     let _ = send.finish();
+                    tokio::select! {
+                        () = drained.cancelled() => {}
+                        _ = conn.closed() => {}
+                    }
                     conn.close(code::GOING_AWAY, b"edge shutting down");
                     break Ok(());
                 }
@@ -303,6 +342,8 @@ pub struct OpenStream {
     pub recv: quinn::RecvStream,
     /// Bytes from the service that arrived with the reply.
     pub initial: Bytes,
+    /// Counts the stream as open in the metrics while held.
+    pub guard: crate::metrics::StreamGuard,
 }
 
 /// Opens a stream to `agent` for `open.service` and waits for the agent's
@@ -311,6 +352,7 @@ pub async fn open_stream(
     registry: &Registry,
     agent: &Name,
     open: StreamOpen,
+    metrics: &Arc<crate::metrics::Metrics>,
 ) -> Result<OpenStream, OpenError> {
     let link = registry
         .wait_for(agent)
@@ -350,5 +392,6 @@ pub async fn open_stream(
         send,
         recv,
         initial,
+        guard: metrics.stream_opened(),
     })
 }

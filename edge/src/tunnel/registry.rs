@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use burrow_proto::identity::Fingerprint;
 use burrow_proto::{Name, ServiceStatus};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -18,15 +19,18 @@ pub const AGENT_GRACE: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone)]
 pub struct AgentLink {
     pub name: Name,
+    /// The key the agent authenticated with.
+    pub key: Fingerprint,
     pub session: u64,
     pub conn: quinn::Connection,
     services: Arc<Mutex<Vec<ServiceStatus>>>,
 }
 
 impl AgentLink {
-    pub fn new(name: Name, session: u64, conn: quinn::Connection) -> Self {
+    pub fn new(name: Name, key: Fingerprint, session: u64, conn: quinn::Connection) -> Self {
         Self {
             name,
+            key,
             session,
             conn,
             services: Arc::default(),
@@ -77,6 +81,20 @@ impl Registry {
 
     fn bump(&self) {
         self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// Sets the agents expected to connect (config reload): new names get a
+    /// fresh grace period, removed ones are forgotten.
+    pub fn expect(&self, names: impl IntoIterator<Item = Name>) {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        let names: Vec<Name> = names.into_iter().collect();
+        inner.offline_since.retain(|n, _| names.contains(n));
+        for n in names {
+            if !inner.links.contains_key(&n) {
+                inner.offline_since.entry(n).or_insert(now);
+            }
+        }
     }
 
     /// Registers a session; returns the one it replaces, if any.

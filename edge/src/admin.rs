@@ -1,0 +1,191 @@
+//! The admin listener: `/metrics` in Prometheus text format and `/status`
+//! as JSON. It binds to loopback by default and has no authentication, so
+//! it must not be exposed.
+
+use std::convert::Infallible;
+use std::fmt::Write;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use crate::http::{Body, HttpState, error_response};
+use crate::metrics::{Metrics, family, label};
+use crate::tls::CertStore;
+use crate::tls::acme::AcmeManager;
+use crate::tunnel::Registry;
+
+/// What the admin pages read.
+#[derive(Debug, Clone)]
+pub struct AdminState {
+    pub metrics: Arc<Metrics>,
+    pub registry: Arc<Registry>,
+    pub certs: Arc<CertStore>,
+    pub acme: Option<Arc<AcmeManager>>,
+    /// The current HTTP state (for the gate's throttle); absent without HTTPS.
+    pub http: Option<watch::Receiver<Arc<HttpState>>>,
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+impl AdminState {
+    fn throttled(&self) -> usize {
+        self.http
+            .as_ref()
+            .and_then(|h| h.borrow().gate.clone())
+            .map_or(0, |g| g.throttle.locked_addresses())
+    }
+
+    pub fn render_metrics(&self) -> String {
+        let mut out = String::new();
+        self.metrics.render(&mut out);
+        let links = self.registry.connected();
+        family(
+            &mut out,
+            "burrow_agents_connected",
+            "gauge",
+            "Agents with a live session.",
+        );
+        let _ = writeln!(out, "burrow_agents_connected {}", links.len());
+        family(
+            &mut out,
+            "burrow_service_state",
+            "gauge",
+            "1 for each service's current state as its agent reports it.",
+        );
+        for link in &links {
+            for s in link.services() {
+                let _ = writeln!(
+                    out,
+                    "burrow_service_state{{agent=\"{}\",service=\"{}\",state=\"{}\"}} 1",
+                    label(link.name.as_str()),
+                    label(s.name.as_str()),
+                    s.state
+                );
+            }
+        }
+        family(
+            &mut out,
+            "burrow_throttled_addresses",
+            "gauge",
+            "Client addresses locked out after failed logins.",
+        );
+        let _ = writeln!(out, "burrow_throttled_addresses {}", self.throttled());
+        family(
+            &mut out,
+            "burrow_certificate_expiry_timestamp_seconds",
+            "gauge",
+            "When each served certificate expires (Unix time).",
+        );
+        for (name, not_after) in self.certs.expiries() {
+            let _ = writeln!(
+                out,
+                "burrow_certificate_expiry_timestamp_seconds{{name=\"{}\"}} {}",
+                label(&name),
+                unix(not_after)
+            );
+        }
+        out
+    }
+
+    pub fn render_status(&self) -> serde_json::Value {
+        let agents: Vec<_> = self
+            .registry
+            .connected()
+            .into_iter()
+            .map(|l| {
+                serde_json::json!({
+                    "name": l.name.as_str(),
+                    "session": l.session,
+                    "remote": l.conn.remote_address().to_string(),
+                    "services": l.services().iter().map(|s| serde_json::json!({
+                        "name": s.name.as_str(),
+                        "state": s.state.to_string(),
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        let acme = self.acme.as_ref().map(|a| a.status()).unwrap_or_default();
+        let certificates: Vec<_> = self
+            .certs
+            .expiries()
+            .into_iter()
+            .map(|(name, not_after)| {
+                let st = acme.get(&name);
+                serde_json::json!({
+                    "name": name,
+                    "not_after": unix(not_after),
+                    "renew_at": st.and_then(|s| s.renew_at).map(unix),
+                    "last_error": st.and_then(|s| s.last_error.clone()),
+                    "next_attempt": st.and_then(|s| s.next_attempt).map(unix),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "agents": agents,
+            "certificates": certificates,
+            "streams_open": self.metrics.streams_open(),
+            "throttled_addresses": self.throttled(),
+        })
+    }
+}
+
+fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<Body> {
+    let (content_type, body) = match req.uri().path() {
+        "/metrics" => (
+            "text/plain; version=0.0.4; charset=utf-8",
+            state.render_metrics(),
+        ),
+        "/status" => ("application/json", format!("{:#}\n", state.render_status())),
+        _ => return error_response(StatusCode::NOT_FOUND, "try /metrics or /status"),
+    };
+    let mut r = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|n: Infallible| match n {})
+            .boxed(),
+    );
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
+    r
+}
+
+/// Serves the admin pages until `shutdown`.
+pub async fn serve(listener: TcpListener, state: AdminState, shutdown: CancellationToken) {
+    let state = Arc::new(state);
+    let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(_) => continue,
+            },
+            () = shutdown.cancelled() => return,
+        };
+        let state = state.clone();
+        let builder = builder.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<Incoming>| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(respond(&state, &req)) }
+            });
+            if let Err(e) = builder.serve_connection(TokioIo::new(tcp), service).await {
+                debug!(%peer, error = %e, "admin connection error");
+            }
+        });
+    }
+}

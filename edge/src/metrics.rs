@@ -1,0 +1,234 @@
+//! Counters the edge keeps for `/metrics` (Prometheus text format) and
+//! `/status`. Hot paths only touch atomics; gauges that other parts own
+//! (agents connected, throttled addresses, certificates) are read when the
+//! page is rendered.
+
+use std::fmt::Write;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Upper bounds (seconds) of the time-to-first-byte histogram buckets.
+pub const TTFB_BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0,
+];
+
+#[derive(Debug)]
+pub struct Metrics {
+    streams_open: AtomicI64,
+    streams_total: AtomicU64,
+    bytes_to_agents: AtomicU64,
+    bytes_from_agents: AtomicU64,
+    /// Responses by status code, index = code - 100.
+    responses: Vec<AtomicU64>,
+    auth_failures: AtomicU64,
+    ttfb_buckets: [AtomicU64; TTFB_BUCKETS.len()],
+    ttfb_count: AtomicU64,
+    ttfb_sum_micros: AtomicU64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            streams_open: AtomicI64::new(0),
+            streams_total: AtomicU64::new(0),
+            bytes_to_agents: AtomicU64::new(0),
+            bytes_from_agents: AtomicU64::new(0),
+            responses: (100..600).map(|_| AtomicU64::new(0)).collect(),
+            auth_failures: AtomicU64::new(0),
+            ttfb_buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            ttfb_count: AtomicU64::new(0),
+            ttfb_sum_micros: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Counts one forwarded stream as open until dropped.
+#[derive(Debug)]
+pub struct StreamGuard(Arc<Metrics>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.streams_open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Metrics {
+    pub fn stream_opened(self: &Arc<Self>) -> StreamGuard {
+        self.streams_open.fetch_add(1, Ordering::Relaxed);
+        self.streams_total.fetch_add(1, Ordering::Relaxed);
+        StreamGuard(self.clone())
+    }
+
+    pub fn streams_open(&self) -> i64 {
+        self.streams_open.load(Ordering::Relaxed)
+    }
+
+    pub fn add_to_agents(&self, n: u64) {
+        self.bytes_to_agents.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn add_from_agents(&self, n: u64) {
+        self.bytes_from_agents.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn response(&self, status: u16) {
+        if let Some(c) = status
+            .checked_sub(100)
+            .and_then(|i| self.responses.get(usize::from(i)))
+        {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn auth_failure(&self) {
+        self.auth_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn time_to_first_byte(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        for (i, bound) in TTFB_BUCKETS.iter().enumerate() {
+            if secs <= *bound {
+                self.ttfb_buckets[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.ttfb_count.fetch_add(1, Ordering::Relaxed);
+        self.ttfb_sum_micros.fetch_add(
+            u64::try_from(d.as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Renders the counters this struct owns.
+    pub fn render(&self, out: &mut String) {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        family(
+            out,
+            "burrow_streams_open",
+            "gauge",
+            "Forwarded streams open now.",
+        );
+        let _ = writeln!(out, "burrow_streams_open {}", self.streams_open());
+        family(
+            out,
+            "burrow_streams_total",
+            "counter",
+            "Forwarded streams opened.",
+        );
+        let _ = writeln!(out, "burrow_streams_total {}", load(&self.streams_total));
+        family(
+            out,
+            "burrow_bytes_total",
+            "counter",
+            "Bytes forwarded, by direction.",
+        );
+        let _ = writeln!(
+            out,
+            "burrow_bytes_total{{direction=\"to_agents\"}} {}",
+            load(&self.bytes_to_agents)
+        );
+        let _ = writeln!(
+            out,
+            "burrow_bytes_total{{direction=\"from_agents\"}} {}",
+            load(&self.bytes_from_agents)
+        );
+        family(
+            out,
+            "burrow_http_responses_total",
+            "counter",
+            "HTTP responses sent, by status code.",
+        );
+        for (i, c) in self.responses.iter().enumerate() {
+            let n = load(c);
+            if n > 0 {
+                let _ = writeln!(
+                    out,
+                    "burrow_http_responses_total{{code=\"{}\"}} {n}",
+                    i + 100
+                );
+            }
+        }
+        family(
+            out,
+            "burrow_auth_failures_total",
+            "counter",
+            "Failed logins.",
+        );
+        let _ = writeln!(
+            out,
+            "burrow_auth_failures_total {}",
+            load(&self.auth_failures)
+        );
+        family(
+            out,
+            "burrow_time_to_first_byte_seconds",
+            "histogram",
+            "Time from a request's arrival to the service's response headers.",
+        );
+        for (i, bound) in TTFB_BUCKETS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "burrow_time_to_first_byte_seconds_bucket{{le=\"{bound}\"}} {}",
+                load(&self.ttfb_buckets[i])
+            );
+        }
+        let count = load(&self.ttfb_count);
+        let _ = writeln!(
+            out,
+            "burrow_time_to_first_byte_seconds_bucket{{le=\"+Inf\"}} {count}"
+        );
+        let _ = writeln!(
+            out,
+            "burrow_time_to_first_byte_seconds_sum {}",
+            load(&self.ttfb_sum_micros) as f64 / 1e6
+        );
+        let _ = writeln!(out, "burrow_time_to_first_byte_seconds_count {count}");
+    }
+}
+
+/// Writes the HELP and TYPE lines of a metric family.
+pub fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// Escapes a label value (backslash, quote, newline).
+pub fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_and_a_cumulative_histogram() {
+        let m = Arc::new(Metrics::default());
+        let g = m.stream_opened();
+        m.response(200);
+        m.response(200);
+        m.response(503);
+        m.response(42);
+        m.time_to_first_byte(Duration::from_millis(3));
+        let mut out = String::new();
+        m.render(&mut out);
+        assert!(out.contains("burrow_streams_open 1\n"), "{out}");
+        assert!(
+            out.contains("burrow_http_responses_total{code=\"200\"} 2\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("burrow_http_responses_total{code=\"503\"} 1\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("le=\"0.0025\"} 0\n") && out.contains("le=\"0.005\"} 1\n"),
+            "{out}"
+        );
+        drop(g);
+        assert_eq!(m.streams_open(), 0);
+        assert_eq!(label("a\"b\\c"), "a\\\"b\\\\c");
+    }
+}
