@@ -44,6 +44,13 @@ auth = "none"
 response_timeout = "300ms"
 
 [[route]]
+host = "idle.test"
+agent = "home"
+service = "test"
+auth = "none"
+idle_timeout = "300ms"
+
+[[route]]
 host = "dead.test"
 agent = "home"
 service = "dead"
@@ -505,4 +512,30 @@ async fn plain_http_redirects_to_https() {
     );
     shutdown.cancel();
     task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_route_idle_timeout_cuts_a_silent_stream_and_only_that() {
+    let (site, _) = standard_site().await;
+    let resp = site.get("idle.test", "/stall").await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    assert_eq!(
+        &next_chunk(&mut body).await.unwrap()[..],
+        b"data: first\n\n"
+    );
+    // Nothing moves for 300 ms: the edge ends the stream.
+    let end = tokio::time::timeout(WAIT, body.frame())
+        .await
+        .expect("the stream was cut");
+    assert!(!matches!(end, Some(Ok(_))), "{end:?}");
+    // Without an idle timeout the same silence is fine: the stream stays.
+    let resp = site.get("test.test", "/stall").await;
+    let mut body = resp.into_body();
+    next_chunk(&mut body).await.unwrap();
+    let waited = tokio::time::timeout(std::time::Duration::from_millis(600), body.frame()).await;
+    assert!(
+        waited.is_err(),
+        "a route without idle_timeout kept the silent stream open"
+    );
 }

@@ -178,6 +178,15 @@ async fn handle(req: Request<Incoming>, up: Arc<Upstream>) -> Response<TestBody>
             *up.last_headers.lock().unwrap() = map;
             text(StatusCode::OK, "seen")
         }
+        "/stall" => {
+            // One chunk, then silence with the connection open.
+            let (tx, rx) = mpsc::channel(1);
+            tokio::spawn(async move {
+                let _ = tx.send(Bytes::from_static(b"data: first\n\n")).await;
+                tx.closed().await;
+            });
+            stream_response("text/event-stream", rx)
+        }
         "/hang" => {
             std::future::pending::<()>().await;
             unreachable!()
