@@ -8,7 +8,9 @@ use std::time::Duration;
 use burrow_proto::framed::{FramedRecv, write_frames};
 use burrow_proto::identity::{Identity, PinnedServerVerifier};
 use burrow_proto::quic::{self, ALPN, IDENTITY_SNI, Role, code};
-use burrow_proto::{AgentEvent, AgentSession, EdgeToAgent, ServiceState, ServiceStatus};
+use burrow_proto::{
+    AgentEvent, AgentSession, EdgeToAgent, ServiceState, ServiceStatus, WakeMethod,
+};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use tokio::sync::watch;
@@ -199,6 +201,11 @@ impl Dialer {
             .map(|s| ServiceStatus {
                 name: s.name.clone(),
                 state: ServiceState::Unknown,
+                wake: if s.wake.is_some() {
+                    WakeMethod::MagicPacket
+                } else {
+                    WakeMethod::NotConfigured
+                },
             })
             .collect();
         let mut session = AgentSession::new(self.config.name.clone(), statuses);
