@@ -1,5 +1,6 @@
 //! Serving one stream the edge opened: read its header, connect to the
-//! service, answer, then pipe bytes both ways.
+//! service, answer, then pipe bytes both ways. A failed connect is reported
+//! to the service's monitor, so a service believed up is marked down at once.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,6 +13,7 @@ use tokio::net::TcpStream;
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::config::ServiceConfig;
+use crate::monitor::Monitors;
 
 /// How long the edge has to send a stream's header.
 pub const STREAM_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -43,6 +45,7 @@ pub async fn handle_stream(
     mut send: quinn::SendStream,
     recv: quinn::RecvStream,
     services: Arc<Services>,
+    monitors: Monitors,
 ) {
     let mut framed = FramedRecv::new(recv);
     let open = match tokio::time::timeout(STREAM_HEADER_TIMEOUT, framed.next::<StreamOpen>()).await
@@ -63,7 +66,9 @@ pub async fn handle_stream(
     };
     let span =
         info_span!("stream", service = %open.service, client = %open.client, kind = ?open.kind);
-    serve(open, send, framed, services).instrument(span).await;
+    serve(open, send, framed, services, monitors)
+        .instrument(span)
+        .await;
 }
 
 async fn serve(
@@ -71,6 +76,7 @@ async fn serve(
     mut send: quinn::SendStream,
     framed: FramedRecv,
     services: Arc<Services>,
+    monitors: Monitors,
 ) {
     let reply = |status, message: String| StreamReply { status, message };
     let Some(service) = services.get(&open.service) else {
@@ -90,12 +96,14 @@ async fn serve(
     {
         Ok(Ok(tcp)) => tcp,
         Ok(Err(e)) => {
+            monitors.connect_failed(&service.name);
             warn!(target = %service.target, error = %e, "service refused the connection");
             let _ = write_frames(&mut send, [reply(StreamStatus::Refused, e.to_string())]).await;
             let _ = send.finish();
             return;
         }
         Err(_) => {
+            monitors.connect_failed(&service.name);
             warn!(target = %service.target, "service did not accept the connection in time");
             let _ = write_frames(
                 &mut send,
