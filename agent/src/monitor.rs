@@ -22,8 +22,9 @@ use crate::health::{self, Readiness};
 use crate::wake;
 
 /// How often a waking service is probed: it should be seen ready soon
-/// after it is.
-pub const PROBE_INTERVAL_WAKING: Duration = Duration::from_millis(500);
+/// after it is, and a probe is one connect (a machine still off makes it
+/// hang up to the connect timeout, which spaces probes out by itself).
+pub const PROBE_INTERVAL_WAKING: Duration = Duration::from_millis(250);
 /// How often magic packets are resent while waking (one can be lost).
 pub const WAKE_RESEND: Duration = Duration::from_millis(1500);
 /// How long a wake may take before the agent gives up; the next request
