@@ -96,10 +96,13 @@ pub struct InvalidName(pub String);
 /// Whether a service can take traffic, as the agent sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ServiceState {
-    /// No probe configured or no result yet: traffic is attempted.
+    /// No probe result yet: traffic is attempted.
     Unknown,
+    /// The last readiness probe passed.
     Up,
+    /// The last probe failed, or a connect to the service did.
     Down,
+    /// The agent is sending magic packets and waits for a probe to pass.
     Waking,
 }
 
