@@ -534,6 +534,40 @@ async fn probe_up_but_connection_refused_wakes_instead_of_502() {
 }
 
 #[tokio::test]
+async fn a_suspended_pc_whose_connects_hang_is_woken_instead_of_a_gateway_error() {
+    let stand_in = StandIn::start(Boot::After(BOOT), Power::Awake).await;
+    let mut bed = bed(stand_in, "30s", MAC_TEXT, "1h").await;
+    assert_eq!(bed.report().unwrap().state, ServiceState::Up);
+    bed.stand_in.freeze().await;
+    // The stand-in really hangs connects now (no refusal, no answer).
+    let hung = tokio::time::timeout(
+        Duration::from_millis(200),
+        TcpStream::connect(bed.stand_in.http),
+    )
+    .await;
+    assert!(
+        hung.is_err(),
+        "a connect to the frozen PC returned {hung:?}"
+    );
+
+    let mut client = bed.site.h1(HOST).await;
+    let (req, len, sha) = chat("after-suspend", 16 * 1024);
+    let sent = Instant::now();
+    let resp = client.send_request(req).await.unwrap();
+    let answered = sent.elapsed();
+    check_chat(resp, len, &sha).await;
+    assert_eq!(bed.stand_in.boots(), 1);
+    assert_eq!(bed.report().unwrap().wake_requests, 1);
+    eprintln!(
+        "wake timing, suspended PC (connects hang; the agent gives up after {:?}): \
+         first request to forwarded answer {answered:?}; minus the boot and the connect \
+         timeout: {:?}",
+        burrow_agent::forward::WAKEABLE_CONNECT_TIMEOUT,
+        answered.saturating_sub(BOOT + burrow_agent::forward::WAKEABLE_CONNECT_TIMEOUT)
+    );
+}
+
+#[tokio::test]
 async fn a_machine_that_never_wakes_gets_503_with_retry_after_after_hold() {
     let stand_in = StandIn::start(Boot::After(BOOT), Power::Asleep).await;
     // The agent wakes another MAC: the stand-in ignores its packets.

@@ -19,6 +19,20 @@ use crate::monitor::Monitors;
 pub const STREAM_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long connecting to a local service may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long connecting to a service that can be woken may take. A machine
+/// asleep does not answer at all, so its connects hang; on a home network
+/// an awake one answers in milliseconds, and the sooner the connect gives
+/// up, the sooner the wake starts.
+pub const WAKEABLE_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The connect timeout for `service`.
+pub fn connect_timeout(service: &ServiceConfig) -> Duration {
+    if service.wake.is_some() {
+        WAKEABLE_CONNECT_TIMEOUT
+    } else {
+        CONNECT_TIMEOUT
+    }
+}
 
 /// The services this agent forwards to, by name.
 #[derive(Debug)]
@@ -92,7 +106,11 @@ async fn serve(
         let _ = send.finish();
         return;
     };
-    let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&service.target)).await
+    let tcp = match tokio::time::timeout(
+        connect_timeout(service),
+        TcpStream::connect(&service.target),
+    )
+    .await
     {
         Ok(Ok(tcp)) => tcp,
         Ok(Err(e)) => {

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::config::ServiceConfig;
-use crate::forward::CONNECT_TIMEOUT;
+use crate::forward::connect_timeout;
 use crate::monitor::{Monitors, Origin};
 
 /// How long a LAN connection waits for its service to wake before it is
@@ -55,7 +55,12 @@ pub async fn serve(
 }
 
 async fn connect(service: &ServiceConfig) -> Result<TcpStream, String> {
-    match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&service.target)).await {
+    match tokio::time::timeout(
+        connect_timeout(service),
+        TcpStream::connect(&service.target),
+    )
+    .await
+    {
         Ok(Ok(s)) => Ok(s),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err("connect timed out".into()),

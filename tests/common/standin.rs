@@ -49,6 +49,7 @@ pub enum Boot {
 
 enum Cmd {
     Sleep,
+    Freeze,
     FinishBoot,
 }
 
@@ -140,6 +141,13 @@ impl StandIn {
         self.wait_power(Power::Asleep).await;
     }
 
+    /// Goes to sleep the way a suspended machine does: connects to the
+    /// HTTP port hang instead of being refused.
+    pub async fn freeze(&mut self) {
+        self.cmds.send(Cmd::Freeze).unwrap();
+        self.wait_power(Power::Asleep).await;
+    }
+
     pub fn finish_boot(&self) {
         self.cmds.send(Cmd::FinishBoot).unwrap();
     }
@@ -175,7 +183,15 @@ async fn run_stand_in(
     let mut booting: Option<Pin<Box<tokio::time::Sleep>>> = None;
     let mut accepted = 0u64;
     let mut buf = [0u8; 2048];
-    let wake_up = |reserved: &mut Option<TcpSocket>| {
+    // While frozen: a listener with no room in its accept queue (backlog 0,
+    // one connection queued and never accepted). Linux drops further SYNs,
+    // so connects hang as they do to a machine that is suspended.
+    let mut frozen: Option<(TcpListener, tokio::net::TcpStream)> = None;
+    let wake_up = |reserved: &mut Option<TcpSocket>,
+                   frozen: &mut Option<(TcpListener, tokio::net::TcpStream)>| {
+        if frozen.take().is_some() {
+            *reserved = Some(reserve(http));
+        }
         reserved
             .take()
             .expect("a sleeping stand-in holds its port")
@@ -203,7 +219,7 @@ async fn run_stand_in(
             }
             () = async { booting.as_mut().expect("guarded").await }, if booting.is_some() => {
                 booting = None;
-                listener = Some(wake_up(&mut reserved));
+                listener = Some(wake_up(&mut reserved, &mut frozen));
                 power.send_replace(Power::Awake);
             }
             r = async { listener.as_ref().expect("guarded").accept().await }, if listener.is_some() => {
@@ -230,10 +246,19 @@ async fn run_stand_in(
                     }
                     power.send_replace(Power::Asleep);
                 }
+                Some(Cmd::Freeze) => {
+                    booting = None;
+                    drop(listener.take());
+                    drop(reserved.take());
+                    let full = reserve(http).listen(0).unwrap();
+                    let filler = tokio::net::TcpStream::connect(http).await.unwrap();
+                    frozen = Some((full, filler));
+                    power.send_replace(Power::Asleep);
+                }
                 Some(Cmd::FinishBoot) => {
                     if *power.borrow() == Power::Booting {
                         booting = None;
-                        listener = Some(wake_up(&mut reserved));
+                        listener = Some(wake_up(&mut reserved, &mut frozen));
                         power.send_replace(Power::Awake);
                     }
                 }
