@@ -75,6 +75,28 @@ enum Command {
         #[arg(long)]
         if_missing: bool,
     },
+    /// Send one Wake-on-LAN magic packet now.
+    Wake {
+        /// The MAC address of the machine to wake, e.g. AA:BB:CC:DD:EE:FF.
+        #[arg(long, value_parser = mac_arg)]
+        mac: [u8; 6],
+        /// Where the packet goes: a broadcast address, port 9 unless given.
+        #[arg(long, default_value = burrow_agent::config::DEFAULT_BROADCAST, value_parser = broadcast_arg)]
+        broadcast: String,
+        /// A SecureOn password, six hex pairs like a MAC address.
+        #[arg(long, value_parser = mac_arg)]
+        password: Option<[u8; 6]>,
+    },
+}
+
+fn mac_arg(s: &str) -> Result<[u8; 6], String> {
+    burrow_agent::config::parse_mac(s)
+        .ok_or_else(|| "write six hex pairs, e.g. AA:BB:CC:DD:EE:FF".into())
+}
+
+fn broadcast_arg(s: &str) -> Result<String, String> {
+    burrow_agent::config::parse_broadcast(s)
+        .ok_or_else(|| "write an address, e.g. 192.168.1.255:9".into())
 }
 
 fn init_logs(format: LogFormat) {
@@ -276,6 +298,25 @@ fn main() -> ExitCode {
             Ok(c) => runtime().block_on(run_agent(c)),
             Err(e) => config_failure(&e),
         },
+        Command::Wake {
+            mac,
+            broadcast,
+            password,
+        } => {
+            let packet =
+                burrow_agent::wake::magic_packet(mac, password.map(burrow_agent::config::SecureOn));
+            match runtime().block_on(burrow_agent::wake::send_magic_packet(&broadcast, &packet)) {
+                Ok(to) => {
+                    let mac: Vec<String> = mac.iter().map(|b| format!("{b:02X}")).collect();
+                    println!("sent a magic packet for {} to {to}", mac.join(":"));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("burrow wake: {e}");
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            }
+        }
         Command::Demo { port } => {
             runtime().block_on(async move { burrow::demo::run(port, shutdown_on_signals()).await })
         }

@@ -275,3 +275,62 @@ async fn chromium_logs_in_and_streams_sse_and_websocket_through_the_edge() {
         .await;
     assert_eq!(echo, "hello from chromium");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_waits_on_the_waking_page_then_lands_in_the_app() {
+    use common::standin::{Boot, MAC_TEXT, Power, StandIn};
+    let mut stand_in = StandIn::start(Boot::WhenReleased, Power::Asleep).await;
+    let routes = "[[route]]\nhost = \"localhost\"\nagent = \"home\"\nservice = \"ollama\"\nauth = \"none\"\n";
+    let agent = format!(
+        "\n[[service]]\nname = \"ollama\"\nurl = \"http://{}\"\nhealth = \"/api/version\"\n[service.wake]\nmac = \"{MAC_TEXT}\"\nbroadcast = \"{}\"\n",
+        stand_in.http, stand_in.udp
+    );
+    let (site, _) = site_toml("", routes, &agent).await;
+    let origin = format!("https://localhost:{}", site.https.port());
+
+    let browser = Chromium::start(&spki_pin(&site));
+    let mut cdp = Cdp::connect(&browser.ws_url).await;
+    let target = cdp
+        .call("Target.createTarget", json!({ "url": "about:blank" }))
+        .await;
+    let attached = cdp
+        .call(
+            "Target.attachToTarget",
+            json!({ "targetId": target["targetId"], "flatten": true }),
+        )
+        .await;
+    cdp.session = Some(attached["sessionId"].as_str().unwrap().to_owned());
+    cdp.call("Page.enable", json!({})).await;
+
+    // The PC is asleep: the navigation gets the waiting page, which counts.
+    cdp.events.clear();
+    cdp.call("Page.navigate", json!({ "url": format!("{origin}/") }))
+        .await;
+    cdp.wait_event("Page.loadEventFired").await;
+    assert_eq!(cdp.eval("document.title").await, "Waking localhost");
+    let elapsed = cdp
+        .eval("document.getElementById('elapsed').textContent")
+        .await;
+    assert!(
+        elapsed.as_str().unwrap().ends_with(" s"),
+        "elapsed time shown: {elapsed}"
+    );
+
+    // The page's own polling, not the test, moves on once the PC is up.
+    stand_in.wait_power(Power::Booting).await;
+    let state = cdp
+        .eval(
+            "new Promise(resolve => {
+               const el = document.getElementById('state');
+               const done = () => el.textContent.startsWith('Waking') && (resolve(el.textContent), true);
+               if (!done()) new MutationObserver(done).observe(el, { childList: true, characterData: true, subtree: true });
+             })",
+        )
+        .await;
+    assert_eq!(state, "Waking the machine…");
+    stand_in.finish_boot();
+    cdp.wait_event("Page.loadEventFired").await;
+    assert_eq!(cdp.eval("document.title").await, "Open WebUI");
+    assert_eq!(cdp.eval("location.pathname").await, "/");
+    assert_eq!(stand_in.boots(), 1);
+}

@@ -3,14 +3,21 @@
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use burrow_proto::Name;
-use burrow_proto::confkit::{ConfigError, Source, Spanned};
+use burrow_proto::confkit::{ConfigError, HumanDuration, Source, Spanned};
 use burrow_proto::identity::Fingerprint;
 use serde::Deserialize;
 
 /// The UDP port magic packets go to when `broadcast` names none.
 pub const DEFAULT_WAKE_PORT: u16 = 9;
+/// Where magic packets go when `broadcast` is not set.
+pub const DEFAULT_BROADCAST: &str = "255.255.255.255:9";
+/// How often a service's readiness is probed when `probe_interval` is not set.
+pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(5);
+/// The shortest `probe_interval` accepted: probes are cheap, not free.
+pub const MIN_PROBE_INTERVAL: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -40,6 +47,7 @@ struct ServiceEntry {
     name: Spanned<String>,
     url: Spanned<String>,
     health: Option<Spanned<String>>,
+    probe_interval: Option<Spanned<HumanDuration>>,
     wake: Option<WakeEntry>,
 }
 
@@ -48,6 +56,8 @@ struct ServiceEntry {
 struct WakeEntry {
     mac: Spanned<String>,
     broadcast: Option<Spanned<String>>,
+    /// SecureOn password: six hex pairs, written like a MAC.
+    password: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -85,6 +95,8 @@ pub struct ServiceConfig {
     /// `host:port` to connect to.
     pub target: String,
     pub health: Option<String>,
+    /// How often readiness is probed while the service is not waking.
+    pub probe_interval: Duration,
     pub wake: Option<WakeConfig>,
 }
 
@@ -93,6 +105,17 @@ pub struct WakeConfig {
     pub mac: [u8; 6],
     /// `host:port` magic packets are sent to.
     pub broadcast: String,
+    pub password: Option<SecureOn>,
+}
+
+/// A Wake-on-LAN SecureOn password. `Debug` does not show it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct SecureOn(pub [u8; 6]);
+
+impl std::fmt::Debug for SecureOn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecureOn(..)")
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -133,6 +156,13 @@ fn split_host_port(s: &str, default_port: Option<u16>) -> Option<(String, u16)> 
         None => default_port?,
     };
     Some((host.to_owned(), port))
+}
+
+/// A magic packet destination, `host[:port]` with port 9 by default, as
+/// `host:port` (IPv6 in brackets).
+pub fn parse_broadcast(s: &str) -> Option<String> {
+    let (host, port) = split_host_port(s, Some(DEFAULT_WAKE_PORT))?;
+    Some(join_host_port(&host, port))
 }
 
 fn join_host_port(host: &str, port: u16) -> String {
@@ -232,22 +262,46 @@ fn convert(src: &Source, file: File) -> Result<AgentConfig, ConfigError> {
                     )
                 })?;
                 let broadcast = match &w.broadcast {
-                    None => join_host_port("255.255.255.255", DEFAULT_WAKE_PORT),
-                    Some(b) => {
-                        let (h, p) = split_host_port(b.get_ref(), Some(DEFAULT_WAKE_PORT)).ok_or_else(|| {
-                            src.error_at(b.span(), format!("service[{i}].wake.broadcast: write an address, e.g. \"192.168.1.255:9\""))
-                        })?;
-                        join_host_port(&h, p)
-                    }
+                    None => DEFAULT_BROADCAST.to_owned(),
+                    Some(b) => parse_broadcast(b.get_ref()).ok_or_else(|| {
+                        src.error_at(b.span(), format!("service[{i}].wake.broadcast: write an address, e.g. \"192.168.1.255:9\""))
+                    })?,
                 };
-                Some(WakeConfig { mac, broadcast })
+                let password = match &w.password {
+                    None => None,
+                    Some(p) => Some(SecureOn(parse_mac(p.get_ref()).ok_or_else(|| {
+                        src.error_at(
+                            p.span(),
+                            format!("service[{i}].wake.password: write six hex pairs, e.g. \"01:02:03:04:05:06\""),
+                        )
+                    })?)),
+                };
+                Some(WakeConfig {
+                    mac,
+                    broadcast,
+                    password,
+                })
             }
+        };
+        let probe_interval = match &s.probe_interval {
+            None => DEFAULT_PROBE_INTERVAL,
+            Some(d) if d.get_ref().0 < MIN_PROBE_INTERVAL => {
+                return Err(src.error_at(
+                    d.span(),
+                    format!(
+                        "service[{i}].probe_interval: at least {}",
+                        humantime::format_duration(MIN_PROBE_INTERVAL)
+                    ),
+                ));
+            }
+            Some(d) => d.get_ref().0,
         };
         services.push(ServiceConfig {
             name,
             scheme,
             target: join_host_port(&host, port),
             health,
+            probe_interval,
             wake,
         });
     }
@@ -306,9 +360,43 @@ mod tests {
             c.services[1].wake,
             Some(WakeConfig {
                 mac: [0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff],
-                broadcast: "255.255.255.255:9".into()
+                broadcast: "255.255.255.255:9".into(),
+                password: None,
             })
         );
+        assert_eq!(c.services[0].probe_interval, DEFAULT_PROBE_INTERVAL);
+    }
+
+    #[test]
+    fn wake_keys_and_probe_interval() {
+        let c = parse(&format!(
+            "{BASE}\n[[service]]\nname = \"ollama\"\nurl = \"http://192.168.1.20:11434\"\nhealth = \"/api/version\"\nprobe_interval = \"30s\"\n[service.wake]\nmac = \"AA:BB:CC:DD:EE:FF\"\nbroadcast = \"192.168.1.255\"\npassword = \"01:02:03:04:05:06\"\n"
+        ))
+        .unwrap();
+        let s = &c.services[0];
+        assert_eq!(s.probe_interval, Duration::from_secs(30));
+        let w = s.wake.as_ref().unwrap();
+        assert_eq!(w.broadcast, "192.168.1.255:9");
+        assert_eq!(w.password, Some(SecureOn([1, 2, 3, 4, 5, 6])));
+        assert!(
+            !format!("{w:?}").contains("01"),
+            "the password stays out of Debug: {w:?}"
+        );
+
+        let err = parse(&format!(
+            "{BASE}\n[[service]]\nname = \"x\"\nurl = \"tcp://a:1\"\n[service.wake]\nmac = \"AA:BB:CC:DD:EE:FF\"\npassword = \"secret\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(err.position, Some((11, 12)), "{err}");
+        assert!(err.message.starts_with("service[0].wake.password"), "{err}");
+        let err = parse(&format!(
+            "{BASE}\n[[service]]\nname = \"x\"\nurl = \"tcp://a:1\"\nprobe_interval = \"1ms\"\n"
+        ))
+        .unwrap_err();
+        assert!(err.message.contains("probe_interval: at least"), "{err}");
+        assert_eq!(parse_broadcast("[fe80::1]"), Some("[fe80::1]:9".into()));
+        assert_eq!(parse_broadcast("10.0.0.255:7"), Some("10.0.0.255:7".into()));
+        assert_eq!(parse_broadcast("nope:port"), None);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Serving one stream the edge opened: read its header, connect to the
-//! service, answer, then pipe bytes both ways.
+//! service, answer, then pipe bytes both ways. A failed connect is reported
+//! to the service's monitor, so a service believed up is marked down at once.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,11 +13,26 @@ use tokio::net::TcpStream;
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::config::ServiceConfig;
+use crate::monitor::Monitors;
 
 /// How long the edge has to send a stream's header.
 pub const STREAM_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long connecting to a local service may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long connecting to a service that can be woken may take. A machine
+/// asleep does not answer at all, so its connects hang; on a home network
+/// an awake one answers in milliseconds, and the sooner the connect gives
+/// up, the sooner the wake starts.
+pub const WAKEABLE_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The connect timeout for `service`.
+pub fn connect_timeout(service: &ServiceConfig) -> Duration {
+    if service.wake.is_some() {
+        WAKEABLE_CONNECT_TIMEOUT
+    } else {
+        CONNECT_TIMEOUT
+    }
+}
 
 /// The services this agent forwards to, by name.
 #[derive(Debug)]
@@ -43,6 +59,7 @@ pub async fn handle_stream(
     mut send: quinn::SendStream,
     recv: quinn::RecvStream,
     services: Arc<Services>,
+    monitors: Monitors,
 ) {
     let mut framed = FramedRecv::new(recv);
     let open = match tokio::time::timeout(STREAM_HEADER_TIMEOUT, framed.next::<StreamOpen>()).await
@@ -63,7 +80,9 @@ pub async fn handle_stream(
     };
     let span =
         info_span!("stream", service = %open.service, client = %open.client, kind = ?open.kind);
-    serve(open, send, framed, services).instrument(span).await;
+    serve(open, send, framed, services, monitors)
+        .instrument(span)
+        .await;
 }
 
 async fn serve(
@@ -71,6 +90,7 @@ async fn serve(
     mut send: quinn::SendStream,
     framed: FramedRecv,
     services: Arc<Services>,
+    monitors: Monitors,
 ) {
     let reply = |status, message: String| StreamReply { status, message };
     let Some(service) = services.get(&open.service) else {
@@ -86,16 +106,22 @@ async fn serve(
         let _ = send.finish();
         return;
     };
-    let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&service.target)).await
+    let tcp = match tokio::time::timeout(
+        connect_timeout(service),
+        TcpStream::connect(&service.target),
+    )
+    .await
     {
         Ok(Ok(tcp)) => tcp,
         Ok(Err(e)) => {
+            monitors.connect_failed(&service.name);
             warn!(target = %service.target, error = %e, "service refused the connection");
             let _ = write_frames(&mut send, [reply(StreamStatus::Refused, e.to_string())]).await;
             let _ = send.finish();
             return;
         }
         Err(_) => {
+            monitors.connect_failed(&service.name);
             warn!(target = %service.target, "service did not accept the connection in time");
             let _ = write_frames(
                 &mut send,

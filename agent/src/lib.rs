@@ -1,13 +1,18 @@
 //! burrow's agent: the home daemon. It dials the edge, keeps the session up
-//! whatever happens to the network, and forwards each stream the edge opens
-//! to a local service.
+//! whatever happens to the network, forwards each stream the edge opens to
+//! a local service, probes each service's readiness, wakes sleeping
+//! machines with Wake-on-LAN, and serves `[[lan]]` wake-aware proxies.
 
 #![forbid(unsafe_code)]
 
 pub mod backoff;
 pub mod config;
 pub mod forward;
+pub mod health;
+pub mod lan;
+pub mod monitor;
 pub mod tunnel;
+pub mod wake;
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -19,7 +24,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 pub use config::AgentConfig;
+use config::LanConfig;
 use forward::Services;
+use monitor::{MonitorTask, Monitors, ServiceView};
 pub use tunnel::AgentStatus;
 use tunnel::{Dialer, TlsSetupError};
 
@@ -31,6 +38,12 @@ pub enum AgentError {
     Tls(#[from] TlsSetupError),
     #[error("binding the agent's UDP socket: {0}")]
     Bind(std::io::Error),
+    #[error("binding lan[{index}] on {addr}: {source}")]
+    LanBind {
+        index: usize,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// A configured agent, ready to run.
@@ -38,6 +51,9 @@ pub struct Agent {
     config: Arc<AgentConfig>,
     identity: Identity,
     status: watch::Sender<AgentStatus>,
+    monitors: Monitors,
+    monitor_task: MonitorTask,
+    lan: Vec<(LanConfig, std::net::TcpListener)>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -51,14 +67,40 @@ impl std::fmt::Debug for Agent {
 
 impl Agent {
     /// Loads the agent's key (it must exist: `burrow keygen` makes it, and
-    /// its fingerprint goes into the edge's config).
+    /// its fingerprint goes into the edge's config) and binds the `[[lan]]`
+    /// listeners, so a taken port fails the start, not a later connection.
     pub fn new(config: AgentConfig) -> Result<Self, AgentError> {
         let identity = Identity::load(&config.key_path)?;
+        let mut lan = Vec::new();
+        for (index, l) in config.lan.iter().enumerate() {
+            let bind_error = |source| AgentError::LanBind {
+                index,
+                addr: l.listen,
+                source,
+            };
+            let listener = std::net::TcpListener::bind(l.listen).map_err(bind_error)?;
+            listener.set_nonblocking(true).map_err(bind_error)?;
+            lan.push((l.clone(), listener));
+        }
+        let (monitors, monitor_task) = Monitors::new(&config.services);
         Ok(Self {
             config: Arc::new(config),
             identity,
             status: watch::channel(AgentStatus::Connecting).0,
+            monitors,
+            monitor_task,
+            lan,
         })
+    }
+
+    /// The bound address of each `[[lan]]` proxy, in config order.
+    pub fn lan_addrs(&self) -> Vec<SocketAddr> {
+        self.lan.iter().map(|(_, l)| lan::local_addr(l)).collect()
+    }
+
+    /// Follows every service's state and wake history.
+    pub fn services(&self) -> watch::Receiver<Vec<ServiceView>> {
+        self.monitors.subscribe()
     }
 
     pub fn fingerprint(&self) -> Fingerprint {
@@ -86,20 +128,41 @@ impl Agent {
             fingerprint = %self.identity.fingerprint(),
             "agent starting"
         );
-        // Wake-on-LAN and the LAN proxy arrive with their own issue; say so
-        // rather than pretend.
-        if !self.config.lan.is_empty() || self.config.services.iter().any(|s| s.wake.is_some()) {
-            tracing::warn!(
-                "[[lan]] and [service.wake] are not active in this build yet; they are ignored"
-            );
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(self.monitor_task.run(shutdown.clone()));
+        for (index, (l, listener)) in self.lan.into_iter().enumerate() {
+            let listen = lan::local_addr(&listener);
+            let listener = tokio::net::TcpListener::from_std(listener).map_err(|source| {
+                AgentError::LanBind {
+                    index,
+                    addr: listen,
+                    source,
+                }
+            })?;
+            let service = self
+                .config
+                .services
+                .iter()
+                .find(|s| s.name == l.service)
+                .expect("config validation: every [[lan]] names a [[service]]");
+            info!(%listen, service = %l.service, "lan wake proxy listening");
+            tasks.spawn(lan::serve(
+                listener,
+                Arc::new(service.clone()),
+                self.monitors.clone(),
+                shutdown.clone(),
+            ));
         }
         let dialer = Dialer {
             services: Arc::new(Services::new(self.config.services.clone())),
             config: self.config,
             client,
+            monitors: self.monitors,
             status: self.status,
         };
         dialer.run(endpoint, shutdown).await;
+        // The monitor and lan tasks watch the same token.
+        while tasks.join_next().await.is_some() {}
         Ok(())
     }
 }

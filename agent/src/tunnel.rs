@@ -1,5 +1,6 @@
 //! Dialling the edge and keeping the session: TLS with the agent's key, the
-//! control stream, accepting forwarded streams, reconnecting forever.
+//! control stream (service states out, wake requests in), accepting
+//! forwarded streams, reconnecting forever.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -8,7 +9,7 @@ use std::time::Duration;
 use burrow_proto::framed::{FramedRecv, write_frames};
 use burrow_proto::identity::{Identity, PinnedServerVerifier};
 use burrow_proto::quic::{self, ALPN, IDENTITY_SNI, Role, code};
-use burrow_proto::{AgentEvent, AgentSession, EdgeToAgent, ServiceState, ServiceStatus};
+use burrow_proto::{AgentEvent, AgentSession, EdgeToAgent};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use tokio::sync::watch;
@@ -18,6 +19,7 @@ use tracing::{Instrument, error, info, info_span, warn};
 use crate::backoff::{BACKOFF_CAP, Backoff};
 use crate::config::AgentConfig;
 use crate::forward::{Services, handle_stream};
+use crate::monitor::{Monitors, Origin};
 
 /// How long a connection attempt (QUIC and TLS handshake) may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -100,6 +102,7 @@ pub(crate) struct Dialer {
     pub config: Arc<AgentConfig>,
     pub client: quinn::ClientConfig,
     pub services: Arc<Services>,
+    pub monitors: Monitors,
     pub status: watch::Sender<AgentStatus>,
 }
 
@@ -192,14 +195,11 @@ impl Dialer {
             Ok(s) => s,
             Err(e) => return classify_close(e, "opening the control stream"),
         };
-        let statuses = self
-            .services
-            .all()
+        let mut views = self.monitors.subscribe();
+        let statuses = views
+            .borrow_and_update()
             .iter()
-            .map(|s| ServiceStatus {
-                name: s.name.clone(),
-                state: ServiceState::Unknown,
-            })
+            .map(|v| v.status())
             .collect();
         let mut session = AgentSession::new(self.config.name.clone(), statuses);
         let mut recv = FramedRecv::new(recv);
@@ -232,17 +232,39 @@ impl Dialer {
             }
         }
 
+        // States that changed between the hello and the welcome.
+        let mut views_open = true;
+        let mut states_changed = views.has_changed().unwrap_or(false);
         loop {
+            if std::mem::take(&mut states_changed) {
+                for v in views.borrow_and_update().iter() {
+                    session.set_service_state(v.status());
+                }
+                if let Err(e) =
+                    write_frames(&mut send, std::iter::from_fn(|| session.poll_transmit())).await
+                {
+                    return Outcome::Lost(format!("sending service states: {e}"));
+                }
+            }
             tokio::select! {
                 stream = conn.accept_bi() => match stream {
                     Ok((s, r)) => {
-                        tokio::spawn(handle_stream(s, r, self.services.clone()).in_current_span());
+                        tokio::spawn(
+                            handle_stream(s, r, self.services.clone(), self.monitors.clone())
+                                .in_current_span(),
+                        );
                     }
                     Err(e) => return classify_close(e, "session"),
+                },
+                changed = views.changed(), if views_open => match changed {
+                    Ok(()) => states_changed = true,
+                    // The monitor task stopped: the agent is shutting down.
+                    Err(_) => views_open = false,
                 },
                 frame = recv.next::<EdgeToAgent>() => match frame {
                     Ok(Some(f)) => match session.handle_frame(f) {
                         Ok(AgentEvent::EdgeGoingAway(g)) => return Outcome::GoingAway(g.reconnect_after),
+                        Ok(AgentEvent::Wake(w)) => self.monitors.wake(&w.service, Origin::Edge),
                         Ok(other) => {
                             conn.close(code::PROTOCOL, b"protocol error");
                             return Outcome::Lost(format!("unexpected {other:?}"));

@@ -23,7 +23,10 @@ use crate::wire::{
 /// The protocol version this build speaks. The ALPN (`burrow/1`) carries the
 /// major version; this number lets a minor revision be refused with a clear
 /// message instead of a confusing decode error.
-pub const PROTOCOL_VERSION: u16 = 1;
+///
+/// Version 2 added the wake method to each service's status and the
+/// edge's [`EdgeToAgent::Wake`] request.
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// The most services one agent may announce.
 pub const MAX_SERVICES: usize = 128;
@@ -93,10 +96,13 @@ pub struct InvalidName(pub String);
 /// Whether a service can take traffic, as the agent sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ServiceState {
-    /// No probe configured or no result yet: traffic is attempted.
+    /// No probe result yet: traffic is attempted.
     Unknown,
+    /// The last readiness probe passed.
     Up,
+    /// The last probe failed, or a connect to the service did.
     Down,
+    /// The agent is sending magic packets and waits for a probe to pass.
     Waking,
 }
 
@@ -136,10 +142,39 @@ impl fmt::Display for ServiceState {
     }
 }
 
+/// Whether the agent can switch a service's machine on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WakeMethod {
+    /// Nothing to wake: a down service stays down until someone fixes it.
+    NotConfigured,
+    /// The agent sends Wake-on-LAN magic packets on its network.
+    MagicPacket,
+}
+
+impl WakeMethod {
+    fn to_u8(self) -> u8 {
+        match self {
+            Self::NotConfigured => 0,
+            Self::MagicPacket => 1,
+        }
+    }
+
+    fn from_u8(b: u8) -> Result<Self, DecodeError> {
+        match b {
+            0 => Ok(Self::NotConfigured),
+            1 => Ok(Self::MagicPacket),
+            _ => Err(DecodeError::Invalid {
+                field: "wake method",
+            }),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceStatus {
     pub name: Name,
     pub state: ServiceState,
+    pub wake: WakeMethod,
 }
 
 /// The first control frame, agent to edge.
@@ -186,12 +221,20 @@ pub enum AgentToEdge {
     GoingAway(GoingAway),
 }
 
+/// The edge asks the agent to wake a service's machine: a request that
+/// passed access control found it down or asleep.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Wake {
+    pub service: Name,
+}
+
 /// Control frames sent by the edge.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EdgeToAgent {
     Welcome(Welcome),
     Refused(Refused),
     GoingAway(GoingAway),
+    Wake(Wake),
 }
 
 /// What a forwarded stream carries. The agent pipes bytes the same way for
@@ -239,6 +282,7 @@ mod ty {
     pub const WELCOME: u8 = 0x81;
     pub const REFUSED: u8 = 0x82;
     pub const EDGE_GOING_AWAY: u8 = 0x83;
+    pub const WAKE: u8 = 0x84;
     pub const STREAM_OPEN: u8 = 0x90;
 }
 
@@ -273,6 +317,7 @@ impl Frame for AgentToEdge {
                 for s in list {
                     put_name(o, s.name.as_str());
                     o.put_u8(s.state.to_u8());
+                    o.put_u8(s.wake.to_u8());
                 }
             }),
             Self::GoingAway(g) => put_frame(out, ty::AGENT_GOING_AWAY, |o| {
@@ -300,6 +345,7 @@ impl Frame for AgentToEdge {
                         list.push(ServiceStatus {
                             name: Name(r.name("service name")?),
                             state: ServiceState::from_u8(r.u8()?)?,
+                            wake: WakeMethod::from_u8(r.u8()?)?,
                         });
                     }
                     Self::Services(list)
@@ -331,6 +377,9 @@ impl Frame for EdgeToAgent {
             Self::GoingAway(g) => put_frame(out, ty::EDGE_GOING_AWAY, |o| {
                 o.put_u32(millis(g.reconnect_after));
             }),
+            Self::Wake(w) => put_frame(out, ty::WAKE, |o| {
+                put_name(o, w.service.as_str());
+            }),
         }
     }
 
@@ -352,6 +401,9 @@ impl Frame for EdgeToAgent {
                 }),
                 ty::EDGE_GOING_AWAY => Self::GoingAway(GoingAway {
                     reconnect_after: Duration::from_millis(r.u32()?.into()),
+                }),
+                ty::WAKE => Self::Wake(Wake {
+                    service: Name(r.name("service name")?),
                 }),
                 other => return Err(DecodeError::UnknownType(other)),
             })
@@ -461,13 +513,15 @@ mod tests {
                     ServiceStatus {
                         name: name("webui"),
                         state: ServiceState::Up,
+                        wake: WakeMethod::NotConfigured,
                     },
                     ServiceStatus {
                         name: name("ollama"),
                         state: ServiceState::Waking,
+                        wake: WakeMethod::MagicPacket,
                     },
                 ]),
-                "020011000205776562756901066f6c6c616d6103",
+                "02001300020577656275690100066f6c6c616d610301",
             ),
             (AgentToEdge::Services(vec![]), "0200020000"),
             (
@@ -500,6 +554,12 @@ mod tests {
                     reconnect_after: Duration::ZERO,
                 }),
                 "83000400000000",
+            ),
+            (
+                EdgeToAgent::Wake(Wake {
+                    service: name("ollama"),
+                }),
+                "840007066f6c6c616d61",
             ),
         ]
     }
@@ -622,6 +682,20 @@ mod tests {
                 field: "service count"
             })
         );
+        // A wake method from the future.
+        assert_eq!(
+            AgentToEdge::decode(&[0x02, 0, 6, 0, 1, 1, b'a', 1, 9]),
+            Err(DecodeError::Invalid {
+                field: "wake method"
+            })
+        );
+        // A wake request for a name that is not one.
+        assert_eq!(
+            EdgeToAgent::decode(&[0x84, 0, 2, 1, b'/']),
+            Err(DecodeError::Invalid {
+                field: "service name"
+            })
+        );
         // Bad address family and bad kind.
         assert_eq!(
             StreamOpen::decode(&[0x90, 0, 5, 1, 1, b'a', 5, 0]),
@@ -662,8 +736,8 @@ mod tests {
             // Steer the type byte towards real types half of the time.
             if let Some(first) = buf.first_mut() {
                 if state & 1 == 0 {
-                    *first =
-                        [0x01, 0x02, 0x03, 0x10, 0x81, 0x82, 0x83, 0x90][(state >> 8) as usize % 8];
+                    *first = [0x01, 0x02, 0x03, 0x10, 0x81, 0x82, 0x83, 0x84, 0x90]
+                        [(state >> 8) as usize % 9];
                 }
             }
             let _ = AgentToEdge::decode(&buf);

@@ -28,7 +28,7 @@ pub mod quic;
 
 pub use frame::{
     AgentToEdge, EdgeToAgent, Frame, Name, ServiceState, ServiceStatus, StreamKind, StreamOpen,
-    StreamReply, StreamStatus,
+    StreamReply, StreamStatus, Wake, WakeMethod,
 };
 pub use session::{AgentEvent, AgentSession, EdgeEvent, EdgeSession, FrameBuf, ProtocolError};
 pub use wire::DecodeError;

@@ -11,7 +11,7 @@ use bytes::{Buf, BytesMut};
 
 use crate::frame::{
     AgentToEdge, EdgeToAgent, Frame, GoingAway, Hello, Name, PROTOCOL_VERSION, RefuseReason,
-    Refused, ServiceStatus, Welcome,
+    Refused, ServiceStatus, Wake, Welcome,
 };
 use crate::wire::{DecodeError, HEADER_LEN, MAX_PAYLOAD};
 
@@ -87,6 +87,8 @@ pub enum AgentEvent {
     Refused(Refused),
     /// The edge is going away: reconnect after the hint.
     EdgeGoingAway(GoingAway),
+    /// The edge asks for a service's machine to be woken.
+    Wake(Wake),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,11 +137,15 @@ impl AgentSession {
                 self.phase = AgentPhase::Closed;
                 Ok(AgentEvent::EdgeGoingAway(g))
             }
+            // The driver decides what a wake request for a service it does
+            // not have (or cannot wake) means; the session only orders frames.
+            (AgentPhase::Established, EdgeToAgent::Wake(w)) => Ok(AgentEvent::Wake(w)),
             (phase, frame) => Err(ProtocolError::Unexpected {
                 frame: match frame {
                     EdgeToAgent::Welcome(_) => "welcome",
                     EdgeToAgent::Refused(_) => "refusal",
                     EdgeToAgent::GoingAway(_) => "going-away",
+                    EdgeToAgent::Wake(_) => "wake request",
                 },
                 state: match phase {
                     AgentPhase::AwaitWelcome => "before welcome",
@@ -160,11 +166,11 @@ impl AgentSession {
         })
     }
 
-    /// Records a service's new state; queues an update only on change.
+    /// Records a service's new status; queues an update only on change.
     pub fn set_service_state(&mut self, status: ServiceStatus) {
         match self.services.iter_mut().find(|s| s.name == status.name) {
-            Some(s) if s.state == status.state => return,
-            Some(s) => s.state = status.state,
+            Some(s) if *s == status => return,
+            Some(s) => *s = status,
             None => self.services.push(status),
         }
         // A newer full list supersedes any queued one.
@@ -294,6 +300,14 @@ impl EdgeSession {
             .push_back(EdgeToAgent::Refused(Refused { reason, message }));
     }
 
+    /// Asks the agent to wake `service`'s machine. Only once the session is
+    /// established: before the welcome there is nobody to ask.
+    pub fn wake(&mut self, service: Name) {
+        if self.phase == EdgePhase::Established {
+            self.outbox.push_back(EdgeToAgent::Wake(Wake { service }));
+        }
+    }
+
     /// Tells the agent to reconnect after `reconnect_after` (the edge is restarting).
     pub fn go_away(&mut self, reconnect_after: Duration) {
         if self.phase == EdgePhase::Established {
@@ -315,7 +329,7 @@ impl EdgeSession {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frame::ServiceState;
+    use crate::frame::{ServiceState, WakeMethod};
 
     fn name(s: &str) -> Name {
         Name::new(s).unwrap()
@@ -359,6 +373,7 @@ mod tests {
         let webui = ServiceStatus {
             name: name("webui"),
             state: ServiceState::Unknown,
+            wake: WakeMethod::NotConfigured,
         };
         let mut agent = AgentSession::new(name("home"), vec![webui.clone()]);
         let mut edge = EdgeSession::new();
@@ -403,6 +418,15 @@ mod tests {
             vec![EdgeEvent::Services(vec![up])]
         );
 
+        // The edge asks for a wake; the agent's driver hears about it.
+        edge.wake(name("webui"));
+        assert_eq!(
+            edge_to_agent(&mut edge, &mut agent),
+            vec![AgentEvent::Wake(Wake {
+                service: name("webui")
+            })]
+        );
+
         edge.go_away(Duration::from_millis(100));
         assert_eq!(
             edge_to_agent(&mut edge, &mut agent),
@@ -426,7 +450,8 @@ mod tests {
         match edge.poll_transmit() {
             Some(EdgeToAgent::Refused(r)) => {
                 assert_eq!(r.reason, RefuseReason::UnsupportedVersion);
-                assert!(r.message.contains("version 2"), "{}", r.message);
+                let expected = format!("version {}", PROTOCOL_VERSION + 1);
+                assert!(r.message.contains(&expected), "{}", r.message);
             }
             other => panic!("expected a refusal, got {other:?}"),
         }
@@ -454,6 +479,16 @@ mod tests {
             agent.handle_frame(going).is_err(),
             "going-away before welcome"
         );
+        let mut agent = AgentSession::new(name("a"), vec![]);
+        let wake = EdgeToAgent::Wake(Wake {
+            service: name("gpu"),
+        });
+        assert!(agent.handle_frame(wake).is_err(), "wake before welcome");
+        // Nor does the edge ask before it has welcomed the agent.
+        let mut edge = EdgeSession::new();
+        edge.wake(name("gpu"));
+        assert_eq!(edge.poll_transmit(), None);
+
         let mut agent = AgentSession::new(name("a"), vec![]);
         assert!(matches!(
             agent.handle_end(),

@@ -4,6 +4,7 @@
 
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod standin;
 pub mod web;
 
 use std::io::{BufRead, BufReader};
@@ -112,12 +113,27 @@ pub struct AgentHandle {
 }
 
 pub fn start_agent(config: AgentConfig) -> AgentHandle {
+    start_agent_with(config).0
+}
+
+/// What else a started agent offers tests: its services' states and wake
+/// history, and its bound `[[lan]]` addresses.
+pub struct AgentExtras {
+    pub services: watch::Receiver<Vec<burrow_agent::monitor::ServiceView>>,
+    pub lan: Vec<SocketAddr>,
+}
+
+pub fn start_agent_with(config: AgentConfig) -> (AgentHandle, AgentExtras) {
     let agent = Agent::new(config).expect("agent loads its key");
     let status = agent.status();
+    let extras = AgentExtras {
+        services: agent.services(),
+        lan: agent.lan_addrs(),
+    };
     let shutdown = CancellationToken::new();
     let s = shutdown.clone();
     tokio::spawn(async move { agent.run(s).await.expect("agent runs") });
-    AgentHandle { status, shutdown }
+    (AgentHandle { status, shutdown }, extras)
 }
 
 impl Drop for AgentHandle {

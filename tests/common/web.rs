@@ -271,6 +271,16 @@ pub struct Site {
 }
 
 pub async fn site(extra_edge: &str, routes: &str, services: &[(&str, String)]) -> Site {
+    let mut agent_tail = String::new();
+    for (name, url) in services {
+        agent_tail += &format!("\n[[service]]\nname = \"{name}\"\nurl = \"{url}\"\n");
+    }
+    site_toml(extra_edge, routes, &agent_tail).await.0
+}
+
+/// Like [`site`], with the agent's `[[service]]` and `[[lan]]` tables
+/// written out in `agent_tail`; also gives the agent's extras.
+pub async fn site_toml(extra_edge: &str, routes: &str, agent_tail: &str) -> (Site, AgentExtras) {
     let world = World::new();
     let (key, fp) = world.agent_key("home");
     let (_, ghost_fp) = world.agent_key("ghost");
@@ -293,20 +303,17 @@ pub async fn site(extra_edge: &str, routes: &str, services: &[(&str, String)]) -
         shutdown: shutdown.clone(),
         task: tokio::spawn(async move { edge_bound.run(shutdown).await.unwrap() }),
     };
-    let mut agent_toml = format!(
-        "[agent]\nname = \"home\"\nedge = \"{}\"\nedge_key = \"{}\"\nkey = {:?}\n",
+    let agent_toml = format!(
+        "[agent]\nname = \"home\"\nedge = \"{}\"\nedge_key = \"{}\"\nkey = {:?}\n{agent_tail}",
         edge.tunnel, edge.fingerprint, key
     );
-    for (name, url) in services {
-        agent_toml += &format!("\n[[service]]\nname = \"{name}\"\nurl = \"{url}\"\n");
-    }
-    let mut agent = start_agent(agent_config(&agent_toml));
+    let (mut agent, extras) = start_agent_with(agent_config(&agent_toml));
     agent.connected().await;
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_file_iter(world.path("state/self-signed.pem")).unwrap() {
         roots.add(cert.unwrap()).unwrap();
     }
-    Site {
+    let site = Site {
         world,
         edge,
         https,
@@ -314,7 +321,8 @@ pub async fn site(extra_edge: &str, routes: &str, services: &[(&str, String)]) -
         roots: Arc::new(roots),
         gate,
         admin,
-    }
+    };
+    (site, extras)
 }
 
 impl Site {

@@ -10,7 +10,8 @@ pub const LOGOUT_PATH: &str = "/.burrow/logout";
 /// The most form bytes read from a login POST.
 pub const MAX_FORM: usize = 8 * 1024;
 
-fn escape(s: &str) -> String {
+/// Escapes text for HTML content and quoted attribute values.
+pub(crate) fn escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         match c {

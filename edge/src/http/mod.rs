@@ -4,6 +4,7 @@
 
 pub mod io;
 pub mod proxy;
+pub mod wake;
 
 use std::collections::HashMap;
 use std::convert::Infallible;

@@ -1,11 +1,12 @@
 //! Forwarding one HTTP request through the tunnel: choose the route by Host,
 //! check the client address, rewrite the headers a proxy owns, send the
 //! request over its own QUIC stream, and stream the response back chunk by
-//! chunk (or splice an upgraded connection).
+//! chunk (or splice an upgraded connection). A request for a sleeping
+//! service is held or answered with the waiting page ([`super::wake`]).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Instant;
+use std::task::Poll;
 
 use burrow_proto::{StreamKind, StreamOpen, StreamStatus};
 use bytes::Bytes;
@@ -15,9 +16,12 @@ use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use tokio::sync::OwnedMutexGuard;
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::io::{IdleIo, QuicIo};
+use super::wake::{self, WAKE_STATUS_PATH, WakeRight};
 use super::{Body, HttpState, error_response};
 use crate::access::gate::Admission;
 use crate::access::{Decision, client_ip};
@@ -104,16 +108,22 @@ async fn route_request(
         return error_response(StatusCode::FORBIDDEN, "forbidden");
     }
     let client = SocketAddr::new(ip, peer.port());
-    let (req, set_cookie) = match (route.auth, &state.gate) {
-        (AuthMode::None, _) => (req, None),
+    let (req, set_cookie, right) = match (route.auth, &state.gate) {
+        (AuthMode::None, _) => (req, None, WakeRight::May),
         (AuthMode::Basic, Some(gate)) => match gate.admit(req, route, ip).await {
             Admission::Forward {
                 req,
                 set_cookie,
                 user,
             } => {
+                // Public paths pass without a user: they must not wake anything.
+                let right = if user.is_some() {
+                    WakeRight::May
+                } else {
+                    WakeRight::MayNot
+                };
                 entry.user = user;
-                (req, set_cookie)
+                (req, set_cookie, right)
             }
             Admission::Respond(r) => {
                 if matches!(
@@ -133,7 +143,11 @@ async fn route_request(
             );
         }
     };
-    let mut resp = forward(req, state, route, &host, client).await;
+    let mut resp = if req.uri().path() == WAKE_STATUS_PATH {
+        wake::status_response(&state.registry, route, right)
+    } else {
+        dispatch(req, state, route, &host, client, right).await
+    };
     if let Some(cookie) = set_cookie {
         resp.headers_mut().append(header::SET_COOKIE, cookie);
     }
@@ -356,20 +370,150 @@ fn open_error_status(e: &OpenError) -> (StatusCode, &'static str) {
     }
 }
 
-async fn forward(
-    mut req: Request<Incoming>,
+/// A request that could not be forwarded because its stream could not be
+/// opened; the request is untouched (its body unread), ready for a retry.
+struct Unreachable {
+    req: Request<Incoming>,
+    error: OpenError,
+}
+
+/// The answer for a stream that could not be opened.
+fn open_failure(e: &OpenError, route: &RouteConfig) -> Response<Body> {
+    let (status, body) = open_error_status(e);
+    warn!(host = %route.host, agent = %route.agent, service = %route.service, error = %e, "cannot reach service");
+    error_response(status, body)
+}
+
+/// Forwards at once when the service is ready; otherwise (or when the
+/// connect fails on a service that can be woken) wakes it and holds the
+/// request or answers with the waiting page.
+async fn dispatch(
+    req: Request<Incoming>,
     state: &HttpState,
     route: &RouteConfig,
     host: &RequestHost,
     client: SocketAddr,
+    right: WakeRight,
 ) -> Response<Body> {
+    let arrived = Instant::now();
     let upgrade = req.version() == Version::HTTP_11 && is_upgrade(req.headers());
-    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let up_req = match upstream_request(req, route, host, client, upgrade) {
+    let navigation = !upgrade && wake::is_navigation(&req);
+    let req = match upstream_request(req, route, host, client, upgrade) {
         Ok(r) => r,
         Err(why) => return error_response(StatusCode::BAD_REQUEST, why),
     };
+    let registry = &state.registry;
+    let mut after_failure = false;
+    let req = if wake::is_asleep(registry.service(&route.agent, &route.service).as_ref()) {
+        req
+    } else {
+        match forward(req, upgrade, state, route, client, None).await {
+            Ok(resp) => return resp,
+            Err(Unreachable { req, error })
+                if wake::worth_waking(&error)
+                    && registry
+                        .service(&route.agent, &route.service)
+                        .is_some_and(|s| s.wake == burrow_proto::WakeMethod::MagicPacket) =>
+            {
+                info!(host = %route.host, service = %route.service, error = %error, "service unreachable; it may be asleep");
+                after_failure = true;
+                req
+            }
+            Err(Unreachable { error, .. }) => return open_failure(&error, route),
+        }
+    };
+    if right == WakeRight::MayNot {
+        debug!(host = %route.host, "public path for a sleeping service; not waking it");
+        return wake::unavailable("the service is asleep");
+    }
+    registry.request_wake(&route.agent, &route.service);
+    if navigation && route.wake.page {
+        return wake::waiting_page(route);
+    }
+    hold(
+        req,
+        upgrade,
+        state,
+        route,
+        client,
+        arrived + route.wake.hold,
+        after_failure,
+    )
+    .await
+}
 
+/// Holds a request until the service is ready, then forwards it. Held
+/// requests take turns in arrival order, each keeping its turn until the
+/// agent has connected it to the service, so the service sees them in
+/// that order too.
+async fn hold(
+    mut req: Request<Incoming>,
+    upgrade: bool,
+    state: &HttpState,
+    route: &RouteConfig,
+    client: SocketAddr,
+    deadline: Instant,
+    mut after_failure: bool,
+) -> Response<Body> {
+    let registry = &state.registry;
+    let Some(queue) = registry.wake_queue(&route.agent, &route.service) else {
+        // The agent never listed the service: forwarding says what is wrong.
+        return match forward(req, upgrade, state, route, client, None).await {
+            Ok(resp) => resp,
+            Err(Unreachable { error, .. }) => open_failure(&error, route),
+        };
+    };
+    debug!(host = %route.host, service = %route.service, "holding request while the service wakes");
+    let too_long = || {
+        info!(host = %route.host, service = %route.service, hold = ?route.wake.hold, "service not ready within hold");
+        wake::unavailable("the service is waking up; try again shortly")
+    };
+    loop {
+        let lock = queue.clone().lock_owned();
+        tokio::pin!(lock);
+        // The first poll takes our place in the line; only then does the
+        // request count as held, so the count follows the line's order.
+        let first = std::future::poll_fn(|cx| Poll::Ready(lock.as_mut().poll(cx))).await;
+        let held = registry.hold(&route.agent, &route.service);
+        let turn = match first {
+            Poll::Ready(turn) => turn,
+            Poll::Pending => match tokio::time::timeout_at(deadline, lock).await {
+                Ok(turn) => turn,
+                Err(_) => return too_long(),
+            },
+        };
+        if wake::wait_ready(registry, route, deadline, after_failure)
+            .await
+            .is_err()
+        {
+            return too_long();
+        }
+        drop(held);
+        match forward(req, upgrade, state, route, client, Some(turn)).await {
+            Ok(resp) => return resp,
+            Err(Unreachable { req: r, error })
+                if wake::worth_waking(&error) && Instant::now() < deadline =>
+            {
+                debug!(error = %error, "service still unreachable; waking again");
+                registry.request_wake(&route.agent, &route.service);
+                req = r;
+                after_failure = true;
+            }
+            Err(Unreachable { error, .. }) => return open_failure(&error, route),
+        }
+    }
+}
+
+/// Sends `req` (already rewritten by [`upstream_request`]) over a new
+/// stream. `turn` is released once the agent has answered the stream.
+async fn forward(
+    mut req: Request<Incoming>,
+    upgrade: bool,
+    state: &HttpState,
+    route: &RouteConfig,
+    client: SocketAddr,
+    turn: Option<OwnedMutexGuard<()>>,
+) -> Result<Response<Body>, Unreachable> {
     let open = StreamOpen {
         kind: if upgrade {
             StreamKind::WebSocket
@@ -379,14 +523,13 @@ async fn forward(
         service: route.service.clone(),
         client,
     };
-    let stream = match open_stream(&state.registry, &route.agent, open, &state.metrics).await {
+    let opened = open_stream(&state.registry, &route.agent, open, &state.metrics).await;
+    drop(turn);
+    let stream = match opened {
         Ok(s) => s,
-        Err(e) => {
-            let (status, body) = open_error_status(&e);
-            warn!(host = %route.host, agent = %route.agent, service = %route.service, error = %e, "cannot reach service");
-            return error_response(status, body);
-        }
+        Err(error) => return Err(Unreachable { req, error }),
     };
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let io = IdleIo::new(
         QuicIo::new(stream, state.metrics.clone()),
         route.idle_timeout,
@@ -398,7 +541,10 @@ async fn forward(
         Ok(pair) => pair,
         Err(e) => {
             warn!(error = %e, "upstream handshake failed");
-            return error_response(StatusCode::BAD_GATEWAY, "the service connection failed");
+            return Ok(error_response(
+                StatusCode::BAD_GATEWAY,
+                "the service connection failed",
+            ));
         }
     };
     tokio::spawn(async move {
@@ -407,16 +553,16 @@ async fn forward(
         }
     });
 
-    let sent = sender.send_request(up_req);
+    let sent = sender.send_request(req);
     let response = match route.response_timeout {
         Some(t) => match tokio::time::timeout(t, sent).await {
             Ok(r) => r,
             Err(_) => {
                 warn!(host = %route.host, timeout = ?t, "service sent no response headers in time");
-                return error_response(
+                return Ok(error_response(
                     StatusCode::GATEWAY_TIMEOUT,
                     "the service did not answer in time",
-                );
+                ));
             }
         },
         None => sent.await,
@@ -425,14 +571,20 @@ async fn forward(
         Ok(r) => r,
         Err(e) => {
             warn!(host = %route.host, error = %e, "service failed before responding");
-            return error_response(StatusCode::BAD_GATEWAY, "the service failed to respond");
+            return Ok(error_response(
+                StatusCode::BAD_GATEWAY,
+                "the service failed to respond",
+            ));
         }
     };
 
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         let Some(client_upgrade) = client_upgrade else {
             warn!(host = %route.host, "service switched protocols without an upgrade request");
-            return error_response(StatusCode::BAD_GATEWAY, "the service failed to respond");
+            return Ok(error_response(
+                StatusCode::BAD_GATEWAY,
+                "the service failed to respond",
+            ));
         };
         let upstream_upgrade = hyper::upgrade::on(&mut response);
         state.tracker.spawn(async move {
@@ -449,11 +601,11 @@ async fn forward(
             }
         });
         let (parts, _) = response.into_parts();
-        return Response::from_parts(parts, super::empty_body());
+        return Ok(Response::from_parts(parts, super::empty_body()));
     }
 
     strip_hop_by_hop(response.headers_mut());
-    response.map(|body| body.map_err(Into::into).boxed())
+    Ok(response.map(|body| body.map_err(Into::into).boxed()))
 }
 
 #[cfg(test)]

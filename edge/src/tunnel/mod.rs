@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::config::AgentConfig;
-pub use registry::{AgentLink, Registry};
+pub use registry::{AgentLink, Control, Registry, ServiceReport, WakeRecord, WakeSent};
 
 /// How long a QUIC handshake may take before the attempt is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -235,7 +235,7 @@ impl Tunnel {
         write_frames(&mut send, std::iter::from_fn(|| session.poll_transmit()))
             .await
             .map_err(|e| SessionEnd::Lost(e.to_string()))?;
-        let link = AgentLink::new(name.clone(), key, id, conn.clone());
+        let (link, mut control) = AgentLink::new(name.clone(), key, id, conn.clone());
         if let Some(old) = self.registry.insert(link.clone()) {
             info!(
                 old_session = old.session,
@@ -257,7 +257,7 @@ impl Tunnel {
                     match session.handle_frame(frame) {
                         Ok(EdgeEvent::Services(list)) => {
                             debug!(?list, "services");
-                            link.set_services(list);
+                            self.registry.set_services(&link, list);
                         }
                         Ok(EdgeEvent::AgentGoingAway) => {
                             info!("agent going away");
@@ -266,6 +266,15 @@ impl Tunnel {
                         }
                         Ok(EdgeEvent::Hello(_)) => break Err(SessionEnd::Protocol("second hello".into())),
                         Err(e) => break Err(SessionEnd::Protocol(e.to_string())),
+                    }
+                }
+                // The link in the registry holds the sender, so this stays open.
+                Some(command) = control.recv() => {
+                    match command {
+                        Control::Wake(service) => session.wake(service),
+                    }
+                    if let Err(e) = write_frames(&mut send, std::iter::from_fn(|| session.poll_transmit())).await {
+                        break Err(SessionEnd::Lost(e.to_string()));
                     }
                 }
                 () = stop.cancelled() => {

@@ -1,19 +1,32 @@
 //! Which agents are connected now, and waiting briefly for one that is
-//! expected back (just after an edge restart or an agent's reconnect).
+//! expected back (just after an edge restart or an agent's reconnect); what
+//! each agent says about its services, and the wake history of each.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use burrow_proto::identity::Fingerprint;
-use burrow_proto::{Name, ServiceStatus};
-use tokio::sync::watch;
+use burrow_proto::{Name, ServiceState, ServiceStatus, WakeMethod};
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
+use tracing::{debug, info};
 
 /// How long a request for an agent that is not connected waits for it,
 /// counted from the edge's start or the agent's last disconnect. Agents
 /// retry within a few seconds, so a restart is bridged instead of failing.
 pub const AGENT_GRACE: Duration = Duration::from_secs(5);
+/// After a wake request is sent for a service, more requests within this
+/// time send nothing (the agent deduplicates too; this spares the wire).
+pub const WAKE_REQUEST_REPEAT: Duration = Duration::from_secs(2);
+/// Control frames queued for one agent session at most.
+pub const CONTROL_QUEUE: usize = 64;
+
+/// What the edge asks of an agent on its control stream after the welcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Control {
+    Wake(Name),
+}
 
 /// One live agent session.
 #[derive(Debug, Clone)]
@@ -24,17 +37,30 @@ pub struct AgentLink {
     pub session: u64,
     pub conn: quinn::Connection,
     services: Arc<Mutex<Vec<ServiceStatus>>>,
+    control: mpsc::Sender<Control>,
 }
 
 impl AgentLink {
-    pub fn new(name: Name, key: Fingerprint, session: u64, conn: quinn::Connection) -> Self {
-        Self {
-            name,
-            key,
-            session,
-            conn,
-            services: Arc::default(),
-        }
+    /// A link and the receiving end of its control queue, which the
+    /// session's driver drains onto the control stream.
+    pub fn new(
+        name: Name,
+        key: Fingerprint,
+        session: u64,
+        conn: quinn::Connection,
+    ) -> (Self, mpsc::Receiver<Control>) {
+        let (control, rx) = mpsc::channel(CONTROL_QUEUE);
+        (
+            Self {
+                name,
+                key,
+                session,
+                conn,
+                services: Arc::default(),
+                control,
+            },
+            rx,
+        )
     }
 
     pub fn set_services(&self, list: Vec<ServiceStatus>) {
@@ -49,11 +75,79 @@ impl AgentLink {
     }
 }
 
+/// A finished wake, as the edge saw it: from the agent reporting
+/// "waking" to it reporting "up".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WakeRecord {
+    pub started: SystemTime,
+    pub took: Duration,
+}
+
+/// One service of one agent, for status pages and metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceReport {
+    pub agent: Name,
+    pub service: Name,
+    /// The last state the agent reported (it may be offline now).
+    pub state: ServiceState,
+    pub wake: WakeMethod,
+    /// Set while the service is waking.
+    pub waking_since: Option<SystemTime>,
+    pub last_wake: Option<WakeRecord>,
+    /// Wake requests this edge sent to the agent for the service.
+    pub wake_requests: u64,
+    /// Requests held now, waiting for the service to be ready.
+    pub held: usize,
+}
+
+/// Whether a wake request went out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WakeSent {
+    Sent,
+    /// The service is waking already.
+    AlreadyWaking,
+    /// One went out less than [`WAKE_REQUEST_REPEAT`] ago.
+    Recent,
+    /// The service cannot be woken.
+    NotWakeable,
+    /// The agent is not connected, or does not have the service.
+    Unavailable,
+}
+
+#[derive(Debug)]
+struct ServiceRecord {
+    status: ServiceStatus,
+    waking_since: Option<(Instant, SystemTime)>,
+    last_wake: Option<WakeRecord>,
+    wake_requests: u64,
+    last_request: Option<Instant>,
+    /// Held requests take turns in arrival order (tokio's mutex is fair).
+    queue: Arc<tokio::sync::Mutex<()>>,
+    held: usize,
+}
+
+impl ServiceRecord {
+    fn report(&self, agent: &Name) -> ServiceReport {
+        ServiceReport {
+            agent: agent.clone(),
+            service: self.status.name.clone(),
+            state: self.status.state,
+            wake: self.status.wake,
+            waking_since: self.waking_since.map(|(_, t)| t),
+            last_wake: self.last_wake,
+            wake_requests: self.wake_requests,
+            held: self.held,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Inner {
     links: HashMap<Name, AgentLink>,
     /// When each known agent was last seen going offline (or the edge started).
     offline_since: HashMap<Name, Instant>,
+    /// By agent, then service; kept across sessions for the history.
+    services: HashMap<Name, HashMap<Name, ServiceRecord>>,
 }
 
 /// The connected agents, by name.
@@ -70,6 +164,7 @@ impl Registry {
             inner: Mutex::new(Inner {
                 links: HashMap::new(),
                 offline_since: expected.into_iter().map(|n| (n, now)).collect(),
+                services: HashMap::new(),
             }),
             changed: watch::channel(0).0,
         }
@@ -158,8 +253,181 @@ impl Registry {
         }
     }
 
-    /// A receiver that changes whenever an agent connects or leaves.
+    /// A receiver that changes whenever an agent connects or leaves, or a
+    /// service's state changes.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
+    }
+
+    /// Takes in the service list an agent's session reported.
+    pub fn set_services(&self, link: &AgentLink, list: Vec<ServiceStatus>) {
+        link.set_services(list.clone());
+        {
+            let mut inner = self.lock();
+            if inner
+                .links
+                .get(&link.name)
+                .is_none_or(|l| l.session != link.session)
+            {
+                // A replaced session's last words.
+                return;
+            }
+            let records = inner.services.entry(link.name.clone()).or_default();
+            let now = Instant::now();
+            for status in list {
+                let record = records
+                    .entry(status.name.clone())
+                    .or_insert_with(|| ServiceRecord {
+                        status: status.clone(),
+                        waking_since: None,
+                        last_wake: None,
+                        wake_requests: 0,
+                        last_request: None,
+                        queue: Arc::default(),
+                        held: 0,
+                    });
+                let before = record.status.state;
+                match (before, status.state) {
+                    (_, ServiceState::Waking) => {
+                        if record.waking_since.is_none() {
+                            record.waking_since = Some((now, SystemTime::now()));
+                        }
+                    }
+                    (_, ServiceState::Up) => {
+                        if let Some((at, started)) = record.waking_since.take() {
+                            let took = now.saturating_duration_since(at);
+                            info!(agent = %link.name, service = %status.name, took_ms = took.as_millis() as u64, "service woke");
+                            record.last_wake = Some(WakeRecord { started, took });
+                        }
+                    }
+                    (_, ServiceState::Down | ServiceState::Unknown) => {
+                        if record.waking_since.take().is_some() {
+                            info!(agent = %link.name, service = %status.name, "service did not wake");
+                        }
+                    }
+                }
+                if before != status.state {
+                    debug!(agent = %link.name, service = %status.name, state = %status.state, "service state");
+                }
+                record.status = status;
+            }
+        }
+        self.bump();
+    }
+
+    /// What the connected agent last said about `service`; `None` when the
+    /// agent is offline or does not list it.
+    pub fn service(&self, agent: &Name, service: &Name) -> Option<ServiceStatus> {
+        let inner = self.lock();
+        inner.links.get(agent)?;
+        Some(inner.services.get(agent)?.get(service)?.status.clone())
+    }
+
+    /// Every service of every agent seen since the edge started.
+    pub fn service_reports(&self) -> Vec<ServiceReport> {
+        let inner = self.lock();
+        let mut out: Vec<ServiceReport> = inner
+            .services
+            .iter()
+            .flat_map(|(agent, records)| records.values().map(|r| r.report(agent)))
+            .collect();
+        out.sort_by(|a, b| (&a.agent, &a.service).cmp(&(&b.agent, &b.service)));
+        out
+    }
+
+    /// One service's report, if its agent ever listed it.
+    pub fn service_report(&self, agent: &Name, service: &Name) -> Option<ServiceReport> {
+        let inner = self.lock();
+        Some(inner.services.get(agent)?.get(service)?.report(agent))
+    }
+
+    /// Asks the agent to wake `service`, unless it is waking already or was
+    /// asked less than [`WAKE_REQUEST_REPEAT`] ago.
+    pub fn request_wake(&self, agent: &Name, service: &Name) -> WakeSent {
+        let mut inner = self.lock();
+        let Some(link) = inner.links.get(agent).cloned() else {
+            return WakeSent::Unavailable;
+        };
+        let Some(record) = inner
+            .services
+            .get_mut(agent)
+            .and_then(|r| r.get_mut(service))
+        else {
+            return WakeSent::Unavailable;
+        };
+        if record.status.wake == WakeMethod::NotConfigured {
+            return WakeSent::NotWakeable;
+        }
+        if record.status.state == ServiceState::Waking {
+            return WakeSent::AlreadyWaking;
+        }
+        let now = Instant::now();
+        if record
+            .last_request
+            .is_some_and(|at| now.saturating_duration_since(at) < WAKE_REQUEST_REPEAT)
+        {
+            return WakeSent::Recent;
+        }
+        if link
+            .control
+            .try_send(Control::Wake(service.clone()))
+            .is_err()
+        {
+            // The queue is full or the session is ending; a later request retries.
+            return WakeSent::Unavailable;
+        }
+        record.last_request = Some(now);
+        record.wake_requests += 1;
+        info!(%agent, %service, "asked agent to wake service");
+        WakeSent::Sent
+    }
+
+    /// The queue held requests for `service` take turns in.
+    pub fn wake_queue(&self, agent: &Name, service: &Name) -> Option<Arc<tokio::sync::Mutex<()>>> {
+        let inner = self.lock();
+        Some(inner.services.get(agent)?.get(service)?.queue.clone())
+    }
+
+    /// Counts a request as held until the guard is dropped.
+    pub fn hold(self: &Arc<Self>, agent: &Name, service: &Name) -> HeldGuard {
+        self.add_held(agent, service, true);
+        HeldGuard {
+            registry: self.clone(),
+            agent: agent.clone(),
+            service: service.clone(),
+        }
+    }
+
+    fn add_held(&self, agent: &Name, service: &Name, up: bool) {
+        {
+            let mut inner = self.lock();
+            let Some(r) = inner
+                .services
+                .get_mut(agent)
+                .and_then(|r| r.get_mut(service))
+            else {
+                return;
+            };
+            r.held = if up {
+                r.held.saturating_add(1)
+            } else {
+                r.held.saturating_sub(1)
+            };
+        }
+        self.bump();
+    }
+}
+
+/// A request counted in [`ServiceReport::held`].
+#[derive(Debug)]
+pub struct HeldGuard {
+    registry: Arc<Registry>,
+    agent: Name,
+    service: Name,
+}
+
+impl Drop for HeldGuard {
+    fn drop(&mut self) {
+        self.registry.add_held(&self.agent, &self.service, false);
     }
 }

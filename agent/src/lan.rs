@@ -1,0 +1,137 @@
+//! `[[lan]]`: a wake-aware TCP proxy on the home network. Point a local
+//! client (Open WebUI's Ollama URL) at it: each connection goes straight to
+//! the service when it is up; otherwise the service's machine is woken and
+//! the connection waits, its bytes unread, until the service is ready.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use burrow_proto::{ServiceState, WakeMethod};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::config::ServiceConfig;
+use crate::forward::connect_timeout;
+use crate::monitor::{Monitors, Origin};
+
+/// How long a LAN connection waits for its service to wake before it is
+/// closed. Matches the edge's default `[route.wake] hold`.
+pub const LAN_WAKE_WAIT: Duration = Duration::from_secs(180);
+
+/// Accepts connections on `listener` for `service` until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    service: Arc<ServiceConfig>,
+    monitors: Monitors,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(service = %service.name, error = %e, "lan accept failed");
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => return,
+        };
+        let span = info_span!("lan", service = %service.name, %peer);
+        let service = service.clone();
+        let monitors = monitors.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(
+            async move {
+                tokio::select! {
+                    () = proxy(tcp, &service, &monitors) => {}
+                    () = stop.cancelled() => {}
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
+
+async fn connect(service: &ServiceConfig) -> Result<TcpStream, String> {
+    match tokio::time::timeout(
+        connect_timeout(service),
+        TcpStream::connect(&service.target),
+    )
+    .await
+    {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("connect timed out".into()),
+    }
+}
+
+/// One client connection: connect (waking first when needed), then pipe.
+async fn proxy(mut client: TcpStream, service: &ServiceConfig, monitors: &Monitors) {
+    let _ = client.set_nodelay(true);
+    let deadline = tokio::time::Instant::now() + LAN_WAKE_WAIT;
+    let mut views = monitors.subscribe();
+    let upstream = loop {
+        let (state, wake) = views
+            .borrow_and_update()
+            .iter()
+            .find(|v| v.name == service.name)
+            .map_or((ServiceState::Unknown, WakeMethod::NotConfigured), |v| {
+                (v.state, v.wake)
+            });
+        let sleeping = wake == WakeMethod::MagicPacket
+            && matches!(state, ServiceState::Down | ServiceState::Waking);
+        if !sleeping {
+            match connect(service).await {
+                Ok(s) => break s,
+                Err(e) if wake == WakeMethod::NotConfigured => {
+                    info!(target = %service.target, error = %e, "cannot reach service");
+                    return;
+                }
+                Err(e) => {
+                    debug!(error = %e, "connect failed; waking");
+                    monitors.connect_failed(&service.name);
+                    // Let the monitor take in the failure, so a stale "up"
+                    // does not send us straight back to a failing connect.
+                    if !wait_until(&mut views, deadline, service, |s| {
+                        !matches!(s, ServiceState::Up | ServiceState::Unknown)
+                    })
+                    .await
+                    {
+                        return;
+                    }
+                }
+            }
+        }
+        monitors.wake(&service.name, Origin::Lan);
+        if !wait_until(&mut views, deadline, service, |s| s == ServiceState::Up).await {
+            info!(waited = ?LAN_WAKE_WAIT, "service did not wake in time; closing");
+            return;
+        }
+    };
+    let _ = upstream.set_nodelay(true);
+    let mut upstream = upstream;
+    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        Ok((up, down)) => debug!(up, down, "lan connection closed"),
+        Err(e) => debug!(error = %e, "lan connection aborted"),
+    }
+}
+
+/// Waits until `service`'s state satisfies `pred`; `false` when the
+/// deadline passed first or the monitor is gone.
+async fn wait_until(
+    views: &mut tokio::sync::watch::Receiver<Vec<crate::monitor::ServiceView>>,
+    deadline: tokio::time::Instant,
+    service: &ServiceConfig,
+    pred: impl Fn(ServiceState) -> bool,
+) -> bool {
+    let found = views.wait_for(|vs| vs.iter().any(|v| v.name == service.name && pred(v.state)));
+    matches!(tokio::time::timeout_at(deadline, found).await, Ok(Ok(_)))
+}
+
+/// The bound address of a listener, for logs and tests.
+pub fn local_addr(l: &std::net::TcpListener) -> SocketAddr {
+    l.local_addr()
+        .expect("a bound listener has a local address")
+}
