@@ -169,7 +169,11 @@ fn check(path: &std::path::Path) -> Result<ConfigKind, ConfigError> {
 
 /// Reloads the config file on each SIGHUP and hands valid ones to `tx`; a
 /// file that does not load is logged and the running config stays.
-fn reload_on_sighup(path: PathBuf, tx: tokio::sync::mpsc::Sender<EdgeConfig>) {
+fn reload_on_sighup<C: Send + 'static>(
+    path: PathBuf,
+    tx: tokio::sync::mpsc::Sender<C>,
+    load: fn(&std::path::Path) -> Result<C, ConfigError>,
+) {
     tokio::spawn(async move {
         let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
             Ok(s) => s,
@@ -180,7 +184,7 @@ fn reload_on_sighup(path: PathBuf, tx: tokio::sync::mpsc::Sender<EdgeConfig>) {
         };
         while hup.recv().await.is_some() {
             notify::notify("RELOADING=1");
-            match EdgeConfig::load(&path) {
+            match load(&path) {
                 Ok(config) => {
                     tracing::info!(path = %path.display(), "reloading config");
                     if tx.send(config).await.is_err() {
@@ -203,7 +207,7 @@ async fn run_edge(config: EdgeConfig, path: PathBuf) -> ExitCode {
         }
     };
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    reload_on_sighup(path, tx);
+    reload_on_sighup(path, tx, EdgeConfig::load);
     let shutdown = shutdown_on_signals();
     notify::notify("READY=1");
     notify::spawn_watchdog();
@@ -216,7 +220,7 @@ async fn run_edge(config: EdgeConfig, path: PathBuf) -> ExitCode {
     }
 }
 
-async fn run_agent(config: AgentConfig) -> ExitCode {
+async fn run_agent(config: AgentConfig, path: PathBuf) -> ExitCode {
     let agent = match Agent::new(config) {
         Ok(a) => a,
         Err(e) => {
@@ -224,9 +228,11 @@ async fn run_agent(config: AgentConfig) -> ExitCode {
             return ExitCode::from(EXIT_FAILURE);
         }
     };
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    reload_on_sighup(path, tx, AgentConfig::load);
     notify::notify("READY=1");
     notify::spawn_watchdog();
-    match agent.run(shutdown_on_signals()).await {
+    match agent.run_with_reloads(shutdown_on_signals(), rx).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!(error = %e, "agent failed");
@@ -295,7 +301,7 @@ fn main() -> ExitCode {
             Err(e) => config_failure(&e),
         },
         Command::Agent { config } => match AgentConfig::load(&config) {
-            Ok(c) => runtime().block_on(run_agent(c)),
+            Ok(c) => runtime().block_on(run_agent(c, config)),
             Err(e) => config_failure(&e),
         },
         Command::Wake {

@@ -33,6 +33,8 @@ struct EdgeProcess {
     base: String,
     roots: Arc<rustls::RootCertStore>,
     _agent: AgentHandle,
+    agent_extras: AgentExtras,
+    agent_base: String,
 }
 
 async fn edge_process(routes: &str) -> EdgeProcess {
@@ -49,9 +51,10 @@ async fn edge_process(routes: &str) -> EdgeProcess {
     let fingerprint = listening["fingerprint"].as_str().unwrap().to_owned();
     let https = field_addr(&process.wait_log("serving https"), "addr");
     let app = demo_app().await;
-    let mut agent = start_agent(agent_config(&format!(
+    let agent_base = format!(
         "[agent]\nname = \"home\"\nedge = \"{tunnel}\"\nedge_key = \"{fingerprint}\"\nkey = {key:?}\n\n[[service]]\nname = \"app\"\nurl = \"http://{app}\"\n"
-    )));
+    );
+    let (mut agent, agent_extras) = start_agent_with(agent_config(&agent_base));
     agent.connected().await;
     let mut roots = rustls::RootCertStore::empty();
     for cert in
@@ -68,6 +71,8 @@ async fn edge_process(routes: &str) -> EdgeProcess {
         base,
         roots: Arc::new(roots),
         _agent: agent,
+        agent_extras,
+        agent_base,
     }
 }
 
@@ -223,6 +228,7 @@ fn parse_prometheus(text: &str) -> BTreeMap<String, Vec<(String, f64)>> {
             let (name, kind) = rest.split_once(' ').unwrap();
             assert!(["counter", "gauge", "histogram"].contains(&kind), "{line}");
             declared.insert(name.to_owned(), kind.to_owned());
+            samples.entry(name.to_owned()).or_default();
         } else {
             assert!(!line.starts_with('#'), "unknown comment: {line}");
             let (series, value) = line
@@ -329,6 +335,9 @@ async fn metrics_parse_as_prometheus_text_and_carry_the_series() {
         "burrow_certificate_expiry_timestamp_seconds",
         "burrow_service_state",
         "burrow_time_to_first_byte_seconds",
+        "burrow_wake_requests_total",
+        "burrow_requests_held",
+        "burrow_last_wake_duration_seconds",
     ] {
         assert!(m.contains_key(family), "missing {family} in\n{text}");
     }
@@ -362,6 +371,7 @@ async fn metrics_parse_as_prometheus_text_and_carry_the_series() {
     let status: serde_json::Value = serde_json::from_str(&fetch("/status").await).unwrap();
     assert_eq!(status["agents"][0]["name"], "home");
     assert_eq!(status["certificates"][0]["name"], "m.test");
+    assert_eq!(status["services"][0]["service"], "test");
 }
 
 fn unit_for_test(name: &str) -> std::path::PathBuf {
@@ -411,4 +421,51 @@ fn systemd_units_verify_and_are_hardened() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_reload_adds_a_service_without_dropping_a_websocket() {
+    let e = edge_process(&format!(
+        "{}{}",
+        route("a.test"),
+        route("b.test").replace("\"app\"", "\"app2\"")
+    ))
+    .await;
+    let (mut ws, _) = tokio_tungstenite::client_async("wss://a.test/ws", e.tls("a.test").await)
+        .await
+        .unwrap();
+    ws.send(Message::text("before")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("before"));
+    // The agent does not know app2 yet.
+    assert_eq!(
+        e.get("a.test", "b.test", "/api/version").await.0,
+        StatusCode::BAD_GATEWAY
+    );
+
+    let app2 = demo_app().await;
+    let mut views = e.agent_extras.services.clone();
+    e.agent_extras
+        .reload
+        .send(agent_config(&format!(
+            "{}\n[[service]]\nname = \"app2\"\nurl = \"http://{app2}\"\n",
+            e.agent_base
+        )))
+        .await
+        .unwrap();
+    tokio::time::timeout(
+        WAIT,
+        views.wait_for(|v| v.iter().any(|s| s.name.as_str() == "app2")),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+
+    let (status, body) = e.get("a.test", "b.test", "/api/version").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    ws.send(Message::text("after")).await.unwrap();
+    assert_eq!(
+        ws.next().await.unwrap().unwrap(),
+        Message::text("after"),
+        "the tunnel and the WebSocket stayed"
+    );
 }

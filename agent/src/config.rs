@@ -88,7 +88,7 @@ pub enum Scheme {
     Tcp,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceConfig {
     pub name: Name,
     pub scheme: Scheme,
@@ -118,7 +118,7 @@ impl std::fmt::Debug for SecureOn {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LanConfig {
     pub listen: SocketAddr,
     pub service: Name,

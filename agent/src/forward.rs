@@ -34,23 +34,31 @@ pub fn connect_timeout(service: &ServiceConfig) -> Duration {
     }
 }
 
-/// The services this agent forwards to, by name.
+/// The services this agent forwards to, by name; a reload replaces them
+/// while streams already connected carry on.
 #[derive(Debug)]
 pub struct Services {
-    list: Vec<ServiceConfig>,
+    list: std::sync::RwLock<Vec<ServiceConfig>>,
 }
 
 impl Services {
     pub fn new(list: Vec<ServiceConfig>) -> Self {
-        Self { list }
+        Self {
+            list: std::sync::RwLock::new(list),
+        }
     }
 
-    pub fn get(&self, name: &Name) -> Option<&ServiceConfig> {
-        self.list.iter().find(|s| &s.name == name)
+    pub fn get(&self, name: &Name) -> Option<ServiceConfig> {
+        self.list
+            .read()
+            .expect("services lock not poisoned")
+            .iter()
+            .find(|s| &s.name == name)
+            .cloned()
     }
 
-    pub fn all(&self) -> &[ServiceConfig] {
-        &self.list
+    pub fn set(&self, list: Vec<ServiceConfig>) {
+        *self.list.write().expect("services lock not poisoned") = list;
     }
 }
 
@@ -107,7 +115,7 @@ async fn serve(
         return;
     };
     let tcp = match tokio::time::timeout(
-        connect_timeout(service),
+        connect_timeout(&service),
         TcpStream::connect(&service.target),
     )
     .await

@@ -113,7 +113,20 @@ impl Agent {
     }
 
     /// Runs until `shutdown`, reconnecting to the edge forever.
+    /// Runs until `shutdown`; see [`Agent::run_with_reloads`].
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), AgentError> {
+        let (_keep, reloads) = tokio::sync::mpsc::channel(1);
+        self.run_with_reloads(shutdown, reloads).await
+    }
+
+    /// Runs until `shutdown`, reconnecting to the edge forever. Each config
+    /// received on `reloads` replaces the services (forwarding, probes, the
+    /// list the edge sees) without touching the tunnel or open streams.
+    pub async fn run_with_reloads(
+        self,
+        shutdown: CancellationToken,
+        mut reloads: tokio::sync::mpsc::Receiver<AgentConfig>,
+    ) -> Result<(), AgentError> {
         let client = tunnel::client_config(&self.config, &self.identity)?;
         // Dual-stack when the host has IPv6, so either kind of edge address works.
         let socket = quic::bind_udp(SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)))
@@ -153,8 +166,24 @@ impl Agent {
                 shutdown.clone(),
             ));
         }
+        let services = Arc::new(Services::new(self.config.services.clone()));
+        {
+            let services = services.clone();
+            let monitors = self.monitors.clone();
+            let mut current = (*self.config).clone();
+            let shutdown = shutdown.clone();
+            tasks.spawn(async move {
+                loop {
+                    let new = tokio::select! {
+                        Some(new) = reloads.recv() => new,
+                        () = shutdown.cancelled() => return,
+                    };
+                    apply_reload(&mut current, new, &services, &monitors);
+                }
+            });
+        }
         let dialer = Dialer {
-            services: Arc::new(Services::new(self.config.services.clone())),
+            services,
             config: self.config,
             client,
             monitors: self.monitors,
@@ -165,4 +194,40 @@ impl Agent {
         while tasks.join_next().await.is_some() {}
         Ok(())
     }
+}
+
+/// Applies a reloaded config to a running agent.
+fn apply_reload(
+    current: &mut AgentConfig,
+    new: AgentConfig,
+    services: &Services,
+    monitors: &Monitors,
+) {
+    let restart_only = [
+        ("agent.name", current.name != new.name),
+        ("agent.edge", current.edge != new.edge),
+        ("agent.edge_key", current.edge_key != new.edge_key),
+        ("agent.edge_ca", current.edge_ca != new.edge_ca),
+        ("agent.key", current.key_path != new.key_path),
+        ("lan", current.lan != new.lan),
+    ];
+    for (key, changed) in restart_only {
+        if changed {
+            tracing::warn!(
+                key,
+                "changed in the config; it takes effect at the next restart"
+            );
+        }
+    }
+    for l in &current.lan {
+        let before = current.services.iter().find(|s| s.name == l.service);
+        let after = new.services.iter().find(|s| s.name == l.service);
+        if before != after {
+            tracing::warn!(listen = %l.listen, service = %l.service, "a [[lan]] proxy keeps its service's old settings until the next restart");
+        }
+    }
+    services.set(new.services.clone());
+    monitors.reconfigure(new.services.clone());
+    info!(services = new.services.len(), "config reloaded");
+    *current = new;
 }

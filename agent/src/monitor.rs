@@ -305,8 +305,15 @@ pub fn wake_method(service: &ServiceConfig) -> WakeMethod {
 
 #[derive(Debug)]
 enum Command {
-    Wake { service: Name, origin: Origin },
-    ConnectFailed { service: Name },
+    Wake {
+        service: Name,
+        origin: Origin,
+    },
+    ConnectFailed {
+        service: Name,
+    },
+    /// A reload changed the services: unchanged ones keep their state.
+    Reconfigure(Vec<ServiceConfig>),
 }
 
 /// The shared handle: ask for wakes, report failed connects, follow states.
@@ -338,6 +345,7 @@ impl Monitors {
                 commands: rx,
                 views: tx,
                 reasons: vec![None; services.len()],
+                generation: 0,
             },
         )
     }
@@ -363,6 +371,12 @@ impl Monitors {
         });
     }
 
+    /// Replaces the monitored services (config reload). Services whose
+    /// config did not change keep their state and schedule.
+    pub fn reconfigure(&self, services: Vec<ServiceConfig>) {
+        self.send(Command::Reconfigure(services));
+    }
+
     /// Follows every service's view; changes whenever one changes.
     pub fn subscribe(&self) -> watch::Receiver<Vec<ServiceView>> {
         self.views.clone()
@@ -386,6 +400,8 @@ pub struct MonitorTask {
     views: watch::Sender<Vec<ServiceView>>,
     /// Why each service's last probe failed, for the log line saying it is down.
     reasons: Vec<Option<String>>,
+    /// Bumped by each reconfiguration.
+    generation: u64,
 }
 
 impl MonitorTask {
@@ -397,7 +413,9 @@ impl MonitorTask {
             .map(|s| ServiceMonitor::new(start, s.probe_interval, wake_method(s)))
             .collect();
         // One probe per service at most is in flight, so this stays small.
-        let (results_tx, mut results) = mpsc::unbounded_channel::<(usize, Readiness)>();
+        // Probe results carry the generation they were started in, so a
+        // result that lands after a reload renumbered the services is dropped.
+        let (results_tx, mut results) = mpsc::unbounded_channel::<(u64, usize, Readiness)>();
         loop {
             let now = tokio::time::Instant::now().into_std();
             for (i, m) in monitors.iter_mut().enumerate() {
@@ -426,8 +444,11 @@ impl MonitorTask {
                     let now = tokio::time::Instant::now().into_std();
                     self.command(&mut monitors, now, command);
                 }
-                Some((i, readiness)) = results.recv() => {
+                Some((generation, i, readiness)) = results.recv() => {
                     let now = tokio::time::Instant::now().into_std();
+                    if generation != self.generation {
+                        continue;
+                    }
                     if let Some(m) = monitors.get_mut(i) {
                         m.handle_probe(now, &readiness);
                         self.reasons[i] = match readiness {
@@ -446,8 +467,53 @@ impl MonitorTask {
         self.services.iter().position(|s| &s.name == name)
     }
 
-    fn command(&self, monitors: &mut [ServiceMonitor], now: Instant, command: Command) {
+    fn command(&mut self, monitors: &mut Vec<ServiceMonitor>, now: Instant, command: Command) {
         match command {
+            Command::Reconfigure(services) => {
+                let old_views = self.views.borrow().clone();
+                let mut kept = 0;
+                let mut old: Vec<Option<ServiceMonitor>> =
+                    std::mem::take(monitors).into_iter().map(Some).collect();
+                let mut new_monitors = Vec::with_capacity(services.len());
+                let mut reasons = Vec::with_capacity(services.len());
+                let mut views = Vec::with_capacity(services.len());
+                for s in &services {
+                    let same = self.services.iter().position(|o| **o == *s);
+                    match same.and_then(|i| Some((i, old.get_mut(i)?.take()?))) {
+                        Some((i, monitor)) => {
+                            kept += 1;
+                            new_monitors.push(monitor);
+                            reasons.push(self.reasons[i].clone());
+                            views.push(old_views[i].clone());
+                        }
+                        None => {
+                            new_monitors.push(ServiceMonitor::new(
+                                now,
+                                s.probe_interval,
+                                wake_method(s),
+                            ));
+                            reasons.push(None);
+                            views.push(ServiceView {
+                                name: s.name.clone(),
+                                state: ServiceState::Unknown,
+                                wake: wake_method(s),
+                                wakes: 0,
+                                last_wake: None,
+                            });
+                        }
+                    }
+                }
+                info!(
+                    services = services.len(),
+                    unchanged = kept,
+                    "services reconfigured"
+                );
+                self.services = services.into_iter().map(Arc::new).collect();
+                self.reasons = reasons;
+                self.generation += 1;
+                *monitors = new_monitors;
+                self.views.send_replace(views);
+            }
             Command::Wake { service, origin } => {
                 let Some(i) = self.index(&service) else {
                     debug!(%service, %origin, "wake requested for an unknown service");
@@ -472,14 +538,20 @@ impl MonitorTask {
         }
     }
 
-    fn act(&self, i: usize, action: Action, results: &mpsc::UnboundedSender<(usize, Readiness)>) {
+    fn act(
+        &self,
+        i: usize,
+        action: Action,
+        results: &mpsc::UnboundedSender<(u64, usize, Readiness)>,
+    ) {
         let service = self.services[i].clone();
+        let generation = self.generation;
         match action {
             Action::Probe => {
                 let results = results.clone();
                 tokio::spawn(async move {
                     let r = health::probe(&service).await;
-                    let _ = results.send((i, r));
+                    let _ = results.send((generation, i, r));
                 });
             }
             Action::SendMagicPacket => {

@@ -237,9 +237,13 @@ impl Dialer {
         let mut states_changed = views.has_changed().unwrap_or(false);
         loop {
             if std::mem::take(&mut states_changed) {
-                for v in views.borrow_and_update().iter() {
-                    session.set_service_state(v.status());
-                }
+                // The full list: a reload may have added or removed services.
+                let list = views
+                    .borrow_and_update()
+                    .iter()
+                    .map(|v| v.status())
+                    .collect();
+                session.set_services(list);
                 if let Err(e) =
                     write_frames(&mut send, std::iter::from_fn(|| session.poll_transmit())).await
                 {

@@ -76,6 +76,54 @@ impl AdminState {
                 );
             }
         }
+        let reports = self.registry.service_reports();
+        family(
+            &mut out,
+            "burrow_wake_requests_total",
+            "counter",
+            "Wake requests the edge sent, by service.",
+        );
+        for r in &reports {
+            let _ = writeln!(
+                out,
+                "burrow_wake_requests_total{{agent=\"{}\",service=\"{}\"}} {}",
+                label(r.agent.as_str()),
+                label(r.service.as_str()),
+                r.wake_requests
+            );
+        }
+        family(
+            &mut out,
+            "burrow_requests_held",
+            "gauge",
+            "Requests held now, waiting for their service to wake.",
+        );
+        for r in &reports {
+            let _ = writeln!(
+                out,
+                "burrow_requests_held{{agent=\"{}\",service=\"{}\"}} {}",
+                label(r.agent.as_str()),
+                label(r.service.as_str()),
+                r.held
+            );
+        }
+        family(
+            &mut out,
+            "burrow_last_wake_duration_seconds",
+            "gauge",
+            "How long the last wake took, from request to ready.",
+        );
+        for r in &reports {
+            if let Some(w) = &r.last_wake {
+                let _ = writeln!(
+                    out,
+                    "burrow_last_wake_duration_seconds{{agent=\"{}\",service=\"{}\"}} {}",
+                    label(r.agent.as_str()),
+                    label(r.service.as_str()),
+                    w.took.as_secs_f64()
+                );
+            }
+        }
         family(
             &mut out,
             "burrow_throttled_addresses",
@@ -133,9 +181,29 @@ impl AdminState {
                 })
             })
             .collect();
+        let services: Vec<_> = self
+            .registry
+            .service_reports()
+            .into_iter()
+            .map(|r| {
+                serde_json::json!({
+                    "agent": r.agent.as_str(),
+                    "service": r.service.as_str(),
+                    "state": r.state.to_string(),
+                    "waking_since": r.waking_since.map(unix),
+                    "last_wake": r.last_wake.map(|w| serde_json::json!({
+                        "at": unix(w.started),
+                        "took_ms": u64::try_from(w.took.as_millis()).unwrap_or(u64::MAX),
+                    })),
+                    "wake_requests": r.wake_requests,
+                    "held": r.held,
+                })
+            })
+            .collect();
         serde_json::json!({
             "version": env!("CARGO_PKG_VERSION"),
             "agents": agents,
+            "services": services,
             "certificates": certificates,
             "streams_open": self.metrics.streams_open(),
             "throttled_addresses": self.throttled(),

@@ -180,6 +180,19 @@ impl AgentSession {
             .push_back(AgentToEdge::Services(self.services.clone()));
     }
 
+    /// Replaces the whole service list (services added or removed by a
+    /// reload); queues an update only on change.
+    pub fn set_services(&mut self, list: Vec<ServiceStatus>) {
+        if self.services == list {
+            return;
+        }
+        self.services = list;
+        self.outbox
+            .retain(|f| !matches!(f, AgentToEdge::Services(_)));
+        self.outbox
+            .push_back(AgentToEdge::Services(self.services.clone()));
+    }
+
     /// Tells the edge this agent is shutting down.
     pub fn go_away(&mut self) {
         if self.phase != AgentPhase::Closed {
@@ -435,6 +448,24 @@ mod tests {
             })]
         );
         assert!(!agent.is_established());
+    }
+
+    #[test]
+    fn a_new_service_list_replaces_the_old_one() {
+        let status = |n: &str| ServiceStatus {
+            name: name(n),
+            state: ServiceState::Up,
+            wake: crate::frame::WakeMethod::NotConfigured,
+        };
+        let mut agent = AgentSession::new(name("home"), vec![status("a"), status("b")]);
+        while agent.poll_transmit().is_some() {}
+        agent.set_services(vec![status("a"), status("b")]);
+        assert_eq!(agent.poll_transmit(), None, "same list: nothing to send");
+        agent.set_services(vec![status("b"), status("c")]);
+        assert_eq!(
+            agent.poll_transmit(),
+            Some(AgentToEdge::Services(vec![status("b"), status("c")]))
+        );
     }
 
     #[test]

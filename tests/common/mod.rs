@@ -121,18 +121,27 @@ pub fn start_agent(config: AgentConfig) -> AgentHandle {
 pub struct AgentExtras {
     pub services: watch::Receiver<Vec<burrow_agent::monitor::ServiceView>>,
     pub lan: Vec<SocketAddr>,
+    /// Hands the running agent a new config, as SIGHUP does.
+    pub reload: tokio::sync::mpsc::Sender<AgentConfig>,
 }
 
 pub fn start_agent_with(config: AgentConfig) -> (AgentHandle, AgentExtras) {
     let agent = Agent::new(config).expect("agent loads its key");
     let status = agent.status();
+    let (reload, reloads) = tokio::sync::mpsc::channel(4);
     let extras = AgentExtras {
         services: agent.services(),
         lan: agent.lan_addrs(),
+        reload,
     };
     let shutdown = CancellationToken::new();
     let s = shutdown.clone();
-    tokio::spawn(async move { agent.run(s).await.expect("agent runs") });
+    tokio::spawn(async move {
+        agent
+            .run_with_reloads(s, reloads)
+            .await
+            .expect("agent runs")
+    });
     (AgentHandle { status, shutdown }, extras)
 }
 
