@@ -9,29 +9,10 @@ mod common;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use argon2::password_hash::{PasswordHasher, SaltString};
-use base64::Engine;
 use common::web::*;
+use common::{basic, cheap_hash};
 use http::StatusCode;
 use http::header::{AUTHORIZATION, COOKIE, RETRY_AFTER, SET_COOKIE, WWW_AUTHENTICATE};
-
-/// A cheap argon2id hash (the edge honours the cost in the string), so
-/// tests that only need a right password stay fast.
-fn cheap_hash(password: &str) -> String {
-    let params = argon2::Params::new(1024, 1, 1, None).unwrap();
-    let a = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
-    let salt = SaltString::encode_b64(b"burrow-test-salt").unwrap();
-    a.hash_password(password.as_bytes(), &salt)
-        .unwrap()
-        .to_string()
-}
-
-fn basic(user: &str, password: &str) -> String {
-    format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
-    )
-}
 
 fn routes(extra: &str) -> String {
     format!(

@@ -13,8 +13,6 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use argon2::password_hash::{PasswordHasher, SaltString};
-use base64::Engine;
 use bytes::Bytes;
 use common::standin::*;
 use common::web::*;
@@ -41,23 +39,6 @@ const PASSWORD: &str = "wonderland";
 
 // ---------------------------------------------------------------------------
 // The edge, the agent and the client side.
-
-/// A cheap argon2id hash (the edge honours the cost in the string).
-fn cheap_hash(password: &str) -> String {
-    let params = argon2::Params::new(1024, 1, 1, None).unwrap();
-    let a = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
-    let salt = SaltString::encode_b64(b"burrow-test-salt").unwrap();
-    a.hash_password(password.as_bytes(), &salt)
-        .unwrap()
-        .to_string()
-}
-
-fn basic(user: &str, password: &str) -> String {
-    format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
-    )
-}
 
 struct Bed {
     site: Site,

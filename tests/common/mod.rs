@@ -243,6 +243,27 @@ pub async fn echo_once(addr: SocketAddr, msg: &[u8]) -> Vec<u8> {
     back
 }
 
+/// A cheap argon2id hash (the edge honours the cost in the string), so
+/// tests that only need a right password stay fast.
+pub fn cheap_hash(password: &str) -> String {
+    use argon2::password_hash::{PasswordHasher, SaltString};
+    let params = argon2::Params::new(1024, 1, 1, None).unwrap();
+    let a = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+    let salt = SaltString::encode_b64(b"burrow-test-salt").unwrap();
+    a.hash_password(password.as_bytes(), &salt)
+        .unwrap()
+        .to_string()
+}
+
+/// An `Authorization: Basic` value.
+pub fn basic(user: &str, password: &str) -> String {
+    use base64::Engine;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+    )
+}
+
 /// Deterministic pseudo-random bytes (xorshift64*), cheap in debug builds.
 pub fn fill_pseudo_random(seed: u64, buf: &mut [u8]) {
     let mut x = seed | 1;

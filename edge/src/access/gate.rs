@@ -4,14 +4,12 @@
 //! what an unauthenticated client is told.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::net::IpAddr;
 
 use base64::Engine;
-use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use tracing::{info, warn};
 
@@ -53,19 +51,7 @@ pub struct Gate {
 }
 
 fn html(status: StatusCode, body: String) -> Response<Body> {
-    let mut r = Response::new(
-        Full::new(Bytes::from(body))
-            .map_err(|n: Infallible| match n {})
-            .boxed(),
-    );
-    *r.status_mut() = status;
-    let h = r.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/html; charset=utf-8"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    r
+    crate::http::html_response(status, body)
 }
 
 fn redirect(location: &str, cookie: HeaderValue) -> Response<Body> {

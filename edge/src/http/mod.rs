@@ -99,6 +99,26 @@ pub fn empty_body() -> Body {
         .boxed()
 }
 
+/// An HTML page the edge itself serves (login, waiting page), never cached.
+pub fn html_response(status: StatusCode, html: String) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(Bytes::from(html))
+            .map_err(|never: Infallible| match never {})
+            .boxed(),
+    );
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    h.insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
+    r
+}
+
 /// A short plain-text error that says what failed, not how.
 pub fn error_response(status: StatusCode, message: &str) -> Response<Body> {
     let text = format!(

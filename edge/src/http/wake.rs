@@ -115,19 +115,7 @@ setTimeout(poll,{poll})}}\
 poll();</script></body></html>",
         poll = PAGE_POLL.as_millis(),
     );
-    let mut r = Response::new(
-        Full::new(Bytes::from(html))
-            .map_err(|n: Infallible| match n {})
-            .boxed(),
-    );
-    *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-    let h = r.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/html; charset=utf-8"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    retry_after(r)
+    retry_after(super::html_response(StatusCode::SERVICE_UNAVAILABLE, html))
 }
 
 /// The waiting page's view of the route's service, as JSON:
