@@ -186,12 +186,35 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(args, nofile)) {
+    // Interrupted, the run future is dropped, and with it every child
+    // process (Proc kills on drop): no edge or agent is left behind.
+    let outcome = runtime.block_on(async {
+        tokio::select! {
+            r = run(args, nofile) => r,
+            () = interrupted() => Err("interrupted".into()),
+        }
+    });
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("burrow-bench: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+async fn interrupted() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
     }
 }
 
