@@ -33,6 +33,11 @@ pub fn rss_kib(pid: u32) -> io::Result<u64> {
         .ok_or_else(|| io::Error::other("no VmRSS in /proc status"))
 }
 
+/// Open file descriptors of `pid` (sockets included).
+pub fn open_fds(pid: u32) -> io::Result<u64> {
+    Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count() as u64)
+}
+
 /// Raises this process's open-file limit (children inherit it): holding
 /// 10,000 WebSockets takes two descriptors each in the bench alone.
 pub fn raise_nofile(wanted: u64) -> u64 {
@@ -64,5 +69,6 @@ mod tests {
         let pid = std::process::id();
         assert!(cpu_seconds(pid).unwrap() >= 0.0);
         assert!(rss_kib(pid).unwrap() > 0);
+        assert!(open_fds(pid).unwrap() >= 3);
     }
 }
