@@ -111,7 +111,7 @@ impl Report {
         let mut header: Vec<String> = vec!["scenario".into(), "metric".into(), "unit".into()];
         header.extend(self.columns.iter().cloned());
         if peer {
-            header.push("burrow vs peer".into());
+            header.push("burrow advantage".into());
         }
         let mut lines: Vec<Vec<String>> = vec![header];
         for r in &self.rows {
@@ -128,9 +128,10 @@ impl Report {
                 let p = r.values.get(crate::PEER).map(|v| v.median);
                 line.push(match (b, p) {
                     (Some(b), Some(p)) if b.is_finite() && p.is_finite() && b > 0.0 && p > 0.0 => {
+                        // Above 1x burrow is better, whichever way the metric improves.
                         match r.better {
                             Better::Higher => format!("{:.2}x", b / p),
-                            Better::Lower => format!("{:.2}x less", p / b),
+                            Better::Lower => format!("{:.2}x", p / b),
                         }
                     }
                     _ => "-".to_owned(),
