@@ -2,9 +2,9 @@
 //! socket, an upgraded HTTP connection), both directions at once, with
 //! half-close carried across and aborts propagated as stream resets.
 //!
-//! Copies: QUIC to local writes quinn's received chunks as they are (no
-//! copy of ours); local to QUIC reads into a buffer whose filled part is
-//! handed to quinn without another copy.
+//! Copies: QUIC to local gathers quinn's received chunks into one buffer
+//! per write (one memcpy, far fewer syscalls); local to QUIC reads into a
+//! buffer whose filled part is handed to quinn without another copy.
 
 use std::io;
 
@@ -14,7 +14,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::quic::code;
 
-/// Read size for the local-to-QUIC direction.
+/// Read size in each direction.
 pub const COPY_CHUNK: usize = 64 * 1024;
 
 /// Bytes moved by a finished pipe.
@@ -84,13 +84,19 @@ async fn quic_to_local<W: AsyncWrite + Unpin>(
     if !initial.is_empty() {
         wr.write_all(&initial).await?;
     }
-    while let Some(chunk) = recv
-        .read_chunk(usize::MAX, true)
-        .await
-        .map_err(io::Error::other)?
-    {
-        total += chunk.bytes.len() as u64;
-        wr.write_all(&chunk.bytes).await?;
+    // quinn hands out one chunk per received STREAM frame (about a packet,
+    // 1.2 KB); gathering what is ready into one buffer makes one write
+    // syscall per batch instead of one per packet. Capacity is reserved,
+    // not touched, so an idle stream costs no resident memory.
+    let mut buf = BytesMut::with_capacity(COPY_CHUNK);
+    loop {
+        buf.clear();
+        let n = recv.read_buf(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+        wr.write_all(&buf).await?;
     }
     // Half-close: the remote side is done sending.
     wr.shutdown().await?;

@@ -32,7 +32,10 @@ pub const UDP_SOCKET_BUFFER: usize = 4 * 1024 * 1024;
 
 /// How many forwarded streams the edge may have open to one agent at once.
 /// Beyond it, opening a stream waits (back-pressure) instead of failing.
-pub const MAX_STREAMS_PER_AGENT: u32 = 1024;
+/// Every open WebSocket or SSE stream holds one for its whole life, so this
+/// is sized for 10,000 held WebSockets plus requests; memory stays bounded
+/// by the connection receive window, not by the stream count.
+pub const MAX_STREAMS_PER_AGENT: u32 = 16_384;
 
 /// The first RTT guess for a new connection. quinn's default (333 ms) makes
 /// the first handshake retransmit wait a second; agents reconnecting to a

@@ -42,6 +42,12 @@ const HOP_BY_HOP: &[&str] = &[
     "upgrade",
 ];
 
+/// Buffer per direction for an upgraded connection (WebSocket). tokio's
+/// default is 8 KiB each way, allocated and zeroed up front: 16 KiB of
+/// resident memory per idle WebSocket. Chat messages are far smaller, and a
+/// big message just takes a few more reads.
+const UPGRADED_COPY_BUFFER: usize = 2 * 1024;
+
 /// Client-supplied forwarding headers: only the edge sets these.
 const FORWARDING: &[&str] = &[
     "forwarded",
@@ -592,7 +598,14 @@ async fn forward(
                 Ok((c, u)) => {
                     let mut c = TokioIo::new(c);
                     let mut u = TokioIo::new(u);
-                    match tokio::io::copy_bidirectional(&mut c, &mut u).await {
+                    match tokio::io::copy_bidirectional_with_sizes(
+                        &mut c,
+                        &mut u,
+                        UPGRADED_COPY_BUFFER,
+                        UPGRADED_COPY_BUFFER,
+                    )
+                    .await
+                    {
                         Ok((up, down)) => debug!(up, down, "upgraded connection closed"),
                         Err(e) => debug!(error = %e, "upgraded connection aborted"),
                     }
