@@ -35,6 +35,10 @@ use crate::config::AcmeConfig;
 pub const CHECK_INTERVAL: Duration = Duration::from_secs(3600);
 /// Failed attempts back off from `retry_min`, doubling up to this.
 pub const RETRY_MAX: Duration = Duration::from_secs(24 * 3600);
+/// How often the CA's renewal window (ARI, RFC 9773) is asked for at most,
+/// and at least when the CA gives no hint.
+pub const ARI_MIN_INTERVAL: Duration = Duration::from_secs(3600);
+pub const ARI_MAX_INTERVAL: Duration = Duration::from_secs(24 * 3600);
 /// How long one order may take from creation to certificate.
 pub const ORDER_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -141,6 +145,10 @@ pub struct AcmeManager {
     orders: AtomicU64,
     changed: watch::Sender<u64>,
     passes: watch::Sender<u64>,
+    /// When to ask the CA for each name's renewal window next; cleared for
+    /// good when the directory offers no renewalInfo.
+    ari_next: Mutex<BTreeMap<String, SystemTime>>,
+    ari_supported: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for AcmeManager {
@@ -223,6 +231,8 @@ impl AcmeManager {
             orders: AtomicU64::new(0),
             changed: watch::channel(0).0,
             passes: watch::channel(0).0,
+            ari_next: Mutex::default(),
+            ari_supported: std::sync::atomic::AtomicBool::new(true),
         })
     }
 
@@ -307,6 +317,7 @@ impl AcmeManager {
                 if shutdown.is_cancelled() {
                     return;
                 }
+                self.check_renewal_window(&name).await;
                 if self.due(&name, now) {
                     self.attempt(&name).await;
                 }
@@ -335,6 +346,11 @@ impl AcmeManager {
                     Ok(key) => {
                         self.certs.install(&[name.to_owned()], key);
                         info!(name, ?not_after, ?renew_at, "installed new certificate");
+                        // The new certificate has a renewal window of its own.
+                        self.ari_next
+                            .lock()
+                            .expect("ari lock not poisoned")
+                            .remove(name);
                         let mut status = self.status.lock().expect("status lock not poisoned");
                         status.insert(
                             name.to_owned(),
@@ -373,6 +389,66 @@ impl AcmeManager {
             "a temporary self-signed certificate"
         };
         error!(name, error = why, retry_in = ?next.duration_since(SystemTime::now()).unwrap_or_default(), "certificate order failed; serving {serving} meanwhile");
+    }
+
+    /// Asks the CA when it wants `name`'s certificate renewed (ARI), when
+    /// the directory offers it; a window earlier than two thirds of the
+    /// lifetime moves the renewal to a random point inside it.
+    async fn check_renewal_window(&self, name: &str) {
+        if !self.ari_supported.load(Ordering::Relaxed) {
+            return;
+        }
+        let now = SystemTime::now();
+        let due = self
+            .ari_next
+            .lock()
+            .expect("ari lock not poisoned")
+            .get(name)
+            .is_none_or(|t| *t <= now);
+        let issued = self
+            .status()
+            .get(name)
+            .is_some_and(|s| s.not_after.is_some());
+        if !due || !issued {
+            return;
+        }
+        let Some(leaf) = self.certs.get(name).and_then(|k| k.cert.first().cloned()) else {
+            return;
+        };
+        let Ok(id) = instant_acme::CertificateIdentifier::try_from(&leaf) else {
+            return;
+        };
+        let Ok(account) = self.account().await else {
+            return;
+        };
+        let next = match account.renewal_info(&id).await {
+            Ok((info, retry_after)) => {
+                let start = SystemTime::from(info.suggested_window.start);
+                let end = SystemTime::from(info.suggested_window.end);
+                let span = end.duration_since(start).unwrap_or_default();
+                let at = start + span.mul_f64(rand::random::<f64>());
+                let mut status = self.status.lock().expect("status lock not poisoned");
+                if let Some(st) = status.get_mut(name) {
+                    if st.renew_at.is_none_or(|r| at < r) {
+                        info!(name, renew_at = ?at, "the CA's renewal window moves the renewal earlier");
+                        st.renew_at = Some(at);
+                    }
+                }
+                now + retry_after.clamp(ARI_MIN_INTERVAL, ARI_MAX_INTERVAL)
+            }
+            Err(instant_acme::Error::Unsupported(_)) => {
+                self.ari_supported.store(false, Ordering::Relaxed);
+                return;
+            }
+            Err(e) => {
+                warn!(name, error = %describe(&e), "cannot fetch the renewal window; keeping the schedule");
+                now + ARI_MIN_INTERVAL
+            }
+        };
+        self.ari_next
+            .lock()
+            .expect("ari lock not poisoned")
+            .insert(name.to_owned(), next);
     }
 
     async fn account(&self) -> Result<Account, AcmeError> {
