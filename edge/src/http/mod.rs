@@ -99,10 +99,10 @@ pub fn empty_body() -> Body {
         .boxed()
 }
 
-/// An HTML page the edge itself serves (login, waiting page), never cached.
-pub fn html_response(status: StatusCode, html: String) -> Response<Body> {
+/// A complete response the edge itself writes, never cached.
+fn own_response(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
     let mut r = Response::new(
-        Full::new(Bytes::from(html))
+        Full::new(Bytes::from(body))
             .map_err(|never: Infallible| match never {})
             .boxed(),
     );
@@ -110,13 +110,18 @@ pub fn html_response(status: StatusCode, html: String) -> Response<Body> {
     let h = r.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
-        header::HeaderValue::from_static("text/html; charset=utf-8"),
+        header::HeaderValue::from_static(content_type),
     );
     h.insert(
         header::CACHE_CONTROL,
         header::HeaderValue::from_static("no-store"),
     );
     r
+}
+
+/// An HTML page the edge itself serves (login, waiting page).
+pub fn html_response(status: StatusCode, html: String) -> Response<Body> {
+    own_response(status, "text/html; charset=utf-8", html)
 }
 
 /// A short plain-text error that says what failed, not how.
@@ -126,22 +131,7 @@ pub fn error_response(status: StatusCode, message: &str) -> Response<Body> {
         status.as_str(),
         status.canonical_reason().unwrap_or("Error")
     );
-    let mut resp = Response::new(
-        Full::new(Bytes::from(text))
-            .map_err(|never: Infallible| match never {})
-            .boxed(),
-    );
-    *resp.status_mut() = status;
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    h.insert(
-        header::CACHE_CONTROL,
-        header::HeaderValue::from_static("no-store"),
-    );
-    resp
+    own_response(status, "text/plain; charset=utf-8", text)
 }
 
 /// The rustls config of the HTTPS listener: certificates by SNI, ALPN h2
