@@ -109,6 +109,23 @@ impl Cdp {
         }
     }
 
+    /// Connects, opens a blank page and attaches to it with events on.
+    async fn open_page(url: &str) -> Self {
+        let mut cdp = Self::connect(url).await;
+        let target = cdp
+            .call("Target.createTarget", json!({ "url": "about:blank" }))
+            .await;
+        let attached = cdp
+            .call(
+                "Target.attachToTarget",
+                json!({ "targetId": target["targetId"], "flatten": true }),
+            )
+            .await;
+        cdp.session = Some(attached["sessionId"].as_str().unwrap().to_owned());
+        cdp.call("Page.enable", json!({})).await;
+        cdp
+    }
+
     async fn read(&mut self) -> Value {
         loop {
             let msg = tokio::time::timeout(WAIT, self.ws.next())
@@ -200,18 +217,7 @@ async fn chromium_logs_in_and_streams_sse_and_websocket_through_the_edge() {
     let origin = format!("https://localhost:{}", site.https.port());
 
     let browser = Chromium::start(&spki_pin(&site));
-    let mut cdp = Cdp::connect(&browser.ws_url).await;
-    let target = cdp
-        .call("Target.createTarget", json!({ "url": "about:blank" }))
-        .await;
-    let attached = cdp
-        .call(
-            "Target.attachToTarget",
-            json!({ "targetId": target["targetId"], "flatten": true }),
-        )
-        .await;
-    cdp.session = Some(attached["sessionId"].as_str().unwrap().to_owned());
-    cdp.call("Page.enable", json!({})).await;
+    let mut cdp = Cdp::open_page(&browser.ws_url).await;
 
     // A browser navigation without credentials gets the login page.
     cdp.events.clear();
@@ -289,18 +295,7 @@ async fn chromium_waits_on_the_waking_page_then_lands_in_the_app() {
     let origin = format!("https://localhost:{}", site.https.port());
 
     let browser = Chromium::start(&spki_pin(&site));
-    let mut cdp = Cdp::connect(&browser.ws_url).await;
-    let target = cdp
-        .call("Target.createTarget", json!({ "url": "about:blank" }))
-        .await;
-    let attached = cdp
-        .call(
-            "Target.attachToTarget",
-            json!({ "targetId": target["targetId"], "flatten": true }),
-        )
-        .await;
-    cdp.session = Some(attached["sessionId"].as_str().unwrap().to_owned());
-    cdp.call("Page.enable", json!({})).await;
+    let mut cdp = Cdp::open_page(&browser.ws_url).await;
 
     // The PC is asleep: the navigation gets the waiting page, which counts.
     cdp.events.clear();

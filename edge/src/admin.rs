@@ -23,7 +23,7 @@ use crate::http::{Body, HttpState, error_response};
 use crate::metrics::{Metrics, family, label};
 use crate::tls::CertStore;
 use crate::tls::acme::AcmeManager;
-use crate::tunnel::Registry;
+use crate::tunnel::{Registry, ServiceReport};
 
 /// What the admin pages read.
 #[derive(Debug, Clone)]
@@ -77,53 +77,27 @@ impl AdminState {
             }
         }
         let reports = self.registry.service_reports();
-        family(
+        per_service(
             &mut out,
-            "burrow_wake_requests_total",
-            "counter",
+            &reports,
+            ("burrow_wake_requests_total", "counter"),
             "Wake requests the edge sent, by service.",
+            |r| Some(r.wake_requests as f64),
         );
-        for r in &reports {
-            let _ = writeln!(
-                out,
-                "burrow_wake_requests_total{{agent=\"{}\",service=\"{}\"}} {}",
-                label(r.agent.as_str()),
-                label(r.service.as_str()),
-                r.wake_requests
-            );
-        }
-        family(
+        per_service(
             &mut out,
-            "burrow_requests_held",
-            "gauge",
+            &reports,
+            ("burrow_requests_held", "gauge"),
             "Requests held now, waiting for their service to wake.",
+            |r| Some(r.held as f64),
         );
-        for r in &reports {
-            let _ = writeln!(
-                out,
-                "burrow_requests_held{{agent=\"{}\",service=\"{}\"}} {}",
-                label(r.agent.as_str()),
-                label(r.service.as_str()),
-                r.held
-            );
-        }
-        family(
+        per_service(
             &mut out,
-            "burrow_last_wake_duration_seconds",
-            "gauge",
+            &reports,
+            ("burrow_last_wake_duration_seconds", "gauge"),
             "How long the last wake took, from request to ready.",
+            |r| r.last_wake.as_ref().map(|w| w.took.as_secs_f64()),
         );
-        for r in &reports {
-            if let Some(w) = &r.last_wake {
-                let _ = writeln!(
-                    out,
-                    "burrow_last_wake_duration_seconds{{agent=\"{}\",service=\"{}\"}} {}",
-                    label(r.agent.as_str()),
-                    label(r.service.as_str()),
-                    w.took.as_secs_f64()
-                );
-            }
-        }
         family(
             &mut out,
             "burrow_throttled_addresses",
@@ -208,6 +182,27 @@ impl AdminState {
             "streams_open": self.metrics.streams_open(),
             "throttled_addresses": self.throttled(),
         })
+    }
+}
+
+/// Writes one family with a sample per service that has a value.
+fn per_service(
+    out: &mut String,
+    reports: &[ServiceReport],
+    (name, kind): (&str, &str),
+    help: &str,
+    value: impl Fn(&ServiceReport) -> Option<f64>,
+) {
+    family(out, name, kind, help);
+    for r in reports {
+        if let Some(v) = value(r) {
+            let _ = writeln!(
+                out,
+                "{name}{{agent=\"{}\",service=\"{}\"}} {v}",
+                label(r.agent.as_str()),
+                label(r.service.as_str()),
+            );
+        }
     }
 }
 
