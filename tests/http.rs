@@ -539,3 +539,140 @@ async fn a_route_idle_timeout_cuts_a_silent_stream_and_only_that() {
         "a route without idle_timeout kept the silent stream open"
     );
 }
+
+/// What the hand-written keep-alive service below has seen.
+#[derive(Default)]
+struct KeepAliveLog {
+    /// Connections that carried a request.
+    connections: std::sync::atomic::AtomicUsize,
+    /// (connection number, method, path) of every request read in full.
+    requests: std::sync::Mutex<Vec<(usize, String, String)>>,
+}
+
+/// An HTTP/1.1 service that keeps connections open between requests, and
+/// closes the connection without an answer the first time it reads a path
+/// starting with `/close`: its keep-alive timeout firing just as a request
+/// arrives. Later requests for that path are answered.
+async fn keep_alive_service() -> (std::net::SocketAddr, std::sync::Arc<KeepAliveLog>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let log = std::sync::Arc::new(KeepAliveLog::default());
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+    let state = log.clone();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let (log, seen) = (state.clone(), seen.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                // Numbered at the first request: the agent's readiness
+                // probes connect too, and carry none.
+                let mut number = None;
+                loop {
+                    // One request head, then its Content-Length body.
+                    let head_end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        let mut chunk = [0u8; 4096];
+                        match tcp.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .map_or(0, |v| v.trim().parse().unwrap());
+                    while buf.len() < head_end + length {
+                        let mut chunk = [0u8; 4096];
+                        match tcp.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                        }
+                    }
+                    let mut words = head.split_whitespace();
+                    let method = words.next().unwrap().to_uppercase();
+                    let path = words.next().unwrap().to_owned();
+                    buf.drain(..head_end + length);
+                    let n = *number.get_or_insert_with(|| {
+                        1 + log
+                            .connections
+                            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+                    });
+                    log.requests.lock().unwrap().push((n, method, path.clone()));
+                    if path.starts_with("/close") && seen.lock().unwrap().insert(path) {
+                        return; // closes the connection, no answer
+                    }
+                    let body = format!("conn {n}");
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if tcp.write_all(resp.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, log)
+}
+
+#[tokio::test]
+async fn service_connections_are_reused_and_a_closing_one_loses_no_safe_request() {
+    let (addr, log) = keep_alive_service().await;
+    let site = site(
+        "",
+        "[[route]]\nhost = \"ka.test\"\nagent = \"home\"\nservice = \"ka\"\nauth = \"none\"\n",
+        &[("ka", format!("http://{addr}"))],
+    )
+    .await;
+    let get = |path: &'static str| request("GET", "ka.test", path, empty());
+    let connections = || log.connections.load(std::sync::atomic::Ordering::SeqCst);
+
+    // Sequential requests, from two client connections, share one service
+    // connection: no stream open or TCP connect per request.
+    let mut a = site.h1("ka.test").await;
+    for _ in 0..4 {
+        let resp = a.send_request(get("/a")).await.unwrap();
+        assert_eq!(body_text(resp).await, "conn 1");
+    }
+    let mut b = site.h2("ka.test").await;
+    let resp = b
+        .send_request(
+            http::Request::builder()
+                .uri("https://ka.test/b")
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(body_text(resp).await, "conn 1", "another client reuses it");
+    assert_eq!(connections(), 1);
+
+    // The service closes the reused connection as a GET arrives: the GET
+    // is sent again on a new connection and the client never notices.
+    let resp = a.send_request(get("/close-get")).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(body_text(resp).await, "conn 2");
+
+    // A POST is not safe to send twice: the client gets a 502, and the
+    // service saw it once.
+    let post = request(
+        "POST",
+        "ka.test",
+        "/close-post",
+        http_body_util::Full::new(Bytes::from_static(b"order #1")).boxed(),
+    );
+    let resp = a.send_request(post).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    let resp = a.send_request(get("/after")).await.unwrap();
+    assert_eq!(body_text(resp).await, "conn 3");
+
+    let requests = log.requests.lock().unwrap().clone();
+    let count = |p: &str| requests.iter().filter(|(_, _, path)| path == p).count();
+    assert_eq!(count("/close-get"), 2, "{requests:?}");
+    assert_eq!(count("/close-post"), 1, "{requests:?}");
+    assert_eq!(connections(), 3, "{requests:?}");
+}

@@ -13,8 +13,9 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, Uri};
 use http::{Method, Request, Response, StatusCode, Version};
-use http_body_util::BodyExt;
+use http_body_util::{BodyExt, Either, Empty};
 use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use tokio::sync::OwnedMutexGuard;
 use tokio::time::Instant;
@@ -26,7 +27,7 @@ use super::{Body, HttpState, error_response};
 use crate::access::gate::Admission;
 use crate::access::{Decision, client_ip};
 use crate::config::{AuthMode, RouteConfig};
-use crate::tunnel::{OpenError, open_stream};
+use crate::tunnel::{AgentLink, OpenError, Pool, PoolKey, UpstreamBody, open_stream_on};
 
 /// Headers that describe one hop and never cross a proxy (RFC 9110 7.6.1),
 /// plus the proxy credentials meant for us.
@@ -319,7 +320,7 @@ fn upstream_request(
     host: &RequestHost,
     client: SocketAddr,
     upgrade: bool,
-) -> Result<Request<Incoming>, &'static str> {
+) -> Result<Request<UpstreamBody>, &'static str> {
     let (mut parts, body) = req.into_parts();
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     parts.uri = path.parse::<Uri>().map_err(|_| "invalid request target")?;
@@ -353,7 +354,7 @@ fn upstream_request(
             host.authority
         ))?,
     );
-    Ok(Request::from_parts(parts, body))
+    Ok(Request::from_parts(parts, Either::Left(body)))
 }
 
 /// One place that turns tunnel failures into statuses. Bodies stay short
@@ -379,7 +380,7 @@ fn open_error_status(e: &OpenError) -> (StatusCode, &'static str) {
 /// A request that could not be forwarded because its stream could not be
 /// opened; the request is untouched (its body unread), ready for a retry.
 struct Unreachable {
-    req: Request<Incoming>,
+    req: Request<UpstreamBody>,
     error: OpenError,
 }
 
@@ -453,7 +454,7 @@ async fn dispatch(
 /// agent has connected it to the service, so the service sees them in
 /// that order too.
 async fn hold(
-    mut req: Request<Incoming>,
+    mut req: Request<UpstreamBody>,
     upgrade: bool,
     state: &HttpState,
     route: &RouteConfig,
@@ -510,72 +511,271 @@ async fn hold(
     }
 }
 
-/// Sends `req` (already rewritten by [`upstream_request`]) over a new
-/// stream. `turn` is released once the agent has answered the stream.
+/// Sends `req` (already rewritten by [`upstream_request`]) to the service:
+/// over an idle connection from the session's pool when there is one, else
+/// over a new stream. `turn` is released once a connection is at hand.
 async fn forward(
-    mut req: Request<Incoming>,
+    req: Request<UpstreamBody>,
     upgrade: bool,
     state: &HttpState,
     route: &RouteConfig,
     client: SocketAddr,
-    turn: Option<OwnedMutexGuard<()>>,
+    mut turn: Option<OwnedMutexGuard<()>>,
 ) -> Result<Response<Body>, Unreachable> {
-    let open = StreamOpen {
-        kind: if upgrade {
-            StreamKind::WebSocket
-        } else {
-            StreamKind::Http
-        },
+    let Some(link) = state.registry.wait_for(&route.agent).await else {
+        let error = OpenError::AgentOffline(route.agent.clone());
+        return Err(Unreachable { req, error });
+    };
+    if upgrade {
+        return forward_upgrade(req, state, route, client, &link, turn).await;
+    }
+    let key = PoolKey {
         service: route.service.clone(),
-        client,
+        idle_timeout: route.idle_timeout,
     };
-    let opened = open_stream(&state.registry, &route.agent, open, &state.metrics).await;
-    drop(turn);
-    let stream = match opened {
-        Ok(s) => s,
-        Err(error) => return Err(Unreachable { req, error }),
-    };
-    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let io = IdleIo::new(
-        QuicIo::new(stream, state.metrics.clone()),
-        route.idle_timeout,
-    );
-    let (mut sender, conn) = match hyper::client::conn::http1::Builder::new()
-        .handshake::<_, Incoming>(TokioIo::new(io))
-        .await
-    {
-        Ok(pair) => pair,
-        Err(e) => {
-            warn!(error = %e, "upstream handshake failed");
-            return Ok(error_response(
-                StatusCode::BAD_GATEWAY,
-                "the service connection failed",
-            ));
-        }
-    };
-    tokio::spawn(async move {
-        if let Err(e) = conn.with_upgrades().await {
-            debug!(error = %e, "upstream connection ended with an error");
-        }
-    });
-
-    let sent = sender.send_request(req);
-    let response = match route.response_timeout {
-        Some(t) => match tokio::time::timeout(t, sent).await {
+    let mut req = req;
+    loop {
+        // A held request (one with a turn) goes on a new connection: the
+        // service then sees held requests connect in their arrival order.
+        let pooled = if turn.is_some() {
+            None
+        } else {
+            link.pool.take(&key)
+        };
+        let (mut sender, reused) = match pooled {
+            Some(sender) => (sender, true),
+            None => match connect(&link, StreamKind::Http, state, route, client).await {
+                Ok(Some(sender)) => (sender, false),
+                Ok(None) => return Ok(connection_failed()),
+                Err(error) => return Err(Unreachable { req, error }),
+            },
+        };
+        drop(turn.take());
+        // A reused connection may be closing under us (the service's own
+        // keep-alive timeout): a request it never sent, or a safe one
+        // without a body, goes again on another connection.
+        let replay = if reused { replay_copy(&req) } else { None };
+        let response = match await_response(sender.try_send_request(req), route).await {
             Ok(r) => r,
-            Err(_) => {
+            Err(Waited::Late(t)) => {
                 warn!(host = %route.host, timeout = ?t, "service sent no response headers in time");
                 return Ok(error_response(
                     StatusCode::GATEWAY_TIMEOUT,
                     "the service did not answer in time",
                 ));
             }
+            Err(Waited::Failed(mut e)) => {
+                if reused && let Some(again) = e.take_message().or(replay) {
+                    debug!(error = %e.error(), "reused service connection failed; sending again");
+                    req = again;
+                    continue;
+                }
+                warn!(host = %route.host, error = %e.error(), "service failed before responding");
+                return Ok(error_response(
+                    StatusCode::BAD_GATEWAY,
+                    "the service failed to respond",
+                ));
+            }
+        };
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            warn!(host = %route.host, "service switched protocols without an upgrade request");
+            return Ok(error_response(
+                StatusCode::BAD_GATEWAY,
+                "the service failed to respond",
+            ));
+        }
+        let mut response = response;
+        strip_hop_by_hop(response.headers_mut());
+        let park = Some((link.pool.clone(), key, sender));
+        return Ok(response.map(|inner| {
+            ParksConnection {
+                inner,
+                park,
+                ended: false,
+            }
+            .boxed()
+        }));
+    }
+}
+
+/// A response body that hands its connection back to the pool once the
+/// body has been read to its end, before the client has seen that end, so
+/// the client's next request finds it. A body cut short leaves the
+/// connection to close (HTTP/1.1 cannot abandon a response midway).
+struct ParksConnection {
+    inner: Incoming,
+    park: Option<(Arc<Pool>, PoolKey, SendRequest<UpstreamBody>)>,
+    ended: bool,
+}
+
+impl ParksConnection {
+    fn park(&mut self) {
+        let Some((pool, key, mut sender)) = self.park.take() else {
+            return;
+        };
+        if sender.is_ready() {
+            pool.put(key, sender);
+        } else if !sender.is_closed() {
+            // The connection is still finishing (the rest of the request
+            // body, or its bookkeeping): park it once it is free.
+            tokio::spawn(async move {
+                if sender.ready().await.is_ok() {
+                    pool.put(key, sender);
+                }
+            });
+        }
+    }
+}
+
+impl hyper::body::Body for ParksConnection {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        let r = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(None) => this.ended = true,
+            Poll::Ready(Some(Ok(_))) => this.ended = this.inner.is_end_stream(),
+            Poll::Ready(Some(Err(_))) => {
+                this.park = None;
+            }
+            Poll::Pending => {}
+        }
+        if this.ended {
+            this.park();
+        }
+        r.map(|f| f.map(|f| f.map_err(Into::into)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for ParksConnection {
+    fn drop(&mut self) {
+        // A body with no data at all (204, HEAD) is never polled.
+        if self.ended || hyper::body::Body::is_end_stream(&self.inner) {
+            self.park();
+        }
+    }
+}
+
+enum Waited<E> {
+    Late(std::time::Duration),
+    Failed(E),
+}
+
+/// Waits for the response head, bounded by the route's `response_timeout`.
+async fn await_response<T, E>(
+    sent: impl Future<Output = Result<T, E>>,
+    route: &RouteConfig,
+) -> Result<T, Waited<E>> {
+    match route.response_timeout {
+        Some(t) => match tokio::time::timeout(t, sent).await {
+            Ok(r) => r.map_err(Waited::Failed),
+            Err(_) => Err(Waited::Late(t)),
         },
-        None => sent.await,
+        None => sent.await.map_err(Waited::Failed),
+    }
+}
+
+/// A copy of a safe, bodyless request (RFC 9110 9.2.2), to send again if
+/// the reused connection it goes out on turns out to be closing.
+fn replay_copy(req: &Request<UpstreamBody>) -> Option<Request<UpstreamBody>> {
+    let safe = matches!(
+        *req.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+    );
+    if !safe || !hyper::body::Body::is_end_stream(req.body()) {
+        return None;
+    }
+    let mut copy = Request::new(Either::Right(Empty::new()));
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    Some(copy)
+}
+
+fn connection_failed() -> Response<Body> {
+    error_response(StatusCode::BAD_GATEWAY, "the service connection failed")
+}
+
+/// Opens a stream the agent connects to the service and starts an HTTP/1.1
+/// client connection over it. `Ok(None)`: the handshake failed (logged).
+async fn connect(
+    link: &AgentLink,
+    kind: StreamKind,
+    state: &HttpState,
+    route: &RouteConfig,
+    client: SocketAddr,
+) -> Result<Option<SendRequest<UpstreamBody>>, OpenError> {
+    let open = StreamOpen {
+        kind,
+        service: route.service.clone(),
+        client,
     };
-    let mut response = match response {
-        Ok(r) => r,
+    let stream = open_stream_on(link, open, &state.metrics).await?;
+    let io = IdleIo::new(
+        QuicIo::new(stream, state.metrics.clone()),
+        route.idle_timeout,
+    );
+    match hyper::client::conn::http1::Builder::new()
+        .handshake::<_, UpstreamBody>(TokioIo::new(io))
+        .await
+    {
+        Ok((sender, conn)) => {
+            tokio::spawn(async move {
+                if let Err(e) = conn.with_upgrades().await {
+                    debug!(error = %e, "upstream connection ended with an error");
+                }
+            });
+            Ok(Some(sender))
+        }
         Err(e) => {
+            warn!(error = %e, "upstream handshake failed");
+            Ok(None)
+        }
+    }
+}
+
+/// Forwards an upgrade request (WebSocket) over a stream of its own and,
+/// once the service switches protocols, splices the two connections.
+async fn forward_upgrade(
+    mut req: Request<UpstreamBody>,
+    state: &HttpState,
+    route: &RouteConfig,
+    client: SocketAddr,
+    link: &AgentLink,
+    turn: Option<OwnedMutexGuard<()>>,
+) -> Result<Response<Body>, Unreachable> {
+    let connected = connect(link, StreamKind::WebSocket, state, route, client).await;
+    drop(turn);
+    let mut sender = match connected {
+        Ok(Some(sender)) => sender,
+        Ok(None) => return Ok(connection_failed()),
+        Err(error) => return Err(Unreachable { req, error }),
+    };
+    let client_upgrade = hyper::upgrade::on(&mut req);
+    let mut response = match await_response(sender.send_request(req), route).await {
+        Ok(r) => r,
+        Err(Waited::Late(t)) => {
+            warn!(host = %route.host, timeout = ?t, "service sent no response headers in time");
+            return Ok(error_response(
+                StatusCode::GATEWAY_TIMEOUT,
+                "the service did not answer in time",
+            ));
+        }
+        Err(Waited::Failed(e)) => {
             warn!(host = %route.host, error = %e, "service failed before responding");
             return Ok(error_response(
                 StatusCode::BAD_GATEWAY,
@@ -583,42 +783,34 @@ async fn forward(
             ));
         }
     };
-
-    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-        let Some(client_upgrade) = client_upgrade else {
-            warn!(host = %route.host, "service switched protocols without an upgrade request");
-            return Ok(error_response(
-                StatusCode::BAD_GATEWAY,
-                "the service failed to respond",
-            ));
-        };
-        let upstream_upgrade = hyper::upgrade::on(&mut response);
-        state.tracker.spawn(async move {
-            match tokio::try_join!(client_upgrade, upstream_upgrade) {
-                Ok((c, u)) => {
-                    let mut c = TokioIo::new(c);
-                    let mut u = TokioIo::new(u);
-                    match tokio::io::copy_bidirectional_with_sizes(
-                        &mut c,
-                        &mut u,
-                        UPGRADED_COPY_BUFFER,
-                        UPGRADED_COPY_BUFFER,
-                    )
-                    .await
-                    {
-                        Ok((up, down)) => debug!(up, down, "upgraded connection closed"),
-                        Err(e) => debug!(error = %e, "upgraded connection aborted"),
-                    }
-                }
-                Err(e) => debug!(error = %e, "upgrade failed"),
-            }
-        });
-        let (parts, _) = response.into_parts();
-        return Ok(Response::from_parts(parts, super::empty_body()));
+    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        // Refused upgrade: an ordinary response; the stream is not reused.
+        strip_hop_by_hop(response.headers_mut());
+        return Ok(response.map(|body| body.map_err(Into::into).boxed()));
     }
-
-    strip_hop_by_hop(response.headers_mut());
-    Ok(response.map(|body| body.map_err(Into::into).boxed()))
+    let upstream_upgrade = hyper::upgrade::on(&mut response);
+    state.tracker.spawn(async move {
+        match tokio::try_join!(client_upgrade, upstream_upgrade) {
+            Ok((c, u)) => {
+                let mut c = TokioIo::new(c);
+                let mut u = TokioIo::new(u);
+                match tokio::io::copy_bidirectional_with_sizes(
+                    &mut c,
+                    &mut u,
+                    UPGRADED_COPY_BUFFER,
+                    UPGRADED_COPY_BUFFER,
+                )
+                .await
+                {
+                    Ok((up, down)) => debug!(up, down, "upgraded connection closed"),
+                    Err(e) => debug!(error = %e, "upgraded connection aborted"),
+                }
+            }
+            Err(e) => debug!(error = %e, "upgrade failed"),
+        }
+    });
+    let (parts, _) = response.into_parts();
+    Ok(Response::from_parts(parts, super::empty_body()))
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! The QUIC endpoint agents dial: mutual TLS with pinned agent keys, one
 //! control stream per agent session, and opening forwarded streams.
 
+pub mod pool;
 pub mod registry;
 
 use std::net::SocketAddr;
@@ -21,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::config::AgentConfig;
+pub use pool::{Pool, PoolKey, UpstreamBody};
 pub use registry::{AgentLink, Control, Registry, ServiceReport, WakeRecord, WakeSent};
 
 /// How long a QUIC handshake may take before the attempt is dropped.
@@ -367,6 +369,15 @@ pub async fn open_stream(
         .wait_for(agent)
         .await
         .ok_or_else(|| OpenError::AgentOffline(agent.clone()))?;
+    open_stream_on(&link, open, metrics).await
+}
+
+/// Opens a stream on an agent session already at hand, as [`open_stream`].
+pub async fn open_stream_on(
+    link: &AgentLink,
+    open: StreamOpen,
+    metrics: &Arc<crate::metrics::Metrics>,
+) -> Result<OpenStream, OpenError> {
     let (mut send, recv) = link
         .conn
         .open_bi()

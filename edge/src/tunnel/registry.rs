@@ -36,6 +36,8 @@ pub struct AgentLink {
     pub key: Fingerprint,
     pub session: u64,
     pub conn: quinn::Connection,
+    /// Idle HTTP connections to this session's services.
+    pub pool: Arc<super::pool::Pool>,
     services: Arc<Mutex<Vec<ServiceStatus>>>,
     control: mpsc::Sender<Control>,
 }
@@ -56,6 +58,7 @@ impl AgentLink {
                 key,
                 session,
                 conn,
+                pool: Arc::default(),
                 services: Arc::default(),
                 control,
             },
@@ -64,6 +67,13 @@ impl AgentLink {
     }
 
     pub fn set_services(&self, list: Vec<ServiceStatus>) {
+        // A service that went down or to sleep (or away) leaves its idle
+        // connections behind: a sleeping machine would never answer them.
+        self.pool.retain_services(|name| {
+            list.iter().any(|s| {
+                &s.name == name && matches!(s.state, ServiceState::Up | ServiceState::Unknown)
+            })
+        });
         *self.services.lock().expect("services lock not poisoned") = list;
     }
 
