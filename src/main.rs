@@ -297,11 +297,11 @@ fn main() -> ExitCode {
             }
         },
         Command::Edge { config } => match EdgeConfig::load(&config) {
-            Ok(c) => runtime().block_on(run_edge(c, config)),
+            Ok(c) => runtime_with(c.threads).block_on(run_edge(c, config)),
             Err(e) => config_failure(&e),
         },
         Command::Agent { config } => match AgentConfig::load(&config) {
-            Ok(c) => runtime().block_on(run_agent(c, config)),
+            Ok(c) => runtime_with(c.threads).block_on(run_agent(c, config)),
             Err(e) => config_failure(&e),
         },
         Command::Wake {
@@ -358,8 +358,19 @@ fn read_password() -> Result<String, String> {
     Ok(password)
 }
 
+/// The runtime for short commands and the demo: one worker per core.
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("building the tokio runtime (out of threads or memory?)")
+}
+
+/// The runtime for the edge and the agent, with the config's `threads`.
+/// Blocking work (password hashing, file writes) has its own pool.
+fn runtime_with(threads: usize) -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
         .enable_all()
         .build()
         .expect("building the tokio runtime (out of threads or memory?)")

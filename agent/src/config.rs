@@ -39,6 +39,8 @@ struct AgentSection {
     /// besides the usual web roots (a private CA, or Pebble in tests).
     edge_ca: Option<PathBuf>,
     key: PathBuf,
+    /// Worker threads; the agent's one QUIC connection needs one.
+    threads: Option<Spanned<usize>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -78,6 +80,8 @@ pub struct AgentConfig {
     pub edge_key: Option<Fingerprint>,
     pub edge_ca: Option<PathBuf>,
     pub key_path: PathBuf,
+    /// Worker threads for the runtime (read before it starts).
+    pub threads: usize,
     pub services: Vec<ServiceConfig>,
     pub lan: Vec<LanConfig>,
 }
@@ -330,6 +334,7 @@ fn convert(src: &Source, file: File) -> Result<AgentConfig, ConfigError> {
         edge_key: a.edge_key,
         edge_ca: a.edge_ca.as_deref().map(|p| src.resolve(p)),
         key_path: src.resolve(&a.key),
+        threads: burrow_proto::confkit::threads(src, a.threads.as_ref(), "agent.threads")?,
         services,
         lan,
     })
@@ -365,6 +370,12 @@ mod tests {
             })
         );
         assert_eq!(c.services[0].probe_interval, DEFAULT_PROBE_INTERVAL);
+        assert_eq!(c.threads, 1);
+        let err = parse(&format!("{BASE}threads = 1000\n")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "/etc/burrow/agent.toml:5:11: agent.threads: between 1 and 256"
+        );
     }
 
     #[test]

@@ -58,6 +58,8 @@ struct EdgeSection {
     hostname: Option<Spanned<String>>,
     /// How long open streams may run on after SIGTERM.
     grace: Option<HumanDuration>,
+    /// Worker threads; more than one only pays with many busy clients.
+    threads: Option<Spanned<usize>>,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -169,6 +171,8 @@ pub struct EdgeConfig {
     pub header_timeout: Duration,
     pub hostname: Option<String>,
     pub grace: Duration,
+    /// Worker threads for the runtime (read before it starts).
+    pub threads: usize,
     pub tls: TlsConfig,
     pub access: AccessConfig,
     pub agents: Vec<AgentConfig>,
@@ -540,6 +544,7 @@ fn convert(src: &Source, file: File) -> Result<EdgeConfig, ConfigError> {
             .map_or(DEFAULT_HEADER_TIMEOUT, |d| d.0),
         hostname,
         grace: file.edge.grace.map_or(DEFAULT_GRACE, |d| d.0),
+        threads: burrow_proto::confkit::threads(src, file.edge.threads.as_ref(), "edge.threads")?,
         tls,
         access,
         agents,
@@ -570,6 +575,19 @@ mod tests {
         assert_eq!(c.tunnel, DEFAULT_TUNNEL.parse().unwrap());
         assert_eq!(c.https, None);
         assert_eq!(c.tls, TlsConfig::SelfSigned);
+        assert_eq!(c.threads, 1);
+    }
+
+    #[test]
+    fn threads_are_bounded_and_errors_point_at_the_value() {
+        let with = |n: &str| base().replace("[edge]\n", &format!("[edge]\nthreads = {n}\n"));
+        assert_eq!(parse(&with("4")).unwrap().threads, 4);
+        let err = parse(&with("0")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "edge.toml:2:11: edge.threads: between 1 and 256"
+        );
+        assert!(parse(&with("\"two\"")).is_err());
     }
 
     #[test]
