@@ -551,13 +551,14 @@ struct KeepAliveLog {
 
 /// An HTTP/1.1 service that keeps connections open between requests, and
 /// closes the connection without an answer the first time it reads a path
-/// starting with `/close`: its keep-alive timeout firing just as a request
-/// arrives. Later requests for that path are answered.
+/// starting with `/close` (the first two times for `/close-twice`): its
+/// keep-alive timeout firing just as a request arrives. Later requests for
+/// that path are answered.
 async fn keep_alive_service() -> (std::net::SocketAddr, std::sync::Arc<KeepAliveLog>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let log = std::sync::Arc::new(KeepAliveLog::default());
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
     let state = log.clone();
     tokio::spawn(async move {
         while let Ok((mut tcp, _)) = listener.accept().await {
@@ -601,7 +602,18 @@ async fn keep_alive_service() -> (std::net::SocketAddr, std::sync::Arc<KeepAlive
                             .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
                     });
                     log.requests.lock().unwrap().push((n, method, path.clone()));
-                    if path.starts_with("/close") && seen.lock().unwrap().insert(path) {
+                    let closes = match path.as_str() {
+                        p if p.starts_with("/close-twice") => 2,
+                        p if p.starts_with("/close") => 1,
+                        _ => 0,
+                    };
+                    let times = {
+                        let mut seen = seen.lock().unwrap();
+                        let n = seen.entry(path).or_insert(0);
+                        *n += 1;
+                        *n
+                    };
+                    if times <= closes {
                         return; // closes the connection, no answer
                     }
                     let body = format!("conn {n}");
@@ -670,9 +682,14 @@ async fn service_connections_are_reused_and_a_closing_one_loses_no_safe_request(
     let resp = a.send_request(get("/after")).await.unwrap();
     assert_eq!(body_text(resp).await, "conn 3");
 
+    // A safe request is sent again once, not round the whole pool.
+    let resp = a.send_request(get("/close-twice")).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+
     let requests = log.requests.lock().unwrap().clone();
     let count = |p: &str| requests.iter().filter(|(_, _, path)| path == p).count();
     assert_eq!(count("/close-get"), 2, "{requests:?}");
     assert_eq!(count("/close-post"), 1, "{requests:?}");
-    assert_eq!(connections(), 3, "{requests:?}");
+    assert_eq!(count("/close-twice"), 2, "{requests:?}");
+    assert_eq!(connections(), 4, "{requests:?}");
 }

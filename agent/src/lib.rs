@@ -209,6 +209,7 @@ fn apply_reload(
         ("agent.edge_key", current.edge_key != new.edge_key),
         ("agent.edge_ca", current.edge_ca != new.edge_ca),
         ("agent.key", current.key_path != new.key_path),
+        ("agent.threads", current.threads != new.threads),
         ("lan", current.lan != new.lan),
     ];
     for (key, changed) in restart_only {

@@ -368,6 +368,7 @@ impl Reloader {
             ("edge.http", current.http != new.http),
             ("edge.tunnel", current.tunnel != new.tunnel),
             ("edge.admin", current.admin != new.admin),
+            ("edge.threads", current.threads != new.threads),
             (
                 "edge.header_timeout",
                 current.header_timeout != new.header_timeout,

@@ -106,14 +106,14 @@ impl Metrics {
             out,
             "burrow_streams_open",
             "gauge",
-            "Forwarded streams open now.",
+            "Forwarded streams open now, idle pooled service connections included.",
         );
         let _ = writeln!(out, "burrow_streams_open {}", self.streams_open());
         family(
             out,
             "burrow_streams_total",
             "counter",
-            "Forwarded streams opened.",
+            "Forwarded streams opened (a pooled one serves many requests).",
         );
         let _ = writeln!(out, "burrow_streams_total {}", load(&self.streams_total));
         family(

@@ -27,7 +27,9 @@ use super::{Body, HttpState, error_response};
 use crate::access::gate::Admission;
 use crate::access::{Decision, client_ip};
 use crate::config::{AuthMode, RouteConfig};
-use crate::tunnel::{AgentLink, OpenError, Pool, PoolKey, UpstreamBody, open_stream_on};
+use crate::tunnel::{
+    AgentLink, OpenError, Pool, PoolKey, ServiceConn, UpstreamBody, open_stream_on,
+};
 
 /// Headers that describe one hop and never cross a proxy (RFC 9110 7.6.1),
 /// plus the proxy credentials meant for us.
@@ -332,6 +334,11 @@ fn upstream_request(
     for name in FORWARDING {
         h.remove(*name);
     }
+    // The edge answers `Expect: 100-continue` itself (hyper sends the 100
+    // when the body is read); passed on, a service that answers early
+    // without reading the body would leave it on a connection the pool
+    // hands to the next request.
+    h.remove(header::EXPECT);
     if let Some(v) = upgrade_value {
         h.insert(header::UPGRADE, v);
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -533,29 +540,38 @@ async fn forward(
         service: route.service.clone(),
         idle_timeout: route.idle_timeout,
     };
+    // A machine that can be woken may go to sleep with connections open,
+    // and a sleeping machine never closes them: its requests always get a
+    // new connection, whose failure starts a wake.
+    let poolable = !state
+        .registry
+        .service(&route.agent, &route.service)
+        .is_some_and(|s| s.wake == burrow_proto::WakeMethod::MagicPacket);
     let mut req = req;
+    let mut replayed = false;
     loop {
         // A held request (one with a turn) goes on a new connection: the
         // service then sees held requests connect in their arrival order.
-        let pooled = if turn.is_some() {
+        let pooled = if turn.is_some() || !poolable || replayed {
             None
         } else {
             link.pool.take(&key)
         };
-        let (mut sender, reused) = match pooled {
-            Some(sender) => (sender, true),
+        let (mut conn, reused) = match pooled {
+            Some(conn) => (conn, true),
             None => match connect(&link, StreamKind::Http, state, route, client).await {
-                Ok(Some(sender)) => (sender, false),
+                Ok(Some(sender)) => (ServiceConn::new(sender), false),
                 Ok(None) => return Ok(connection_failed()),
                 Err(error) => return Err(Unreachable { req, error }),
             },
         };
         drop(turn.take());
         // A reused connection may be closing under us (the service's own
-        // keep-alive timeout): a request it never sent, or a safe one
-        // without a body, goes again on another connection.
+        // keep-alive timeout): a request it never sent goes on another
+        // connection, and a safe one without a body that it sent goes once
+        // more, on a new connection.
         let replay = if reused { replay_copy(&req) } else { None };
-        let response = match await_response(sender.try_send_request(req), route).await {
+        let response = match await_response(conn.sender.try_send_request(req), route).await {
             Ok(r) => r,
             Err(Waited::Late(t)) => {
                 warn!(host = %route.host, timeout = ?t, "service sent no response headers in time");
@@ -565,9 +581,16 @@ async fn forward(
                 ));
             }
             Err(Waited::Failed(mut e)) => {
-                if reused && let Some(again) = e.take_message().or(replay) {
-                    debug!(error = %e.error(), "reused service connection failed; sending again");
+                if reused && let Some(again) = e.take_message() {
+                    debug!(error = %e.error(), "reused service connection was closed; sending on another");
                     req = again;
+                    continue;
+                }
+                let closed_early = e.error().is_incomplete_message() || e.error().is_canceled();
+                if let Some(again) = replay.filter(|_| closed_early) {
+                    debug!(error = %e.error(), "reused service connection closed under a safe request; sending it once more");
+                    req = again;
+                    replayed = true;
                     continue;
                 }
                 warn!(host = %route.host, error = %e.error(), "service failed before responding");
@@ -586,7 +609,7 @@ async fn forward(
         }
         let mut response = response;
         strip_hop_by_hop(response.headers_mut());
-        let park = Some((link.pool.clone(), key, sender));
+        let park = poolable.then(|| (link.pool.clone(), key, conn));
         return Ok(response.map(|inner| {
             ParksConnection {
                 inner,
@@ -604,23 +627,23 @@ async fn forward(
 /// connection to close (HTTP/1.1 cannot abandon a response midway).
 struct ParksConnection {
     inner: Incoming,
-    park: Option<(Arc<Pool>, PoolKey, SendRequest<UpstreamBody>)>,
+    park: Option<(Arc<Pool>, PoolKey, ServiceConn)>,
     ended: bool,
 }
 
 impl ParksConnection {
     fn park(&mut self) {
-        let Some((pool, key, mut sender)) = self.park.take() else {
+        let Some((pool, key, mut conn)) = self.park.take() else {
             return;
         };
-        if sender.is_ready() {
-            pool.put(key, sender);
-        } else if !sender.is_closed() {
+        if conn.sender.is_ready() {
+            pool.put(key, conn);
+        } else if !conn.sender.is_closed() {
             // The connection is still finishing (the rest of the request
             // body, or its bookkeeping): park it once it is free.
             tokio::spawn(async move {
-                if sender.ready().await.is_ok() {
-                    pool.put(key, sender);
+                if conn.sender.ready().await.is_ok() {
+                    pool.put(key, conn);
                 }
             });
         }

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::config::AgentConfig;
-pub use pool::{Pool, PoolKey, UpstreamBody};
+pub use pool::{Pool, PoolKey, ServiceConn, UpstreamBody};
 pub use registry::{AgentLink, Control, Registry, ServiceReport, WakeRecord, WakeSent};
 
 /// How long a QUIC handshake may take before the attempt is dropped.

@@ -11,6 +11,8 @@
 //! old session's connections go with it. Connections wait at most
 //! [`IDLE_EXPIRY`], at most [`MAX_IDLE_PER_SERVICE`] per service; the most
 //! recently used is taken first, so a quiet period lets the rest expire.
+//! None is reused past [`MAX_AGE`], so a service moved to another address
+//! by an agent reload is reached there within that time.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,6 +34,8 @@ pub type UpstreamBody =
 /// request that meets a connection closing under it is retried when that
 /// is safe ([`crate::http`]).
 pub const IDLE_EXPIRY: Duration = Duration::from_secs(30);
+/// How long a connection may serve requests, counted from its connect.
+pub const MAX_AGE: Duration = Duration::from_secs(60);
 /// Idle connections kept per service and route idle timeout.
 pub const MAX_IDLE_PER_SERVICE: usize = 64;
 /// How often expired connections are swept when no request comes by.
@@ -45,9 +49,35 @@ pub struct PoolKey {
     pub idle_timeout: Option<Duration>,
 }
 
+/// An HTTP/1.1 connection to a service, with its age.
+pub struct ServiceConn {
+    pub sender: SendRequest<UpstreamBody>,
+    born: Instant,
+}
+
+impl ServiceConn {
+    /// A connection made just now.
+    pub fn new(sender: SendRequest<UpstreamBody>) -> Self {
+        Self {
+            sender,
+            born: Instant::now(),
+        }
+    }
+
+    fn usable(&self, now: Instant) -> bool {
+        self.sender.is_ready() && now.duration_since(self.born) < MAX_AGE
+    }
+}
+
 struct Idle {
-    sender: SendRequest<UpstreamBody>,
+    conn: ServiceConn,
     since: Instant,
+}
+
+impl Idle {
+    fn usable(&self, now: Instant) -> bool {
+        self.conn.usable(now) && now.duration_since(self.since) < IDLE_EXPIRY
+    }
 }
 
 /// One agent session's idle service connections.
@@ -67,14 +97,14 @@ impl std::fmt::Debug for Pool {
 
 impl Pool {
     /// The most recently parked connection for `key` that is still open.
-    pub fn take(&self, key: &PoolKey) -> Option<SendRequest<UpstreamBody>> {
+    pub fn take(&self, key: &PoolKey) -> Option<ServiceConn> {
         let mut idle = self.lock();
         let list = idle.get_mut(key)?;
         let now = Instant::now();
         let found = loop {
             let Some(entry) = list.pop() else { break None };
-            if entry.sender.is_ready() && now.duration_since(entry.since) < IDLE_EXPIRY {
-                break Some(entry.sender);
+            if entry.usable(now) {
+                break Some(entry.conn);
             }
         };
         if list.is_empty() {
@@ -84,8 +114,8 @@ impl Pool {
     }
 
     /// Parks a connection whose last response has completed.
-    pub fn put(self: &Arc<Self>, key: PoolKey, sender: SendRequest<UpstreamBody>) {
-        if !sender.is_ready() {
+    pub fn put(self: &Arc<Self>, key: PoolKey, conn: ServiceConn) {
+        if !conn.usable(Instant::now()) {
             return;
         }
         {
@@ -96,7 +126,7 @@ impl Pool {
                 list.remove(0);
             }
             list.push(Idle {
-                sender,
+                conn,
                 since: Instant::now(),
             });
         }
@@ -120,7 +150,7 @@ impl Pool {
         let mut idle = self.lock();
         let now = Instant::now();
         idle.retain(|_, list| {
-            list.retain(|e| e.sender.is_ready() && now.duration_since(e.since) < IDLE_EXPIRY);
+            list.retain(|e| e.usable(now));
             !list.is_empty()
         });
         idle.is_empty()
@@ -155,7 +185,7 @@ mod tests {
     use super::*;
     use hyper_util::rt::TokioIo;
 
-    async fn sender() -> SendRequest<UpstreamBody> {
+    async fn sender() -> ServiceConn {
         let (near, _far) = tokio::io::duplex(64);
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(near))
             .await
@@ -169,7 +199,7 @@ mod tests {
             .ready()
             .await
             .expect("a fresh connection turns ready");
-        sender
+        ServiceConn::new(sender)
     }
 
     fn key(service: &str) -> PoolKey {
@@ -193,6 +223,13 @@ mod tests {
         pool.retain_services(|name| name.as_str() != "other");
         assert!(pool.take(&key("other")).is_none());
 
+        // Busy connections still retire at their maximum age.
+        tokio::time::advance(IDLE_EXPIRY - SWEEP_EVERY).await;
+        let busy = pool.take(&key("chat")).expect("not expired yet");
+        tokio::time::advance(MAX_AGE - IDLE_EXPIRY + SWEEP_EVERY).await;
+        pool.put(key("chat"), busy);
+        assert!(pool.take(&key("chat")).is_none(), "too old to reuse");
+
         tokio::time::advance(IDLE_EXPIRY + SWEEP_EVERY).await;
         tokio::task::yield_now().await;
         assert!(pool.take(&key("chat")).is_none(), "expired");
@@ -209,7 +246,7 @@ mod tests {
                 .expect("handshake");
         let driver = tokio::spawn(conn);
         sender.ready().await.expect("ready");
-        pool.put(key("chat"), sender);
+        pool.put(key("chat"), ServiceConn::new(sender));
         assert_eq!(pool.idle_count(), 1);
         // The service's end goes away while the connection sits idle.
         drop(far);
