@@ -573,13 +573,7 @@ async fn forward(
         let replay = if reused { replay_copy(&req) } else { None };
         let response = match await_response(conn.sender.try_send_request(req), route).await {
             Ok(r) => r,
-            Err(Waited::Late(t)) => {
-                warn!(host = %route.host, timeout = ?t, "service sent no response headers in time");
-                return Ok(error_response(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "the service did not answer in time",
-                ));
-            }
+            Err(Waited::Late(t)) => return Ok(too_late(route, t)),
             Err(Waited::Failed(mut e)) => {
                 if reused && let Some(again) = e.take_message() {
                     debug!(error = %e.error(), "reused service connection was closed; sending on another");
@@ -593,11 +587,7 @@ async fn forward(
                     replayed = true;
                     continue;
                 }
-                warn!(host = %route.host, error = %e.error(), "service failed before responding");
-                return Ok(error_response(
-                    StatusCode::BAD_GATEWAY,
-                    "the service failed to respond",
-                ));
+                return Ok(failed_to_respond(route, e.error()));
             }
         };
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -711,6 +701,22 @@ async fn await_response<T, E>(
     }
 }
 
+/// The answer when the service sent no response head within the route's
+/// `response_timeout`.
+fn too_late(route: &RouteConfig, t: std::time::Duration) -> Response<Body> {
+    warn!(host = %route.host, timeout = ?t, "service sent no response headers in time");
+    error_response(
+        StatusCode::GATEWAY_TIMEOUT,
+        "the service did not answer in time",
+    )
+}
+
+/// The answer when the service connection failed before a response head.
+fn failed_to_respond(route: &RouteConfig, e: &hyper::Error) -> Response<Body> {
+    warn!(host = %route.host, error = %e, "service failed before responding");
+    error_response(StatusCode::BAD_GATEWAY, "the service failed to respond")
+}
+
 /// A copy of a safe, bodyless request (RFC 9110 9.2.2), to send again if
 /// the reused connection it goes out on turns out to be closing.
 fn replay_copy(req: &Request<UpstreamBody>) -> Option<Request<UpstreamBody>> {
@@ -791,20 +797,8 @@ async fn forward_upgrade(
     let client_upgrade = hyper::upgrade::on(&mut req);
     let mut response = match await_response(sender.send_request(req), route).await {
         Ok(r) => r,
-        Err(Waited::Late(t)) => {
-            warn!(host = %route.host, timeout = ?t, "service sent no response headers in time");
-            return Ok(error_response(
-                StatusCode::GATEWAY_TIMEOUT,
-                "the service did not answer in time",
-            ));
-        }
-        Err(Waited::Failed(e)) => {
-            warn!(host = %route.host, error = %e, "service failed before responding");
-            return Ok(error_response(
-                StatusCode::BAD_GATEWAY,
-                "the service failed to respond",
-            ));
-        }
+        Err(Waited::Late(t)) => return Ok(too_late(route, t)),
+        Err(Waited::Failed(e)) => return Ok(failed_to_respond(route, &e)),
     };
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
         // Refused upgrade: an ordinary response; the stream is not reused.
