@@ -272,7 +272,7 @@ impl Edge {
             info!(%addr, routes = self.config.routes.len(), "serving https");
             tasks.spawn(http::serve_https(
                 listener,
-                Arc::new(tls),
+                tls,
                 http_rx.clone(),
                 self.config.header_timeout,
                 shutdown.clone(),

@@ -63,10 +63,34 @@ pub mod code {
     pub const STREAM_ABORTED: VarInt = VarInt::from_u32(5);
 }
 
-/// The one rustls crypto provider in the tree.
+/// The one rustls crypto provider in the tree, with the cipher suites in
+/// burrow's order of preference.
 pub fn crypto_provider() -> rustls::crypto::CryptoProvider {
-    rustls::crypto::ring::default_provider()
+    rustls::crypto::CryptoProvider {
+        cipher_suites: PREFERRED_SUITES.to_vec(),
+        ..rustls::crypto::ring::default_provider()
+    }
 }
+
+/// *ring*'s cipher suites, AES-128-GCM first: 128-bit keys are the level
+/// TLS 1.3 and QUIC are built around (the one suite every implementation
+/// must have), and AES-128 runs four fewer rounds per block than AES-256,
+/// about a quarter less CPU per byte on the AES part. Go (Caddy) and
+/// browsers order them the same way.
+static PREFERRED_SUITES: &[rustls::SupportedCipherSuite] = {
+    use rustls::crypto::ring::cipher_suite as s;
+    &[
+        s::TLS13_AES_128_GCM_SHA256,
+        s::TLS13_AES_256_GCM_SHA384,
+        s::TLS13_CHACHA20_POLY1305_SHA256,
+        s::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        s::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+        s::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+        s::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+        s::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+        s::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+    ]
+};
 
 /// Which end a transport configuration is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -2,6 +2,7 @@
 //! HTTP/2), the optional plain-HTTP listener that redirects to HTTPS, and
 //! the short error responses every failure maps to.
 
+pub mod handshake;
 pub mod io;
 pub mod proxy;
 pub mod wake;
@@ -135,7 +136,8 @@ pub fn error_response(status: StatusCode, message: &str) -> Response<Body> {
 }
 
 /// The rustls config of the HTTPS listener: certificates by SNI, ALPN h2
-/// and http/1.1.
+/// and http/1.1 (whose cipher suite order counts is decided per client,
+/// see [`handshake`]).
 pub fn tls_config(
     certs: Arc<dyn ResolvesServerCert>,
     acme: bool,
@@ -175,13 +177,13 @@ fn http_builder(header_timeout: Duration) -> auto::Builder<TokioExecutor> {
 /// tasks are tracked by `tracker` so the edge can wait for them.
 pub async fn serve_https(
     listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
+    tls: rustls::ServerConfig,
     state: watch::Receiver<Arc<HttpState>>,
     header_timeout: Duration,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let acceptor = handshake::HttpsTls::new(tls);
     let builder = Arc::new(http_builder(header_timeout));
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {

@@ -48,6 +48,8 @@ pub fn server_config(
         .with_cert_resolver(certs);
     tls.alpn_protocols = vec![ALPN.to_vec()];
     tls.max_early_data_size = 0;
+    // Both ends are burrow: our order (AES-128-GCM first) decides.
+    tls.ignore_client_order = true;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| rustls::Error::General(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
