@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use burrow_agent::AgentStatus;
 use burrow_proto::frame::{AgentToEdge, EdgeToAgent, Hello, PROTOCOL_VERSION};
 use burrow_proto::identity::Identity;
-use burrow_proto::quic::{IDENTITY_SNI, code};
+use burrow_proto::quic::{self, IDENTITY_SNI, code};
 use burrow_proto::{Frame, Name};
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -106,6 +106,61 @@ async fn fifty_connections_move_64_mib_each_way_intact() {
     .await
     .expect("bulk transfer finished in time");
     assert_eq!(done, CONNS);
+}
+
+/// The agent first allows the edge 1,024 streams and raises the allowance
+/// as they fill: more connections than that are open end to end at once.
+/// The service answers none of them until it holds all of them, so a stream
+/// the allowance kept waiting would stall the test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_connections_than_the_first_stream_allowance_are_open_at_once() {
+    const CONNS: usize = quic::INITIAL_STREAMS_PER_AGENT as usize + 300;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let svc = listener.local_addr().expect("addr");
+    // A connection counts once its first byte arrives (the agent's health
+    // probes connect and close without one).
+    let (arrived, mut arrivals) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.expect("accept");
+            let arrived = arrived.clone();
+            tokio::spawn(async move {
+                if s.read_u8().await.is_ok() {
+                    let _ = arrived.send(s);
+                }
+            });
+        }
+    });
+    let service = tokio::spawn(async move {
+        let mut held = Vec::with_capacity(CONNS);
+        while held.len() < CONNS {
+            held.push(arrivals.recv().await.expect("service accepts"));
+        }
+        for s in &mut held {
+            s.write_all(b"!").await.expect("answer");
+        }
+        held
+    });
+    let p = pair(&[("held", svc)]).await;
+    let port = p.edge.ports[0];
+
+    let mut clients = Vec::with_capacity(CONNS);
+    for _ in 0..CONNS {
+        let mut c = TcpStream::connect(port).await.expect("connect");
+        c.write_all(b"?").await.expect("first byte");
+        clients.push(c);
+    }
+    let answered = tokio::time::timeout(Duration::from_secs(60), async {
+        for c in &mut clients {
+            assert_eq!(c.read_u8().await.expect("answer"), b'!');
+        }
+    })
+    .await;
+    assert!(
+        answered.is_ok(),
+        "the service never held all {CONNS} connections at once"
+    );
+    assert_eq!(service.await.expect("service").len(), CONNS);
 }
 
 #[tokio::test]

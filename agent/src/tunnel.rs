@@ -10,11 +10,12 @@ use burrow_proto::framed::{FramedRecv, write_frames};
 use burrow_proto::identity::{Identity, PinnedServerVerifier};
 use burrow_proto::quic::{self, ALPN, IDENTITY_SNI, Role, code};
 use burrow_proto::{AgentEvent, AgentSession, EdgeToAgent};
+use quinn::VarInt;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, error, info, info_span, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::backoff::{BACKOFF_CAP, Backoff};
 use crate::config::AgentConfig;
@@ -235,6 +236,7 @@ impl Dialer {
         // States that changed between the hello and the welcome.
         let mut views_open = true;
         let mut states_changed = views.has_changed().unwrap_or(false);
+        let mut allowance = quic::StreamAllowance::default();
         loop {
             if std::mem::take(&mut states_changed) {
                 // The full list: a reload may have added or removed services.
@@ -253,9 +255,21 @@ impl Dialer {
             tokio::select! {
                 stream = conn.accept_bi() => match stream {
                     Ok((s, r)) => {
+                        let (open, raise) = allowance.accepted();
+                        if let Some(limit) = raise {
+                            conn.set_max_concurrent_bi_streams(VarInt::from_u32(limit));
+                            debug!(limit, "raised the edge's stream allowance");
+                        }
+                        let (services, monitors) = (self.services.clone(), self.monitors.clone());
+                        // The stream's future is made inside the task: a
+                        // future moved in would take its size twice over
+                        // (4.4 KiB more per held WebSocket).
                         tokio::spawn(
-                            handle_stream(s, r, self.services.clone(), self.monitors.clone())
-                                .in_current_span(),
+                            async move {
+                                let _open = open;
+                                handle_stream(s, r, services, monitors).await
+                            }
+                            .in_current_span(),
                         );
                     }
                     Err(e) => return classify_close(e, "session"),

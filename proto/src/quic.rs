@@ -36,6 +36,11 @@ pub const UDP_SOCKET_BUFFER: usize = 4 * 1024 * 1024;
 /// is sized for 10,000 held WebSockets plus requests; memory stays bounded
 /// by the connection receive window, not by the stream count.
 pub const MAX_STREAMS_PER_AGENT: u32 = 16_384;
+/// What the agent allows at first; [`StreamAllowance`] raises it toward
+/// [`MAX_STREAMS_PER_AGENT`] as streams fill it. quinn sets up bookkeeping
+/// for every stream the peer may open, up front: allowing 16,384 from the
+/// start cost each agent 1.3 MiB before its first request.
+pub const INITIAL_STREAMS_PER_AGENT: u32 = 1024;
 
 /// The first RTT guess for a new connection. quinn's default (333 ms) makes
 /// the first handshake retransmit wait a second; agents reconnecting to a
@@ -116,9 +121,51 @@ pub fn transport_config(role: Role) -> TransportConfig {
     match role {
         // The agent opens only its control stream.
         Role::Edge => t.max_concurrent_bidi_streams(VarInt::from_u32(1)),
-        Role::Agent => t.max_concurrent_bidi_streams(VarInt::from_u32(MAX_STREAMS_PER_AGENT)),
+        Role::Agent => t.max_concurrent_bidi_streams(VarInt::from_u32(INITIAL_STREAMS_PER_AGENT)),
     };
     t
+}
+
+/// How many streams the edge may have open to the agent at once, raised
+/// ahead of need: once half of it is in use, it doubles, up to
+/// [`MAX_STREAMS_PER_AGENT`]. It never shrinks; a burst that was served
+/// once will likely come again.
+#[derive(Debug)]
+pub struct StreamAllowance {
+    limit: u32,
+    open: Arc<std::sync::atomic::AtomicU32>,
+}
+
+/// Held by each accepted stream's task; counts the stream as open.
+#[derive(Debug)]
+pub struct OpenStream(Arc<std::sync::atomic::AtomicU32>);
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Default for StreamAllowance {
+    fn default() -> Self {
+        Self {
+            limit: INITIAL_STREAMS_PER_AGENT,
+            open: Arc::default(),
+        }
+    }
+}
+
+impl StreamAllowance {
+    /// Counts a newly accepted stream; returns the guard that uncounts it
+    /// and, when the allowance should grow, the new limit to give quinn.
+    pub fn accepted(&mut self) -> (OpenStream, Option<u32>) {
+        let open = self.open.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        let raise = (open > self.limit / 2 && self.limit < MAX_STREAMS_PER_AGENT).then(|| {
+            self.limit = (self.limit * 2).min(MAX_STREAMS_PER_AGENT);
+            self.limit
+        });
+        (OpenStream(self.open.clone()), raise)
+    }
 }
 
 /// What the kernel granted for the UDP socket buffers.
@@ -169,4 +216,43 @@ pub fn endpoint(
             as Box<dyn quinn::ConnectionIdGenerator>
     });
     quinn::Endpoint::new(config, server, socket, Arc::new(quinn::TokioRuntime))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stream_allowance_doubles_at_half_use_up_to_the_cap() {
+        let mut a = StreamAllowance::default();
+        let mut open = Vec::new();
+        let mut raises = Vec::new();
+        for n in 1..=MAX_STREAMS_PER_AGENT {
+            let (guard, raise) = a.accepted();
+            open.push(guard);
+            if let Some(limit) = raise {
+                raises.push((n, limit));
+            }
+        }
+        assert_eq!(
+            raises,
+            [(513, 2048), (1025, 4096), (2049, 8192), (4097, 16_384)]
+        );
+        // Closed streams stop counting; the allowance never shrinks.
+        open.clear();
+        let (_g, raise) = a.accepted();
+        assert_eq!((raise, a.limit), (None, MAX_STREAMS_PER_AGENT));
+    }
+
+    #[test]
+    fn closed_streams_make_room_before_the_allowance_grows() {
+        let mut a = StreamAllowance::default();
+        for _ in 0..10 * INITIAL_STREAMS_PER_AGENT {
+            // One at a time: never more than one open.
+            let (guard, raise) = a.accepted();
+            assert_eq!(raise, None);
+            drop(guard);
+        }
+        assert_eq!(a.limit, INITIAL_STREAMS_PER_AGENT);
+    }
 }
