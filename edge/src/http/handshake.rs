@@ -79,58 +79,93 @@ mod tests {
 
     use rustls::crypto::ring::cipher_suite as suite;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-    use rustls::{SupportedCipherSuite, SupportedProtocolVersion};
+    use rustls::sign::CertifiedKey;
+    use rustls::{HandshakeKind, SupportedCipherSuite, SupportedProtocolVersion};
 
-    /// Handshakes a rustls client offering `offered` (in that order) with
-    /// the edge's HTTPS config and returns the suite they agreed on.
-    async fn agreed(
-        offered: &[SupportedCipherSuite],
-        versions: &[&'static SupportedProtocolVersion],
-    ) -> CipherSuite {
+    /// The listener's config (as `tls_config` builds it) with a
+    /// self-signed certificate for `edge.test`, and that certificate.
+    fn edge_tls() -> (HttpsTls, CertificateDer<'static>) {
         let cert = rcgen::generate_simple_self_signed(vec!["edge.test".into()]).unwrap();
         let der = CertificateDer::from(cert.cert.der().to_vec());
         let key = PrivateKeyDer::try_from(cert.signing_key.serialize_der()).unwrap();
-        let server = rustls::ServerConfig::builder_with_provider(Arc::new(
-            burrow_proto::quic::crypto_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![der.clone()], key)
-        .unwrap();
-        let tls = HttpsTls::new(server);
+        let key = burrow_proto::quic::crypto_provider()
+            .key_provider
+            .load_private_key(key)
+            .unwrap();
+        let mut sni = rustls::server::ResolvesServerCertUsingSni::new();
+        sni.add("edge.test", CertifiedKey::new(vec![der.clone()], key))
+            .unwrap();
+        let config = super::super::tls_config(Arc::new(sni), false).unwrap();
+        (HttpsTls::new(config), der)
+    }
 
+    /// A rustls client trusting `root`, offering `offered` in that order.
+    fn client(
+        root: &CertificateDer<'static>,
+        offered: &[SupportedCipherSuite],
+        versions: &[&'static SupportedProtocolVersion],
+    ) -> tokio_rustls::TlsConnector {
         let mut roots = rustls::RootCertStore::empty();
-        roots.add(der).unwrap();
+        roots.add(root.clone()).unwrap();
         let provider = rustls::crypto::CryptoProvider {
             cipher_suites: offered.to_vec(),
             ..rustls::crypto::ring::default_provider()
         };
-        let client = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
             .with_protocol_versions(versions)
             .unwrap()
             .with_root_certificates(roots)
             .with_no_client_auth();
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+    }
 
+    /// One handshake (and the session tickets after it) between `client`
+    /// and the listener; returns the server side.
+    async fn handshake(
+        tls: &HttpsTls,
+        client: &tokio_rustls::TlsConnector,
+    ) -> rustls::ServerConnection {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let (a, b) = tokio::io::duplex(64 * 1024);
         let name = ServerName::try_from("edge.test").unwrap();
-        let (client, server) = tokio::join!(connector.connect(name, a), tls.accept(b));
-        let (client, server) = (client.unwrap(), server.unwrap());
-        let theirs = client
-            .get_ref()
-            .1
-            .negotiated_cipher_suite()
-            .unwrap()
-            .suite();
-        let ours = server
-            .get_ref()
-            .1
-            .negotiated_cipher_suite()
-            .unwrap()
-            .suite();
-        assert_eq!(theirs, ours);
-        ours
+        let (client, server) = tokio::join!(client.connect(name, a), tls.accept(b));
+        let (mut client, mut server) = (client.unwrap(), server.unwrap());
+        // A TLS 1.3 client receives its tickets after the handshake: a
+        // byte each way delivers them.
+        server.write_all(b"!").await.unwrap();
+        server.flush().await.unwrap();
+        assert_eq!(client.read_u8().await.unwrap(), b'!');
+        let theirs = client.get_ref().1.negotiated_cipher_suite();
+        let (_, server) = server.into_inner();
+        assert_eq!(theirs, server.negotiated_cipher_suite());
+        server
+    }
+
+    /// The suite a client offering `offered` agrees on with the listener.
+    async fn agreed(
+        offered: &[SupportedCipherSuite],
+        versions: &[&'static SupportedProtocolVersion],
+    ) -> CipherSuite {
+        let (tls, root) = edge_tls();
+        let server = handshake(&tls, &client(&root, offered, versions)).await;
+        server.negotiated_cipher_suite().unwrap().suite()
+    }
+
+    #[tokio::test]
+    async fn a_client_resumes_after_more_sessions_than_a_server_cache_holds() {
+        let (tls, root) = edge_tls();
+        let tls13 = &[&rustls::version::TLS13];
+        let suites = rustls::crypto::ring::DEFAULT_CIPHER_SUITES;
+        let phone = client(&root, suites, tls13);
+        let first = handshake(&tls, &phone).await;
+        assert_eq!(first.handshake_kind(), Some(HandshakeKind::Full));
+        // More clients than rustls's default in-memory session cache (256)
+        // come and go; the edge keeps no state for any of them.
+        for _ in 0..300 {
+            handshake(&tls, &client(&root, suites, tls13)).await;
+        }
+        let again = handshake(&tls, &phone).await;
+        assert_eq!(again.handshake_kind(), Some(HandshakeKind::Resumed));
     }
 
     #[tokio::test]
