@@ -255,7 +255,7 @@ impl Dialer {
             tokio::select! {
                 stream = conn.accept_bi() => match stream {
                     Ok((s, r)) => {
-                        let (open, raise) = allowance.accepted();
+                        let (slot, raise) = allowance.accepted();
                         if let Some(limit) = raise {
                             conn.set_max_concurrent_bi_streams(VarInt::from_u32(limit));
                             debug!(limit, "raised the edge's stream allowance");
@@ -266,7 +266,7 @@ impl Dialer {
                         // (4.4 KiB more per held WebSocket).
                         tokio::spawn(
                             async move {
-                                let _open = open;
+                                let _slot = slot;
                                 handle_stream(s, r, services, monitors).await
                             }
                             .in_current_span(),

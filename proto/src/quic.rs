@@ -4,6 +4,7 @@
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use quinn::{EndpointConfig, TransportConfig, VarInt};
@@ -133,16 +134,16 @@ pub fn transport_config(role: Role) -> TransportConfig {
 #[derive(Debug)]
 pub struct StreamAllowance {
     limit: u32,
-    open: Arc<std::sync::atomic::AtomicU32>,
+    open: Arc<AtomicU32>,
 }
 
 /// Held by each accepted stream's task; counts the stream as open.
 #[derive(Debug)]
-pub struct OpenStream(Arc<std::sync::atomic::AtomicU32>);
+pub struct StreamSlot(Arc<AtomicU32>);
 
-impl Drop for OpenStream {
+impl Drop for StreamSlot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -158,13 +159,13 @@ impl Default for StreamAllowance {
 impl StreamAllowance {
     /// Counts a newly accepted stream; returns the guard that uncounts it
     /// and, when the allowance should grow, the new limit to give quinn.
-    pub fn accepted(&mut self) -> (OpenStream, Option<u32>) {
-        let open = self.open.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+    pub fn accepted(&mut self) -> (StreamSlot, Option<u32>) {
+        let open = self.open.fetch_add(1, Ordering::Relaxed) + 1;
         let raise = (open > self.limit / 2 && self.limit < MAX_STREAMS_PER_AGENT).then(|| {
             self.limit = (self.limit * 2).min(MAX_STREAMS_PER_AGENT);
             self.limit
         });
-        (OpenStream(self.open.clone()), raise)
+        (StreamSlot(self.open.clone()), raise)
     }
 }
 
