@@ -378,12 +378,7 @@ async fn forwarding_headers_are_the_edges_own() {
     // route's host_header rewrite applies.
     let mut s = site.h2("ollama.test").await;
     let resp = s
-        .send_request(
-            http::Request::builder()
-                .uri("https://ollama.test/headers")
-                .body(empty())
-                .unwrap(),
-        )
+        .send_request(h2_get("ollama.test", "/headers"))
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
@@ -651,15 +646,7 @@ async fn service_connections_are_reused_and_a_closing_one_loses_no_safe_request(
         assert_eq!(body_text(resp).await, "conn 1");
     }
     let mut b = site.h2("ka.test").await;
-    let resp = b
-        .send_request(
-            http::Request::builder()
-                .uri("https://ka.test/b")
-                .body(empty())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let resp = b.send_request(h2_get("ka.test", "/b")).await.unwrap();
     assert_eq!(body_text(resp).await, "conn 1", "another client reuses it");
     assert_eq!(connections(), 1);
 

@@ -418,6 +418,15 @@ pub fn request(method: &str, host: &str, path: &str, body: TestBody) -> Request<
         .unwrap()
 }
 
+/// A bodyless GET for an HTTP/2 connection: the host travels in the
+/// URI's authority (`:authority`), not in a Host header.
+pub fn h2_get(host: &str, path: &str) -> Request<TestBody> {
+    Request::builder()
+        .uri(format!("https://{host}{path}"))
+        .body(empty())
+        .unwrap()
+}
+
 /// Reads a whole body as text.
 pub async fn body_text(resp: Response<Incoming>) -> String {
     let bytes = resp.into_body().collect().await.unwrap().to_bytes();
