@@ -7,6 +7,7 @@
 
 mod client;
 mod procfs;
+mod relay;
 mod report;
 mod scenarios;
 mod stack;
@@ -30,6 +31,7 @@ pub const DIRECT: &str = "direct";
 pub const BURROW: &str = "burrow";
 pub const PEER: &str = "caddy+rathole";
 pub const CADDY: &str = "caddy TLS only";
+pub const RELAYS: &str = "2 TCP relays";
 
 /// Open files the bench asks for: 10,000 held WebSockets cost the bench two
 /// descriptors each (client and upstream ends), the edge and agent one each,
@@ -59,6 +61,9 @@ struct Args {
     /// Internal: run the upstream server (the bench starts it as a child).
     #[arg(long, hide = true)]
     serve_upstream: bool,
+    /// Internal: run a plain TCP relay to this address (the latency floor).
+    #[arg(long, hide = true)]
+    serve_relay: Option<std::net::SocketAddr>,
     /// The burrow binary (default: `burrow` beside this executable, i.e. target/release/burrow).
     #[arg(long)]
     burrow: Option<PathBuf>,
@@ -176,6 +181,23 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Some(to) = args.serve_relay {
+        // One worker, as burrow's edge and agent run by default.
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build();
+        return match runtime
+            .map_err(Error::from)
+            .and_then(|r| r.block_on(relay::serve(to)))
+        {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("burrow-bench relay: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -270,6 +292,7 @@ async fn run(args: Args, nofile: u64) -> Result<(), Error> {
         burrow_bin.display()
     );
 
+    let (relay_procs, relays_addr) = relay::start(&work, upstream)?;
     let mut burrow = Burrow::start(&burrow_bin, &work.join("burrow"), upstream, &certs)?;
     let burrow_endpoint = Endpoint {
         addr: burrow.https,
@@ -349,6 +372,15 @@ async fn run(args: Args, nofile: u64) -> Result<(), Error> {
             },
         )
     });
+    let relays = Target {
+        name: RELAYS,
+        endpoint: Endpoint {
+            addr: relays_addr,
+            tls: None,
+        },
+        edge_pids: vec![relay_procs[0].pid()],
+        agent_pids: relay_procs[1..].iter().map(stack::Proc::pid).collect(),
+    };
     report.columns = vec![DIRECT.into(), BURROW.into()];
     let mut all: Vec<&Target> = vec![&direct, &burrow_target];
     let mut with_caddy = all.clone();
@@ -361,6 +393,10 @@ async fn run(args: Args, nofile: u64) -> Result<(), Error> {
         with_caddy.push(caddy);
         stacks.push(peer);
     }
+    // The floor goes last, and only where latency is measured.
+    report.columns.push(RELAYS.into());
+    let mut latency = all.clone();
+    latency.push(&relays);
 
     tokio::time::sleep(Duration::from_millis(500)).await;
     scenarios::idle_memory(&stacks, "idle at start", &mut report);
@@ -373,10 +409,10 @@ async fn run(args: Args, nofile: u64) -> Result<(), Error> {
         scenarios::small(&all, s, &mut report).await?;
     }
     if only.contains(&Scenario::Sse) {
-        scenarios::sse(&all, s, &mut report).await?;
+        scenarios::sse(&latency, s, &mut report).await?;
     }
     if only.contains(&Scenario::Ws) {
-        scenarios::websocket(&all, s, &mut report).await?;
+        scenarios::websocket(&latency, s, &mut report).await?;
     }
     if only.contains(&Scenario::Memory) {
         scenarios::memory(&stacks, s, &mut report).await?;
@@ -399,6 +435,7 @@ async fn run(args: Args, nofile: u64) -> Result<(), Error> {
     }
 
     checks(&mut report, peers.is_some());
+    drop(relay_procs);
     drop(upstream_proc);
     let seconds = started.elapsed().as_secs_f64();
     print!("{}", report.table());
