@@ -170,33 +170,11 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let nofile = procfs::raise_nofile(NOFILE);
     if args.serve_upstream {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build();
-        return match runtime.map(|r| r.block_on(upstream::serve())) {
-            Ok(Ok(())) => ExitCode::SUCCESS,
-            Ok(Err(e)) | Err(e) => {
-                eprintln!("burrow-bench upstream: {e}");
-                ExitCode::FAILURE
-            }
-        };
+        return child("upstream", None, upstream::serve());
     }
     if let Some(to) = args.serve_relay {
         // One worker, as burrow's edge and agent run by default.
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build();
-        return match runtime
-            .map_err(Error::from)
-            .and_then(|r| r.block_on(relay::serve(to)))
-        {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("burrow-bench relay: {e}");
-                ExitCode::FAILURE
-            }
-        };
+        return child("relay", Some(1), relay::serve(to));
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -220,6 +198,29 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("burrow-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs one of the bench's child processes (`--serve-...`) to its end.
+fn child<E: std::fmt::Display>(
+    name: &str,
+    workers: Option<usize>,
+    serve: impl std::future::Future<Output = Result<(), E>>,
+) -> ExitCode {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        builder.worker_threads(n);
+    }
+    let outcome = match builder.enable_all().build() {
+        Ok(runtime) => runtime.block_on(serve).map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("burrow-bench {name}: {e}");
             ExitCode::FAILURE
         }
     }
