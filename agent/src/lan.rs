@@ -7,10 +7,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use burrow_proto::listener::{Front, Limits};
 use burrow_proto::{ServiceState, WakeMethod};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span};
 
 use crate::config::ServiceConfig;
 use crate::forward::connect_timeout;
@@ -20,6 +21,14 @@ use crate::monitor::{Monitors, Origin};
 /// closed. Matches the edge's default `[route.wake] hold`.
 pub const LAN_WAKE_WAIT: Duration = Duration::from_secs(180);
 
+/// Caps on a `[[lan]]` listener's connections. A home network's clients
+/// (Open WebUI, scripts) open a few each; the caps keep a runaway client
+/// from taking every file descriptor of the agent.
+pub const LAN_LIMITS: Limits = Limits {
+    total: 4096,
+    per_ip: 512,
+};
+
 /// Accepts connections on `listener` for `service` until `shutdown`.
 pub async fn serve(
     listener: TcpListener,
@@ -27,31 +36,25 @@ pub async fn serve(
     monitors: Monitors,
     shutdown: CancellationToken,
 ) {
-    loop {
-        let (tcp, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    warn!(service = %service.name, error = %e, "lan accept failed");
-                    continue;
+    let front = Front::new("lan", LAN_LIMITS);
+    front
+        .serve(listener, shutdown.clone(), |tcp, peer, permit| {
+            let span = info_span!("lan", service = %service.name, %peer);
+            let service = service.clone();
+            let monitors = monitors.clone();
+            let stop = shutdown.clone();
+            tokio::spawn(
+                async move {
+                    let _permit = permit;
+                    tokio::select! {
+                        () = proxy(tcp, &service, &monitors) => {}
+                        () = stop.cancelled() => {}
+                    }
                 }
-            },
-            () = shutdown.cancelled() => return,
-        };
-        let span = info_span!("lan", service = %service.name, %peer);
-        let service = service.clone();
-        let monitors = monitors.clone();
-        let stop = shutdown.clone();
-        tokio::spawn(
-            async move {
-                tokio::select! {
-                    () = proxy(tcp, &service, &monitors) => {}
-                    () = stop.cancelled() => {}
-                }
-            }
-            .instrument(span),
-        );
-    }
+                .instrument(span),
+            );
+        })
+        .await;
 }
 
 async fn connect(service: &ServiceConfig) -> Result<TcpStream, String> {

@@ -5,14 +5,16 @@
 use std::convert::Infallible;
 use std::fmt::Write;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use burrow_proto::listener::{Front, Limits};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -227,28 +229,51 @@ fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<Body> {
     r
 }
 
+/// The admin listener's caps: it is for the operator's scraper and
+/// browser, on loopback.
+pub const LIMITS: Limits = Limits {
+    total: 256,
+    per_ip: 64,
+};
+/// How long an admin connection may take for a request head.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Serves the admin pages until `shutdown`.
-pub async fn serve(listener: TcpListener, state: AdminState, shutdown: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    state: AdminState,
+    front: Arc<Front>,
+    shutdown: CancellationToken,
+) {
     let state = Arc::new(state);
-    let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
-    loop {
-        let (tcp, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(_) => continue,
-            },
-            () = shutdown.cancelled() => return,
-        };
-        let state = state.clone();
-        let builder = builder.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req: Request<Incoming>| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(respond(&state, &req)) }
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT);
+    let builder = Arc::new(builder);
+    front
+        .serve(listener, shutdown, |tcp, peer, permit| {
+            let state = state.clone();
+            let builder = builder.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                let service = service_fn(move |req: Request<Incoming>| {
+                    let state = state.clone();
+                    async move { Ok::<_, Infallible>(respond(&state, &req)) }
+                });
+                let conn = builder.serve_connection(TokioIo::new(tcp), service);
+                // A connection that never sends a request is closed too.
+                match tokio::time::timeout(ADMIN_CONNECTION_LIFETIME, conn).await {
+                    Ok(Err(e)) => debug!(%peer, error = %e, "admin connection error"),
+                    Ok(Ok(())) => {}
+                    Err(_) => debug!(%peer, "admin connection open too long; closed"),
+                }
             });
-            if let Err(e) = builder.serve_connection(TokioIo::new(tcp), service).await {
-                debug!(%peer, error = %e, "admin connection error");
-            }
-        });
-    }
+        })
+        .await;
 }
+
+/// An admin connection is closed after this long, whatever it does:
+/// scrapers and the status page open a new one for each look.
+pub const ADMIN_CONNECTION_LIFETIME: Duration = Duration::from_secs(300);

@@ -25,6 +25,30 @@ pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(15);
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(30);
 /// How long held requests wait for a waking service by default.
 pub const DEFAULT_WAKE_HOLD: Duration = Duration::from_secs(180);
+/// Open connections per listener, all clients together, by default.
+pub const DEFAULT_CONNECTIONS: usize = 10_000;
+/// Open connections per client address (IPv6: per /64) and listener, by
+/// default. A household behind one NAT with a few browsers and apps open
+/// uses a few dozen.
+pub const DEFAULT_CONNECTIONS_PER_IP: usize = 256;
+/// How long a connection may sit with no request in flight (HTTP/1.1
+/// keep-alive, HTTP/2 with no open stream, TLS that never says anything)
+/// before the edge closes it, by default. nginx's keepalive_timeout is 75 s.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Concurrent HTTP/2 streams per client connection, by default.
+pub const DEFAULT_STREAMS_PER_CONNECTION: u32 = 256;
+/// Requests in flight per client address across its connections, by
+/// default (WebSockets count until they close). A browser opens at most
+/// six HTTP/1.1 connections per site and keeps few HTTP/2 streams busy;
+/// 100 is HTTP/2's customary stream limit. Each stalled stream can hold
+/// 2 MiB of an agent link's 256 MiB window: 100 cannot stall the link.
+pub const DEFAULT_STREAMS_PER_IP: usize = 100;
+/// Requests one client address may have held while a service wakes, by default.
+pub const DEFAULT_HELD_PER_CLIENT: usize = 32;
+/// Requests held per service while it wakes, all clients together, by default.
+pub const DEFAULT_HELD_PER_SERVICE: usize = 512;
+/// Durations in the config are capped here: longer is a typo.
+pub const MAX_CONFIG_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -40,6 +64,21 @@ struct File {
     route: Vec<Spanned<RouteEntry>>,
     #[serde(default)]
     port: Vec<Spanned<PortEntry>>,
+    limits: Option<LimitsSection>,
+}
+
+/// `[limits]`: what one client may hold open. Each refusal is counted in
+/// `/metrics`.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct LimitsSection {
+    connections: Option<Spanned<usize>>,
+    connections_per_ip: Option<Spanned<usize>>,
+    idle_timeout: Option<Spanned<HumanDuration>>,
+    streams_per_connection: Option<Spanned<u32>>,
+    streams_per_ip: Option<Spanned<usize>>,
+    held_per_client: Option<Spanned<usize>>,
+    held_per_service: Option<Spanned<usize>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -179,6 +218,33 @@ pub struct EdgeConfig {
     pub users: Vec<UserConfig>,
     pub routes: Vec<RouteConfig>,
     pub ports: Vec<PortConfig>,
+    pub limits: LimitsConfig,
+}
+
+/// `[limits]` with defaults applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitsConfig {
+    pub connections: usize,
+    pub connections_per_ip: usize,
+    pub idle_timeout: Duration,
+    pub streams_per_connection: u32,
+    pub streams_per_ip: usize,
+    pub held_per_client: usize,
+    pub held_per_service: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            connections: DEFAULT_CONNECTIONS,
+            connections_per_ip: DEFAULT_CONNECTIONS_PER_IP,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            streams_per_connection: DEFAULT_STREAMS_PER_CONNECTION,
+            streams_per_ip: DEFAULT_STREAMS_PER_IP,
+            held_per_client: DEFAULT_HELD_PER_CLIENT,
+            held_per_service: DEFAULT_HELD_PER_SERVICE,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -524,6 +590,7 @@ fn convert(src: &Source, file: File) -> Result<EdgeConfig, ConfigError> {
         }
         None => None,
     };
+    let limits = convert_limits(src, file.limits.unwrap_or_default())?;
     let default_addr = |s: &str| s.parse::<SocketAddr>().expect("default addresses parse");
     Ok(EdgeConfig {
         state_dir,
@@ -551,6 +618,68 @@ fn convert(src: &Source, file: File) -> Result<EdgeConfig, ConfigError> {
         users,
         routes,
         ports,
+        limits,
+    })
+}
+
+fn convert_limits(src: &Source, l: LimitsSection) -> Result<LimitsConfig, ConfigError> {
+    let d = LimitsConfig::default();
+    let count = |v: Option<Spanned<usize>>, key: &str, default: usize, max: usize| match v {
+        None => Ok(default),
+        Some(v) if (1..=max).contains(v.get_ref()) => Ok(*v.get_ref()),
+        Some(v) => Err(src.error_at(v.span(), format!("limits.{key}: between 1 and {max}"))),
+    };
+    let idle_timeout = match l.idle_timeout {
+        None => d.idle_timeout,
+        Some(v) => {
+            let t = v.get_ref().0;
+            if t.is_zero() || t > MAX_CONFIG_DURATION {
+                return Err(src.error_at(
+                    v.span(),
+                    "limits.idle_timeout: between 1s and 7 days".to_owned(),
+                ));
+            }
+            t
+        }
+    };
+    let streams_per_connection = match l.streams_per_connection {
+        None => d.streams_per_connection,
+        Some(v) if (1..=10_000).contains(v.get_ref()) => *v.get_ref(),
+        Some(v) => {
+            return Err(src.error_at(
+                v.span(),
+                "limits.streams_per_connection: between 1 and 10000",
+            ));
+        }
+    };
+    Ok(LimitsConfig {
+        connections: count(l.connections, "connections", d.connections, 1_000_000)?,
+        connections_per_ip: count(
+            l.connections_per_ip,
+            "connections_per_ip",
+            d.connections_per_ip,
+            1_000_000,
+        )?,
+        idle_timeout,
+        streams_per_connection,
+        streams_per_ip: count(
+            l.streams_per_ip,
+            "streams_per_ip",
+            d.streams_per_ip,
+            1_000_000,
+        )?,
+        held_per_client: count(
+            l.held_per_client,
+            "held_per_client",
+            d.held_per_client,
+            100_000,
+        )?,
+        held_per_service: count(
+            l.held_per_service,
+            "held_per_service",
+            d.held_per_service,
+            100_000,
+        )?,
     })
 }
 
@@ -640,6 +769,23 @@ mod tests {
             err.message.contains("already listed for agent home"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn limits_have_defaults_and_bad_values_point_at_the_value() {
+        assert_eq!(parse(&base()).unwrap().limits, LimitsConfig::default());
+        let with = |l: &str| format!("{}\n[limits]\n{l}\n", base());
+        let c = parse(&with("connections_per_ip = 8\nidle_timeout = \"5s\"")).unwrap();
+        assert_eq!(c.limits.connections_per_ip, 8);
+        assert_eq!(c.limits.idle_timeout, Duration::from_secs(5));
+        let err = parse(&with("connections_per_ip = 0")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "edge.toml:9:22: limits.connections_per_ip: between 1 and 1000000"
+        );
+        let err = parse(&with("idle_timeout = \"0s\"")).unwrap_err();
+        assert_eq!(err.position, Some((9, 16)), "{err}");
+        assert!(parse(&with("per_ip = 3")).is_err());
     }
 
     #[test]

@@ -19,6 +19,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use burrow_proto::identity::{Created, Fingerprint, Identity, IdentityError};
+use burrow_proto::listener::{Front, Limits};
 use burrow_proto::quic;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
@@ -215,6 +216,20 @@ impl Edge {
         self.certs.clone()
     }
 
+    /// The accept loop of a public listener, with `[limits]`, listed in `/metrics`.
+    fn front(&self, name: &'static str, metrics: &Metrics) -> Arc<Front> {
+        let limits = &self.config.limits;
+        let front = Arc::new(Front::new(
+            name,
+            Limits {
+                total: limits.connections,
+                per_ip: limits.connections_per_ip,
+            },
+        ));
+        metrics.add_listener(name, front.stats());
+        front
+    }
+
     /// Serves until `shutdown` is cancelled; see [`Edge::run_with_reloads`].
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), EdgeError> {
         let (_keep, reloads) = mpsc::channel(1);
@@ -241,6 +256,10 @@ impl Edge {
         let mut tasks = tokio::task::JoinSet::new();
 
         let mut port_rules = Vec::new();
+        let fronts = Fronts {
+            https: self.https.is_some().then(|| self.front("https", &metrics)),
+            http: self.http.is_some().then(|| self.front("http", &metrics)),
+        };
         for (port, listener) in self.ports {
             let addr = http::local_addr(&listener);
             info!(listen = %addr, agent = %port.agent, service = %port.service, "forwarding port");
@@ -252,12 +271,25 @@ impl Edge {
                 metrics: metrics.clone(),
                 tracker: tracker.clone(),
             };
-            tasks.spawn(ports::serve_port(listener, port, ctx, shutdown.clone()));
+            let front = Arc::new(Front::new(
+                "port",
+                Limits {
+                    total: self.config.limits.connections,
+                    per_ip: self.config.limits.connections_per_ip,
+                },
+            ));
+            metrics.add_listener("port", front.stats());
+            tasks.spawn(ports::serve_port(
+                listener,
+                port,
+                ctx,
+                front,
+                shutdown.clone(),
+            ));
         }
 
         let http_state = http::HttpState::new(
-            &self.config.routes,
-            &self.config.access,
+            &self.config,
             self.tunnel.registry.clone(),
             self.gate.clone(),
             self.certs.clone(),
@@ -265,26 +297,29 @@ impl Edge {
             tracker.clone(),
         );
         let (http_tx, http_rx) = watch::channel(Arc::new(http_state));
-        if let Some(listener) = self.https {
+        if let (Some(listener), Some(front)) = (self.https, fronts.https) {
             let addr = http::local_addr(&listener);
             let tls = http::tls_config(self.certs.https_resolver(), self.acme.is_some())
                 .map_err(TlsError::from)?;
             info!(%addr, routes = self.config.routes.len(), "serving https");
+            let timeouts = (self.config.header_timeout, self.config.limits.clone());
             tasks.spawn(http::serve_https(
                 listener,
                 tls,
                 http_rx.clone(),
-                self.config.header_timeout,
+                timeouts.clone(),
+                front,
                 shutdown.clone(),
                 tracker.clone(),
             ));
-            if let Some(plain) = self.http {
+            if let (Some(plain), Some(front)) = (self.http, fronts.http) {
                 info!(addr = %http::local_addr(&plain), "redirecting http to https");
                 tasks.spawn(http::serve_http_redirect(
                     plain,
                     self.certs.clone(),
                     addr.port(),
-                    self.config.header_timeout,
+                    timeouts,
+                    front,
                     shutdown.clone(),
                 ));
             }
@@ -298,7 +333,9 @@ impl Edge {
                 acme: self.acme.clone(),
                 http: Some(http_rx.clone()),
             };
-            tasks.spawn(admin::serve(listener, state, drained.clone()));
+            let front = Arc::new(Front::new("admin", admin::LIMITS));
+            metrics.add_listener("admin", front.stats());
+            tasks.spawn(admin::serve(listener, state, front, drained.clone()));
         }
         if let Some(acme) = self.acme.clone() {
             tasks.spawn(acme.run(shutdown.clone()));
@@ -344,6 +381,12 @@ impl Edge {
     }
 }
 
+/// The accept loops of the HTTPS and HTTP listeners.
+struct Fronts {
+    https: Option<Arc<Front>>,
+    http: Option<Arc<Front>>,
+}
+
 /// Applies a new config to a running edge.
 struct Reloader {
     tunnel: Arc<Tunnel>,
@@ -372,6 +415,22 @@ impl Reloader {
             (
                 "edge.header_timeout",
                 current.header_timeout != new.header_timeout,
+            ),
+            (
+                "limits (connections, idle_timeout, streams)",
+                (
+                    current.limits.connections,
+                    current.limits.connections_per_ip,
+                    current.limits.idle_timeout,
+                    current.limits.streams_per_connection,
+                    current.limits.streams_per_ip,
+                ) != (
+                    new.limits.connections,
+                    new.limits.connections_per_ip,
+                    new.limits.idle_timeout,
+                    new.limits.streams_per_connection,
+                    new.limits.streams_per_ip,
+                ),
             ),
             (
                 "tls.mode",
@@ -414,8 +473,7 @@ impl Reloader {
         };
         self.tunnel.set_agents(new.agents.clone());
         http_tx.send_replace(Arc::new(http::HttpState::new(
-            &new.routes,
-            &new.access,
+            &new,
             self.tunnel.registry.clone(),
             gate,
             self.certs.clone(),

@@ -4,17 +4,58 @@
 //! page is rendered.
 
 use std::fmt::Write;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use burrow_proto::listener::ListenerStats;
 
 /// Upper bounds (seconds) of the time-to-first-byte histogram buckets.
 pub const TTFB_BUCKETS: [f64; 12] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0,
 ];
 
+/// Why the edge refused a request before forwarding it, beyond the
+/// connection caps each listener counts itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// `[limits] streams_per_ip` requests in flight from the client already.
+    StreamsPerIp,
+    /// `[limits] held_per_client` requests held for waking services already.
+    HeldPerClient,
+    /// `[limits] held_per_service` requests held for the service already.
+    HeldPerService,
+    /// No stream to the agent could be opened in time (the agent is at its
+    /// stream limit).
+    OpenTimeout,
+    /// A request body that did not authenticate arrived too slowly.
+    SlowBody,
+}
+
+impl Refusal {
+    const ALL: [Refusal; 5] = [
+        Refusal::StreamsPerIp,
+        Refusal::HeldPerClient,
+        Refusal::HeldPerService,
+        Refusal::OpenTimeout,
+        Refusal::SlowBody,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Refusal::StreamsPerIp => "streams_per_ip",
+            Refusal::HeldPerClient => "held_per_client",
+            Refusal::HeldPerService => "held_per_service",
+            Refusal::OpenTimeout => "open_timeout",
+            Refusal::SlowBody => "slow_body",
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Metrics {
+    refusals: [AtomicU64; Refusal::ALL.len()],
+    listeners: Mutex<Vec<(&'static str, Arc<ListenerStats>)>>,
     streams_open: AtomicI64,
     streams_total: AtomicU64,
     bytes_to_agents: AtomicU64,
@@ -30,6 +71,8 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self {
+            refusals: std::array::from_fn(|_| AtomicU64::new(0)),
+            listeners: Mutex::default(),
             streams_open: AtomicI64::new(0),
             streams_total: AtomicU64::new(0),
             bytes_to_agents: AtomicU64::new(0),
@@ -79,6 +122,26 @@ impl Metrics {
         {
             c.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    pub fn refused(&self, why: Refusal) {
+        self.refusals[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn refusals(&self, why: Refusal) -> u64 {
+        self.refusals[why as usize].load(Ordering::Relaxed)
+    }
+
+    pub fn refused_stream(&self) {
+        self.refused(Refusal::StreamsPerIp);
+    }
+
+    /// Lists a listener's counters on `/metrics` under `name`.
+    pub fn add_listener(&self, name: &'static str, stats: Arc<ListenerStats>) {
+        self.listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((name, stats));
     }
 
     pub fn auth_failure(&self) {
@@ -183,6 +246,90 @@ impl Metrics {
             load(&self.ttfb_sum_micros) as f64 / 1e6
         );
         let _ = writeln!(out, "burrow_time_to_first_byte_seconds_count {count}");
+        family(
+            out,
+            "burrow_requests_refused_total",
+            "counter",
+            "Requests refused by a limit before they were forwarded, by reason.",
+        );
+        for why in Refusal::ALL {
+            let _ = writeln!(
+                out,
+                "burrow_requests_refused_total{{reason=\"{}\"}} {}",
+                why.label(),
+                self.refusals(why)
+            );
+        }
+        self.render_listeners(out);
+    }
+
+    fn render_listeners(&self, out: &mut String) {
+        let listeners = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
+        let families: [(&str, &str, &str, &[&str]); 4] = [
+            (
+                "burrow_connections_accepted_total",
+                "counter",
+                "Client connections accepted, by listener.",
+                &["accepted"],
+            ),
+            (
+                "burrow_connections_open",
+                "gauge",
+                "Client connections open now, by listener.",
+                &["open"],
+            ),
+            (
+                "burrow_connections_refused_total",
+                "counter",
+                "Client connections closed at once by a connection cap, by listener and reason.",
+                &["refused_per_ip", "refused_total"],
+            ),
+            (
+                "burrow_connections_closed_idle_total",
+                "counter",
+                "Client connections closed after [limits] idle_timeout with no request in flight.",
+                &["closed_idle"],
+            ),
+        ];
+        for (name, kind, help, fields) in families {
+            family(out, name, kind, help);
+            for (listener, stats) in listeners.iter() {
+                for (field, value) in stats.snapshot() {
+                    if !fields.contains(&field) {
+                        continue;
+                    }
+                    match field.strip_prefix("refused_") {
+                        Some(reason) => {
+                            let reason = if reason == "total" {
+                                "connections"
+                            } else {
+                                "connections_per_ip"
+                            };
+                            let _ = writeln!(
+                                out,
+                                "{name}{{listener=\"{listener}\",reason=\"{reason}\"}} {value}"
+                            );
+                        }
+                        None => {
+                            let _ = writeln!(out, "{name}{{listener=\"{listener}\"}} {value}");
+                        }
+                    }
+                }
+            }
+        }
+        family(
+            out,
+            "burrow_accept_errors_total",
+            "counter",
+            "Failed accepts (out of file descriptors and the like), by listener; each pauses accepting briefly.",
+        );
+        for (listener, stats) in listeners.iter() {
+            let _ = writeln!(
+                out,
+                "burrow_accept_errors_total{{listener=\"{listener}\"}} {}",
+                stats.accept_errors.load(Ordering::Relaxed)
+            );
+        }
     }
 }
 

@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use burrow_proto::listener::{ConnPermit, Front};
 use burrow_proto::pipe::pipe;
 use burrow_proto::{StreamKind, StreamOpen};
 use tokio::net::{TcpListener, TcpStream};
@@ -34,37 +35,34 @@ pub async fn serve_port(
     listener: TcpListener,
     port: PortConfig,
     ctx: PortContext,
+    front: Arc<Front>,
     shutdown: CancellationToken,
 ) {
     let port = Arc::new(port);
-    loop {
-        let (tcp, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    // Out of descriptors and the like: keep serving.
-                    warn!(listen = %port.listen, error = %e, "accept failed");
-                    continue;
-                }
-            },
-            () = shutdown.cancelled() => return,
-        };
-        let decision = {
-            let rules = ctx.rules.borrow();
-            rules.0.check(peer.ip()).and(rules.1.check(peer.ip()))
-        };
-        if let Decision::Deny(reason) = decision {
-            info!(%peer, listen = %port.listen, ?reason, "denied connection to forwarded port");
-            drop(tcp);
-            continue;
-        }
-        let span = info_span!("port", listen = %port.listen, %peer);
-        ctx.tracker
-            .spawn(forward(tcp, peer, port.clone(), ctx.clone()).instrument(span));
-    }
+    front
+        .serve(listener, shutdown, |tcp, peer, permit| {
+            let decision = {
+                let rules = ctx.rules.borrow();
+                rules.0.check(peer.ip()).and(rules.1.check(peer.ip()))
+            };
+            if let Decision::Deny(reason) = decision {
+                info!(%peer, listen = %port.listen, ?reason, "denied connection to forwarded port");
+                return;
+            }
+            let span = info_span!("port", listen = %port.listen, %peer);
+            ctx.tracker
+                .spawn(forward(tcp, peer, port.clone(), ctx.clone(), permit).instrument(span));
+        })
+        .await;
 }
 
-async fn forward(tcp: TcpStream, peer: SocketAddr, port: Arc<PortConfig>, ctx: PortContext) {
+async fn forward(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    port: Arc<PortConfig>,
+    ctx: PortContext,
+    _permit: ConnPermit,
+) {
     let _ = tcp.set_nodelay(true);
     let open = StreamOpen {
         kind: StreamKind::Tcp,

@@ -22,6 +22,8 @@ pub mod fsutil;
 #[cfg(feature = "runtime")]
 pub mod identity;
 #[cfg(feature = "runtime")]
+pub mod listener;
+#[cfg(feature = "runtime")]
 pub mod pipe;
 #[cfg(feature = "runtime")]
 pub mod quic;

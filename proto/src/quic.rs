@@ -23,9 +23,16 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Bandwidth-delay product the windows are sized for: 100 Mbit/s at 100 ms
 /// is 1.25 MB. Twice that per stream lets one stream fill the path while
-/// the application is slow to read; the connection window bounds the sum.
+/// the application is slow to read.
 pub const STREAM_RECEIVE_WINDOW: u32 = 2 * 1024 * 1024;
-pub const CONNECTION_RECEIVE_WINDOW: u32 = 16 * 1024 * 1024;
+/// The connection's window is far larger than a stream's so that streams
+/// stay independent: a stream whose reader stopped (a phone that stopped
+/// reading a download) holds at most [`STREAM_RECEIVE_WINDOW`] of it, and
+/// it takes 128 such streams at once before the others, the control stream
+/// included, wait for credit. The edge caps what one client address can
+/// have in flight well below that (`[limits] streams_per_ip`). The window
+/// is credit, not memory: bytes are buffered only while a reader lags.
+pub const CONNECTION_RECEIVE_WINDOW: u32 = 128 * STREAM_RECEIVE_WINDOW;
 pub const SEND_WINDOW: u64 = 16 * 1024 * 1024;
 
 /// Requested UDP socket buffer size, each direction.

@@ -1,5 +1,6 @@
 //! Byte streams the HTTP forwarder runs hyper over: a QUIC stream pair as
-//! one duplex stream, and an idle timer that counts bytes either way.
+//! one duplex stream, an idle timer that counts bytes either way, and the
+//! client's request body with its minimum pace.
 
 use std::future::Future;
 use std::io;
@@ -12,7 +13,7 @@ use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-use crate::metrics::{Metrics, StreamGuard};
+use crate::metrics::{Metrics, Refusal, StreamGuard};
 use crate::tunnel::OpenStream;
 
 /// A forwarded stream as one duplex byte stream: reads yield the bytes that
@@ -163,5 +164,131 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// How long a request body that did not authenticate has before its pace
+/// counts, and the pace it must keep after: like Apache's mod_reqtimeout
+/// (`body=20,MinRate=500`), the body's deadline is 20 s after the request,
+/// pushed back 1 s for every 500 bytes received (counted from when the body
+/// is first read: a request held while its service wakes is not late). A client that trickles
+/// uploads to tie up agent streams is cut off; a phone uploading a
+/// document on a poor link (tens of KB/s) is far above it. Bodies of
+/// signed-in users have no pace: they are the owner's.
+pub const BODY_GRACE: Duration = Duration::from_secs(20);
+/// See [`BODY_GRACE`]: bytes per second of deadline extension.
+pub const BODY_MIN_RATE: u64 = 500;
+
+/// Whether a request body must keep [`BODY_MIN_RATE`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Paced {
+    /// The request did not authenticate (`auth = "none"`, a public path).
+    Yes,
+    /// A signed-in user's request.
+    No,
+}
+
+#[derive(Debug)]
+struct Pace {
+    /// Set when the body is first read.
+    started: Option<(Instant, Pin<Box<Sleep>>)>,
+    received: u64,
+    metrics: Arc<Metrics>,
+}
+
+impl Pace {
+    /// The deadline's timer, started on the first call.
+    fn timer(&mut self) -> (Instant, Pin<&mut Sleep>) {
+        let (started, timer) = self.started.get_or_insert_with(|| {
+            let now = Instant::now();
+            (now, Box::pin(tokio::time::sleep_until(now + BODY_GRACE)))
+        });
+        (*started, timer.as_mut())
+    }
+
+    fn received(&mut self, n: usize) {
+        self.received += n as u64;
+        let extension = Duration::from_secs(self.received / BODY_MIN_RATE);
+        let (started, timer) = self.timer();
+        timer.reset(started + BODY_GRACE + extension);
+    }
+}
+
+/// A client's request body on its way to the service. When paced, a body
+/// that falls behind fails with an error, so the service sees an aborted
+/// request, never a complete one.
+#[derive(Debug)]
+pub struct ClientBody {
+    inner: hyper::body::Incoming,
+    pace: Option<Pace>,
+}
+
+impl ClientBody {
+    pub fn new(inner: hyper::body::Incoming, paced: Paced, metrics: &Arc<Metrics>) -> Self {
+        let pace =
+            (paced == Paced::Yes && !hyper::body::Body::is_end_stream(&inner)).then(|| Pace {
+                started: None,
+                received: 0,
+                metrics: metrics.clone(),
+            });
+        Self { inner, pace }
+    }
+}
+
+/// The error a paced body fails with.
+#[derive(Debug, thiserror::Error)]
+#[error("request body too slow: {received} bytes in {elapsed:?}")]
+pub struct SlowBody {
+    received: u64,
+    elapsed: Duration,
+}
+
+impl hyper::body::Body for ClientBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(pace), Some(data)) = (this.pace.as_mut(), frame.data_ref()) {
+                    pace.received(data.len());
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => {
+                this.pace = None;
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                let Some(pace) = this.pace.as_mut() else {
+                    return Poll::Pending;
+                };
+                let (started, timer) = pace.timer();
+                if timer.poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                pace.metrics.refused(Refusal::SlowBody);
+                let e = SlowBody {
+                    received: pace.received,
+                    elapsed: started.elapsed(),
+                };
+                tracing::info!(error = %e, "cutting off a request body that did not authenticate");
+                this.pace = None;
+                Poll::Ready(Some(Err(e.into())))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }

@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -22,19 +23,22 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use rustls::server::ResolvesServerCert;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use burrow_proto::confkit::Cidr;
+use burrow_proto::listener::{Front, ListenerStats, StreamPermit};
 
 use crate::access::IpRules;
 use crate::access::gate::Gate;
-use crate::config::{AccessConfig, RouteConfig};
+use crate::config::{EdgeConfig, LimitsConfig, RouteConfig};
 use crate::metrics::Metrics;
 use crate::tls::{ACME_TLS_ALPN, CertStore};
 use crate::tunnel::Registry;
+use crate::tunnel::registry::HoldCaps;
 
 /// The response body type of everything the edge serves.
 pub type Body =
@@ -43,10 +47,9 @@ pub type Body =
 /// Request head limit (HTTP/1.1 buffer, HTTP/2 header list). Larger heads
 /// get 431 Request Header Fields Too Large.
 pub const MAX_HEADER_BYTES: usize = 32 * 1024;
-/// Open client connections at most; beyond it, accepting pauses.
-pub const MAX_CONNECTIONS: usize = 10_000;
-/// Concurrent HTTP/2 streams per client connection.
-pub const MAX_H2_STREAMS: u32 = 256;
+/// How long an idle connection asked to finish (HTTP/2 GOAWAY) may take
+/// before it is dropped.
+pub const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// HTTP/2 keep-alive pings find dead phones behind NATs.
 pub const H2_KEEP_ALIVE: Duration = Duration::from_secs(20);
 
@@ -65,22 +68,29 @@ pub struct HttpState {
     /// Tasks that outlive their request (upgraded connections), so a
     /// graceful shutdown waits for them.
     pub tracker: TaskTracker,
+    /// `[limits] held_per_service` and `held_per_client`.
+    pub hold_caps: HoldCaps,
 }
 
 impl HttpState {
+    /// The state for `config`'s routes, access rules and limits.
     pub fn new(
-        routes: &[RouteConfig],
-        access: &AccessConfig,
+        config: &EdgeConfig,
         registry: Arc<Registry>,
         gate: Option<Arc<Gate>>,
         certs: Arc<CertStore>,
         metrics: Arc<Metrics>,
         tracker: TaskTracker,
     ) -> Self {
+        let (routes, access, limits) = (&config.routes, &config.access, &config.limits);
         Self {
             certs,
             metrics,
             tracker,
+            hold_caps: HoldCaps {
+                per_service: limits.held_per_service,
+                per_client: limits.held_per_client,
+            },
             routes: routes.iter().map(|r| (r.host.clone(), r.clone())).collect(),
             access: access.rules.clone(),
             trusted_proxies: access.trusted_proxies.clone(),
@@ -160,7 +170,7 @@ pub fn tls_config(
     Ok(config)
 }
 
-fn http_builder(header_timeout: Duration) -> auto::Builder<TokioExecutor> {
+fn http_builder(header_timeout: Duration, limits: &LimitsConfig) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(TokioTimer::new())
@@ -170,9 +180,136 @@ fn http_builder(header_timeout: Duration) -> auto::Builder<TokioExecutor> {
     b.http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(MAX_HEADER_BYTES).expect("header limit fits u32"))
-        .max_concurrent_streams(MAX_H2_STREAMS)
+        .max_concurrent_streams(limits.streams_per_connection)
         .keep_alive_interval(H2_KEEP_ALIVE);
     b
+}
+
+/// What a connection is doing, for closing it once it has had no request
+/// in flight for `[limits] idle_timeout`. HTTP/2 pings and TCP keep-alives
+/// do not count as activity; requests do, from their head to the end of
+/// their response body.
+#[derive(Debug)]
+struct Activity {
+    in_flight: AtomicUsize,
+    idle_since: std::sync::Mutex<Instant>,
+}
+
+impl Activity {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            in_flight: AtomicUsize::new(0),
+            idle_since: std::sync::Mutex::new(Instant::now()),
+        })
+    }
+
+    fn idle_since(&self) -> Instant {
+        *self.idle_since.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn busy(self: &Arc<Self>) -> Busy {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        Busy(self.clone())
+    }
+
+    /// Resolves once the connection has had no request in flight for `timeout`.
+    async fn idle_for(&self, timeout: Duration) {
+        loop {
+            let wake_at = if self.in_flight.load(Ordering::Relaxed) > 0 {
+                Instant::now() + timeout
+            } else {
+                let deadline = self.idle_since() + timeout;
+                if Instant::now() >= deadline {
+                    return;
+                }
+                deadline
+            };
+            tokio::time::sleep_until(wake_at).await;
+        }
+    }
+}
+
+/// One request in flight on a connection, until its response body ends.
+#[derive(Debug)]
+struct Busy(Arc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let mut since = self.0.idle_since.lock().unwrap_or_else(|e| e.into_inner());
+        if self.0.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
+            *since = Instant::now();
+        }
+    }
+}
+
+/// A request's place under `[limits] streams_per_ip`, in its extensions:
+/// an upgraded connection (WebSocket) keeps it for its whole life.
+#[derive(Debug, Clone)]
+pub struct InFlight(#[allow(dead_code)] Arc<StreamPermit>);
+
+/// A response body that keeps its request counted (on its connection and
+/// against its client address) until the body ends or is dropped.
+struct Counted {
+    inner: Body,
+    _busy: Busy,
+    _stream: InFlight,
+}
+
+impl hyper::body::Body for Counted {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Runs one accepted client connection until it ends, shutdown asks it to
+/// finish, or it sits idle for `idle_timeout` (then it is asked to finish
+/// and, if it does not within [`IDLE_CLOSE_GRACE`], dropped).
+async fn serve_connection<C, E>(
+    conn: C,
+    graceful: impl Fn(std::pin::Pin<&mut C>),
+    activity: &Activity,
+    idle_timeout: Duration,
+    shutdown: &CancellationToken,
+    stats: &ListenerStats,
+    peer: SocketAddr,
+) where
+    C: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        () = shutdown.cancelled() => {
+            graceful(conn.as_mut());
+            conn.await
+        }
+        () = activity.idle_for(idle_timeout) => {
+            stats.closed_idle.fetch_add(1, Ordering::Relaxed);
+            debug!(%peer, ?idle_timeout, "closing idle client connection");
+            graceful(conn.as_mut());
+            match tokio::time::timeout(IDLE_CLOSE_GRACE, conn).await {
+                Ok(r) => r,
+                Err(_) => Ok(()),
+            }
+        }
+    };
+    if let Err(e) = result {
+        debug!(%peer, error = %e, "client connection ended with an error");
+    }
 }
 
 /// Serves HTTPS on `listener` until `shutdown`. Each request uses the
@@ -180,74 +317,104 @@ fn http_builder(header_timeout: Duration) -> auto::Builder<TokioExecutor> {
 /// stops and every connection is asked to finish gracefully (HTTP/1.1
 /// closes after the response in flight, HTTP/2 sends GOAWAY); connection
 /// tasks are tracked by `tracker` so the edge can wait for them.
+///
+/// `front` caps connections in total and per client address; each
+/// connection is closed after `[limits] idle_timeout` without a request in
+/// flight, and a client address gets 429 beyond `streams_per_ip` requests
+/// in flight.
 pub async fn serve_https(
     listener: TcpListener,
     tls: rustls::ServerConfig,
     state: watch::Receiver<Arc<HttpState>>,
-    header_timeout: Duration,
+    timeouts: (Duration, LimitsConfig),
+    front: Arc<Front>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
+    let (header_timeout, limits) = timeouts;
     let acceptor = handshake::HttpsTls::new(tls);
-    let builder = Arc::new(http_builder(header_timeout));
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let permit = tokio::select! {
-            p = slots.clone().acquire_owned() => p.expect("semaphore never closed"),
-            () = shutdown.cancelled() => return,
-        };
-        let (tcp, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    warn!(error = %e, "accept failed");
-                    continue;
-                }
-            },
-            () = shutdown.cancelled() => return,
-        };
-        let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
-        let builder = builder.clone();
-        let state = state.clone();
-        let shutdown = shutdown.clone();
-        tracker.spawn(async move {
-            let _permit = permit;
-            // The TLS handshake gets the same budget as a request head.
-            let tls = match tokio::time::timeout(header_timeout, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    debug!(%peer, error = %e, "tls handshake failed");
+    let builder = Arc::new(http_builder(header_timeout, &limits));
+    let clients = front.clients();
+    let stats = front.stats();
+    front
+        .serve(listener, shutdown.clone(), |tcp, peer, permit| {
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let builder = builder.clone();
+            let state = state.clone();
+            let shutdown = shutdown.clone();
+            let clients = clients.clone();
+            let stats = stats.clone();
+            let limits = limits.clone();
+            tracker.spawn(async move {
+                let key = permit.key;
+                let _permit = permit;
+                // The TLS handshake gets the same budget as a request head.
+                let tls = match tokio::time::timeout(header_timeout, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        debug!(%peer, error = %e, "tls handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        debug!(%peer, "tls handshake timed out");
+                        return;
+                    }
+                };
+                if tls.get_ref().1.alpn_protocol() == Some(ACME_TLS_ALPN) {
+                    // A TLS-ALPN-01 validation: the handshake was the answer.
+                    debug!(%peer, "answered a tls-alpn-01 validation");
                     return;
                 }
-                Err(_) => {
-                    debug!(%peer, "tls handshake timed out");
-                    return;
-                }
-            };
-            if tls.get_ref().1.alpn_protocol() == Some(ACME_TLS_ALPN) {
-                // A TLS-ALPN-01 validation: the handshake was the answer.
-                debug!(%peer, "answered a tls-alpn-01 validation");
-                return;
-            }
-            let service = service_fn(move |req: Request<Incoming>| {
-                let state = state.borrow().clone();
-                async move { Ok::<_, Infallible>(proxy::handle(req, state, peer).await) }
+                let activity = Activity::new();
+                let per_request = activity.clone();
+                let streams_per_ip = limits.streams_per_ip;
+                let service = service_fn(move |mut req: Request<Incoming>| {
+                    let state = state.borrow().clone();
+                    let busy = per_request.busy();
+                    let stream = clients
+                        .try_stream(key, streams_per_ip)
+                        .map(|p| InFlight(Arc::new(p)));
+                    if let Some(s) = &stream {
+                        req.extensions_mut().insert(s.clone());
+                    }
+                    async move {
+                        let Some(stream) = stream else {
+                            state.metrics.refused_stream();
+                            debug!(%peer, limit = streams_per_ip, "too many requests in flight from one client");
+                            let mut r = error_response(
+                                StatusCode::TOO_MANY_REQUESTS,
+                                "too many requests in flight",
+                            );
+                            r.headers_mut()
+                                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+                            return Ok::<_, Infallible>(r);
+                        };
+                        let resp = proxy::handle(req, state, peer).await;
+                        Ok(resp.map(|inner| {
+                            Counted {
+                                inner,
+                                _busy: busy,
+                                _stream: stream,
+                            }
+                            .boxed()
+                        }))
+                    }
+                });
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+                serve_connection(
+                    conn,
+                    |c| c.graceful_shutdown(),
+                    &activity,
+                    limits.idle_timeout,
+                    &shutdown,
+                    &stats,
+                    peer,
+                )
+                .await;
             });
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
-            tokio::pin!(conn);
-            let result = tokio::select! {
-                r = conn.as_mut() => r,
-                () = shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            };
-            if let Err(e) = result {
-                debug!(%peer, error = %e, "client connection ended with an error");
-            }
-        });
-    }
+        })
+        .await;
 }
 
 /// Plain HTTP: every request is redirected to the same URL over HTTPS.
@@ -255,40 +422,51 @@ pub async fn serve_http_redirect(
     listener: TcpListener,
     certs: Arc<CertStore>,
     https_port: u16,
-    header_timeout: Duration,
+    timeouts: (Duration, LimitsConfig),
+    front: Arc<Front>,
     shutdown: CancellationToken,
 ) {
-    let builder = Arc::new(http_builder(header_timeout));
-    loop {
-        let (tcp, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    warn!(error = %e, "accept failed");
-                    continue;
-                }
-            },
-            () = shutdown.cancelled() => return,
-        };
-        let builder = builder.clone();
-        let certs = certs.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req: Request<Incoming>| {
-                let certs = certs.clone();
-                async move {
-                    // ACME challenges bypass everything; the rest goes to https.
-                    let resp = match acme_answer(&certs, req.uri().path()) {
-                        Some(r) => r,
-                        None => redirect(&req, https_port),
-                    };
-                    Ok::<_, Infallible>(resp)
-                }
+    let (header_timeout, limits) = timeouts;
+    let builder = Arc::new(http_builder(header_timeout, &limits));
+    let stats = front.stats();
+    front
+        .serve(listener, shutdown.clone(), |tcp, peer, permit| {
+            let builder = builder.clone();
+            let certs = certs.clone();
+            let shutdown = shutdown.clone();
+            let stats = stats.clone();
+            let idle_timeout = limits.idle_timeout;
+            tokio::spawn(async move {
+                let _permit = permit;
+                let activity = Activity::new();
+                let per_request = activity.clone();
+                let service = service_fn(move |req: Request<Incoming>| {
+                    let certs = certs.clone();
+                    let busy = per_request.busy();
+                    async move {
+                        // ACME challenges bypass everything; the rest goes to https.
+                        let resp = match acme_answer(&certs, req.uri().path()) {
+                            Some(r) => r,
+                            None => redirect(&req, https_port),
+                        };
+                        drop(busy);
+                        Ok::<_, Infallible>(resp)
+                    }
+                });
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
+                serve_connection(
+                    conn,
+                    |c| c.graceful_shutdown(),
+                    &activity,
+                    idle_timeout,
+                    &shutdown,
+                    &stats,
+                    peer,
+                )
+                .await;
             });
-            if let Err(e) = builder.serve_connection(TokioIo::new(tcp), service).await {
-                debug!(%peer, error = %e, "http connection ended with an error");
-            }
-        });
-    }
+        })
+        .await;
 }
 
 /// The answer to an HTTP-01 validation request for a pending challenge.

@@ -21,15 +21,18 @@ use tokio::sync::OwnedMutexGuard;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::io::{IdleIo, QuicIo};
+use super::io::{ClientBody, IdleIo, Paced, QuicIo};
 use super::wake::{self, WAKE_STATUS_PATH, WakeRight};
 use super::{Body, HttpState, error_response};
 use crate::access::gate::Admission;
 use crate::access::{Decision, client_ip};
 use crate::config::{AuthMode, RouteConfig};
+use crate::metrics::Refusal;
+use crate::tunnel::registry::HoldRefused;
 use crate::tunnel::{
     AgentLink, OpenError, Pool, PoolKey, ServiceConn, UpstreamBody, open_stream_on,
 };
+use burrow_proto::listener::ClientKey;
 
 /// Headers that describe one hop and never cross a proxy (RFC 9110 7.6.1),
 /// plus the proxy credentials meant for us.
@@ -117,22 +120,23 @@ async fn route_request(
         return error_response(StatusCode::FORBIDDEN, "forbidden");
     }
     let client = SocketAddr::new(ip, peer.port());
-    let (req, set_cookie, right) = match (route.auth, &state.gate) {
-        (AuthMode::None, _) => (req, None, WakeRight::May),
+    let (req, set_cookie, right, paced) = match (route.auth, &state.gate) {
+        (AuthMode::None, _) => (req, None, WakeRight::May, Paced::Yes),
         (AuthMode::Basic, Some(gate)) => match gate.admit(req, route, ip).await {
             Admission::Forward {
                 req,
                 set_cookie,
                 user,
             } => {
-                // Public paths pass without a user: they must not wake anything.
-                let right = if user.is_some() {
-                    WakeRight::May
+                // Public paths pass without a user: they must not wake
+                // anything, and their bodies must keep arriving.
+                let (right, paced) = if user.is_some() {
+                    (WakeRight::May, Paced::No)
                 } else {
-                    WakeRight::MayNot
+                    (WakeRight::MayNot, Paced::Yes)
                 };
                 entry.user = user;
-                (req, set_cookie, right)
+                (req, set_cookie, right, paced)
             }
             Admission::Respond(r) => {
                 if matches!(
@@ -155,6 +159,7 @@ async fn route_request(
     let mut resp = if req.uri().path() == WAKE_STATUS_PATH {
         wake::status_response(&state.registry, route, right)
     } else {
+        let req = req.map(|body| ClientBody::new(body, paced, &state.metrics));
         dispatch(req, state, route, &host, client, right).await
     };
     if let Some(cookie) = set_cookie {
@@ -317,7 +322,7 @@ fn forwarded_for(ip: std::net::IpAddr) -> String {
 /// Builds the request the service sees: origin-form URI, HTTP/1.1, our
 /// forwarding headers, no hop-by-hop headers (an upgrade's own are kept).
 fn upstream_request(
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     route: &RouteConfig,
     host: &RequestHost,
     client: SocketAddr,
@@ -369,6 +374,10 @@ fn upstream_request(
 fn open_error_status(e: &OpenError) -> (StatusCode, &'static str) {
     match e {
         OpenError::AgentOffline(_) => (StatusCode::BAD_GATEWAY, "the home server is offline"),
+        OpenError::Busy => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the home server is busy; try again shortly",
+        ),
         OpenError::ReplyTimeout => (
             StatusCode::GATEWAY_TIMEOUT,
             "the home server did not answer",
@@ -395,6 +404,9 @@ struct Unreachable {
 fn open_failure(e: &OpenError, route: &RouteConfig) -> Response<Body> {
     let (status, body) = open_error_status(e);
     warn!(host = %route.host, agent = %route.agent, service = %route.service, error = %e, "cannot reach service");
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        return wake::unavailable(body);
+    }
     error_response(status, body)
 }
 
@@ -402,7 +414,7 @@ fn open_failure(e: &OpenError, route: &RouteConfig) -> Response<Body> {
 /// connect fails on a service that can be woken) wakes it and holds the
 /// request or answers with the waiting page.
 async fn dispatch(
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     state: &HttpState,
     route: &RouteConfig,
     host: &RequestHost,
@@ -487,8 +499,14 @@ async fn hold(
         tokio::pin!(lock);
         // The first poll takes our place in the line; only then does the
         // request count as held, so the count follows the line's order.
+        // Counted (or refused) just before the first poll takes our place
+        // in line, with no await between: the count follows the line's order.
+        let key = ClientKey::of(client.ip());
+        let held = match registry.try_hold(&route.agent, &route.service, key, state.hold_caps) {
+            Ok(held) => held,
+            Err(why) => return hold_refused(state, route, client, why),
+        };
         let first = std::future::poll_fn(|cx| Poll::Ready(lock.as_mut().poll(cx))).await;
-        let held = registry.hold(&route.agent, &route.service);
         let turn = match first {
             Poll::Ready(turn) => turn,
             Poll::Pending => match tokio::time::timeout_at(deadline, lock).await {
@@ -516,6 +534,25 @@ async fn hold(
             Err(Unreachable { error, .. }) => return open_failure(&error, route),
         }
     }
+}
+
+/// The answer when a request cannot be held: 503 with Retry-After at once.
+fn hold_refused(
+    state: &HttpState,
+    route: &RouteConfig,
+    client: SocketAddr,
+    why: HoldRefused,
+) -> Response<Body> {
+    let (refusal, limit) = match why {
+        HoldRefused::Client => (Refusal::HeldPerClient, state.hold_caps.per_client),
+        HoldRefused::Service => (Refusal::HeldPerService, state.hold_caps.per_service),
+        HoldRefused::Unknown => {
+            return wake::unavailable("the service is not available");
+        }
+    };
+    state.metrics.refused(refusal);
+    info!(host = %route.host, service = %route.service, client = %client.ip(), ?why, limit, "too many requests held for a waking service; refusing");
+    wake::unavailable("the service is waking up; too many requests are waiting")
 }
 
 /// Sends `req` (already rewritten by [`upstream_request`]) to the service:
@@ -795,6 +832,7 @@ async fn forward_upgrade(
         Err(error) => return Err(Unreachable { req, error }),
     };
     let client_upgrade = hyper::upgrade::on(&mut req);
+    let req_in_flight = req.extensions().get::<super::InFlight>().cloned();
     let mut response = match await_response(sender.send_request(req), route).await {
         Ok(r) => r,
         Err(Waited::Late(t)) => return Ok(too_late(route, t)),
@@ -806,7 +844,9 @@ async fn forward_upgrade(
         return Ok(response.map(|body| body.map_err(Into::into).boxed()));
     }
     let upstream_upgrade = hyper::upgrade::on(&mut response);
+    let in_flight = req_in_flight;
     state.tracker.spawn(async move {
+        let _in_flight = in_flight;
         match tokio::try_join!(client_upgrade, upstream_upgrade) {
             Ok((c, u)) => {
                 let mut c = TokioIo::new(c);

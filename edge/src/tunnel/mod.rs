@@ -33,6 +33,9 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the agent has to answer a stream header (it connects to the
 /// service in that time; the agent's own connect timeout is shorter).
 pub const STREAM_REPLY_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long opening a stream to an agent may wait for the agent's stream
+/// limit to make room; then the request gets 503 with Retry-After.
+pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// What the edge tells agents when it shuts down: reconnect at once, the
 /// agent's backoff spaces the attempts while the edge is away.
 pub const RECONNECT_HINT: Duration = Duration::ZERO;
@@ -338,6 +341,8 @@ pub enum OpenError {
     Lost(String),
     #[error("agent did not answer the stream header in time")]
     ReplyTimeout,
+    #[error("no stream to the agent could be opened within {OPEN_TIMEOUT:?} (at its stream limit)")]
+    Busy,
     #[error("agent sent a bad stream reply: {0}")]
     BadReply(String),
     #[error("service {service}: {status:?} {message}")]
@@ -380,10 +385,12 @@ pub async fn open_stream_on(
     open: StreamOpen,
     metrics: &Arc<crate::metrics::Metrics>,
 ) -> Result<OpenStream, OpenError> {
-    let (mut send, recv) = link
-        .conn
-        .open_bi()
+    let (mut send, recv) = tokio::time::timeout(OPEN_TIMEOUT, link.conn.open_bi())
         .await
+        .map_err(|_| {
+            metrics.refused(crate::metrics::Refusal::OpenTimeout);
+            OpenError::Busy
+        })?
         .map_err(|e| OpenError::Lost(e.to_string()))?;
     send.write_all(&open.to_bytes())
         .await

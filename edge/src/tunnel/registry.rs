@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use burrow_proto::identity::Fingerprint;
+use burrow_proto::listener::ClientKey;
 use burrow_proto::{Name, ServiceState, ServiceStatus, WakeMethod};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -158,6 +159,9 @@ struct Inner {
     offline_since: HashMap<Name, Instant>,
     /// By agent, then service; kept across sessions for the history.
     services: HashMap<Name, HashMap<Name, ServiceRecord>>,
+    /// Requests held now, by client address (IPv6 per /64), all services
+    /// together; entries go at zero.
+    held_by_client: HashMap<ClientKey, usize>,
 }
 
 /// The connected agents, by name.
@@ -175,6 +179,7 @@ impl Registry {
                 links: HashMap::new(),
                 offline_since: expected.into_iter().map(|n| (n, now)).collect(),
                 services: HashMap::new(),
+                held_by_client: HashMap::new(),
             }),
             changed: watch::channel(0).0,
         }
@@ -398,34 +403,82 @@ impl Registry {
         Some(inner.services.get(agent)?.get(service)?.queue.clone())
     }
 
-    /// Counts a request as held until the guard is dropped.
-    pub fn hold(self: &Arc<Self>, agent: &Name, service: &Name) -> HeldGuard {
-        self.add_held(agent, service, true);
-        HeldGuard {
-            registry: self.clone(),
-            agent: agent.clone(),
-            service: service.clone(),
-        }
-    }
-
-    fn add_held(&self, agent: &Name, service: &Name, up: bool) {
+    /// Counts a request from `client` as held until the guard is dropped,
+    /// unless the service or the client has as many held as `caps` allow.
+    pub fn try_hold(
+        self: &Arc<Self>,
+        agent: &Name,
+        service: &Name,
+        client: ClientKey,
+        caps: HoldCaps,
+    ) -> Result<HeldGuard, HoldRefused> {
         {
             let mut inner = self.lock();
+            let by_client = inner.held_by_client.get(&client).copied().unwrap_or(0);
             let Some(r) = inner
                 .services
                 .get_mut(agent)
                 .and_then(|r| r.get_mut(service))
             else {
-                return;
+                return Err(HoldRefused::Unknown);
             };
-            r.held = if up {
-                r.held.saturating_add(1)
-            } else {
-                r.held.saturating_sub(1)
-            };
+            if r.held >= caps.per_service {
+                return Err(HoldRefused::Service);
+            }
+            if by_client >= caps.per_client {
+                return Err(HoldRefused::Client);
+            }
+            r.held += 1;
+            *inner.held_by_client.entry(client).or_default() += 1;
+        }
+        self.bump();
+        Ok(HeldGuard {
+            registry: self.clone(),
+            agent: agent.clone(),
+            service: service.clone(),
+            client,
+        })
+    }
+
+    fn release_held(&self, agent: &Name, service: &Name, client: ClientKey) {
+        {
+            let mut inner = self.lock();
+            if let Some(r) = inner
+                .services
+                .get_mut(agent)
+                .and_then(|r| r.get_mut(service))
+            {
+                r.held = r.held.saturating_sub(1);
+            }
+            if let Some(n) = inner.held_by_client.get_mut(&client) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    inner.held_by_client.remove(&client);
+                }
+            }
         }
         self.bump();
     }
+}
+
+/// How many requests may be held while a service wakes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HoldCaps {
+    /// All clients together, per service.
+    pub per_service: usize,
+    /// Per client address (IPv6 per /64), all services together.
+    pub per_client: usize,
+}
+
+/// Why a request could not be held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HoldRefused {
+    /// The service has `per_service` held already.
+    Service,
+    /// The client has `per_client` held already.
+    Client,
+    /// The agent does not list the service (any more).
+    Unknown,
 }
 
 /// A request counted in [`ServiceReport::held`].
@@ -434,10 +487,12 @@ pub struct HeldGuard {
     registry: Arc<Registry>,
     agent: Name,
     service: Name,
+    client: ClientKey,
 }
 
 impl Drop for HeldGuard {
     fn drop(&mut self) {
-        self.registry.add_held(&self.agent, &self.service, false);
+        self.registry
+            .release_held(&self.agent, &self.service, self.client);
     }
 }
