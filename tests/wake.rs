@@ -49,8 +49,22 @@ struct Bed {
 /// An edge with one basic-auth route to "ollama", an agent whose ollama
 /// service is the stand-in (waking it with `mac`), and a `[[lan]]` proxy.
 async fn bed(stand_in: StandIn, hold: &str, mac: &str, probe_interval: &str) -> Bed {
+    bed_with_limits(stand_in, hold, mac, probe_interval, "").await
+}
+
+/// Like [`bed`], with `limits` as the edge's `[limits]` table.
+async fn bed_with_limits(
+    stand_in: StandIn,
+    hold: &str,
+    mac: &str,
+    probe_interval: &str,
+    limits: &str,
+) -> Bed {
     let routes = format!(
         r#"
+[limits]
+{limits}
+
 [[user]]
 name = "alice"
 password = "{hash}"
@@ -380,6 +394,64 @@ async fn twenty_requests_during_a_wake_cause_one_wake_and_proceed_in_arrival_ord
             .unwrap()
             .saturating_duration_since(released),
     );
+}
+
+#[tokio::test]
+async fn held_requests_beyond_the_caps_get_503_at_once_and_the_held_go_on_in_order() {
+    let stand_in = StandIn::start(Boot::WhenReleased, Power::Asleep).await;
+    let limits = "held_per_client = 3\nheld_per_service = 5";
+    let mut bed = bed_with_limits(stand_in, "60s", MAC_TEXT, "5s", limits).await;
+    let mut held = Vec::new();
+    /// Sends a chat from `source`; the answer comes through the handle.
+    async fn send(
+        site: &Site,
+        source: &str,
+        tag: &str,
+    ) -> tokio::task::JoinHandle<(Response<Incoming>, usize, String)> {
+        let mut client = site.h1_from(source.parse().unwrap(), HOST).await;
+        let (req, len, sha) = chat(tag, 512);
+        tokio::spawn(async move { (client.send_request(req).await.unwrap(), len, sha) })
+    }
+    // Three from one client are held, one after the other.
+    for i in 0..3 {
+        held.push(send(&bed.site, "127.0.0.2", &format!("held-{i}")).await);
+        bed.wait_edge(&format!("{} held", i + 1), |r| r.held == i + 1)
+            .await;
+    }
+    // A fourth from the same client is refused at once.
+    let answer = tokio::time::timeout(WAIT, send(&bed.site, "127.0.0.2", "over-client").await);
+    let (resp, _, _) = answer.await.expect("refused at once").unwrap();
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(resp.headers().contains_key(RETRY_AFTER));
+    // Two more from another client fill the service's cap...
+    for i in 3..5 {
+        held.push(send(&bed.site, "127.0.0.3", &format!("held-{i}")).await);
+        bed.wait_edge(&format!("{} held", i + 1), |r| r.held == i + 1)
+            .await;
+    }
+    // ...so a third client is refused at once too.
+    let answer = tokio::time::timeout(WAIT, send(&bed.site, "127.0.0.4", "over-service").await);
+    let (resp, _, _) = answer.await.expect("refused at once").unwrap();
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(resp.headers().contains_key(RETRY_AFTER));
+    assert_eq!(bed.report().unwrap().held, 5, "the refused were never held");
+
+    // The PC boots: the held ones go on, in the order they came.
+    bed.stand_in.wait_power(Power::Booting).await;
+    bed.stand_in.finish_boot();
+    for h in held {
+        let (resp, len, sha) = h.await.unwrap();
+        check_chat(resp, len, &sha).await;
+    }
+    let mut chats = bed.stand_in.shared.chats.lock().unwrap().clone();
+    chats.sort();
+    let tags: Vec<String> = chats.into_iter().map(|(_, t)| t).collect();
+    let expected: Vec<String> = (0..5).map(|i| format!("held-{i}")).collect();
+    assert_eq!(
+        tags, expected,
+        "released in arrival order, refused never sent"
+    );
+    assert_eq!(bed.report().unwrap().held, 0);
 }
 
 #[tokio::test]

@@ -296,9 +296,25 @@ pub fn burrow_bin() -> &'static str {
 
 impl Process {
     pub fn spawn(args: &[&str]) -> Self {
-        let mut child = Command::new(burrow_bin())
+        let mut command = Command::new(burrow_bin());
+        command.args(["--log-format", "json"]).args(args);
+        Self::spawn_command(command)
+    }
+
+    /// Like `spawn`, with the open-file limit (soft and hard) set to `nofile`.
+    pub fn spawn_with_nofile(nofile: u64, args: &[&str]) -> Self {
+        let mut command = Command::new("bash");
+        command
+            .args(["-c", "ulimit -n \"$0\" && exec \"$@\""])
+            .arg(nofile.to_string())
+            .arg(burrow_bin())
             .args(["--log-format", "json"])
-            .args(args)
+            .args(args);
+        Self::spawn_command(command)
+    }
+
+    fn spawn_command(mut command: Command) -> Self {
+        let mut child = command
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

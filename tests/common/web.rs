@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -53,6 +54,12 @@ pub struct Upstream {
     /// The headers of the last /headers request.
     pub last_headers: Mutex<HashMap<String, Vec<String>>>,
     pub block: Bytes,
+    /// Bytes every /download has handed to its connection so far.
+    pub downloaded: AtomicU64,
+    /// /upload requests whose head arrived, and those whose body was cut
+    /// off before its end.
+    pub uploads_started: AtomicU64,
+    pub uploads_aborted: AtomicU64,
 }
 
 impl Upstream {
@@ -135,6 +142,7 @@ async fn handle(req: Request<Incoming>, up: Arc<Upstream>) -> Response<TestBody>
             let total = query(&req, "bytes").unwrap_or(0);
             let block = up.block.clone();
             let (tx, rx) = mpsc::channel(8);
+            let counter = up.clone();
             tokio::spawn(async move {
                 let mut left = total as usize;
                 while left > 0 {
@@ -142,6 +150,7 @@ async fn handle(req: Request<Incoming>, up: Arc<Upstream>) -> Response<TestBody>
                     if tx.send(block.slice(..n)).await.is_err() {
                         return;
                     }
+                    counter.downloaded.fetch_add(n as u64, Ordering::Relaxed);
                     left -= n;
                 }
             });
@@ -151,11 +160,16 @@ async fn handle(req: Request<Incoming>, up: Arc<Upstream>) -> Response<TestBody>
             r
         }
         "/upload" => {
+            up.uploads_started.fetch_add(1, Ordering::Relaxed);
             let mut body = req.into_body();
             let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
             let mut len = 0u64;
             while let Some(frame) = body.frame().await {
-                if let Ok(data) = frame.expect("upload frame").into_data() {
+                let Ok(frame) = frame else {
+                    up.uploads_aborted.fetch_add(1, Ordering::Relaxed);
+                    return text(StatusCode::BAD_REQUEST, "upload cut off");
+                };
+                if let Ok(data) = frame.into_data() {
                     len += data.len() as u64;
                     ctx.update(&data);
                 }
@@ -343,6 +357,21 @@ impl Site {
         host: &str,
         alpn: &[&[u8]],
     ) -> TlsStream<TcpStream> {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::new(source, 0)).unwrap();
+        let tcp = socket.connect(self.https).await.unwrap();
+        self.tls_over(tcp, host, alpn)
+            .await
+            .expect("tls handshake with the edge")
+    }
+
+    /// A TLS handshake with the edge over a connection the caller opened.
+    pub async fn tls_over(
+        &self,
+        tcp: TcpStream,
+        host: &str,
+        alpn: &[&[u8]],
+    ) -> std::io::Result<TlsStream<TcpStream>> {
         let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
@@ -351,13 +380,9 @@ impl Site {
         .with_root_certificates(self.roots.clone())
         .with_no_client_auth();
         config.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.bind(SocketAddr::new(source, 0)).unwrap();
-        let tcp = socket.connect(self.https).await.unwrap();
         tokio_rustls::TlsConnector::from(Arc::new(config))
             .connect(ServerName::try_from(host.to_owned()).unwrap(), tcp)
             .await
-            .expect("tls handshake with the edge")
     }
 
     /// An HTTP/1.1 client connection to the edge for `host`.
