@@ -485,3 +485,66 @@ async fn edge_crash_recovers_at_the_next_keep_alive() {
         "took {elapsed:?}, more than keep-alive + 3 s"
     );
 }
+
+/// What `localhost:PORT` resolves to on a dual-stack host: `::1` first.
+/// (This machine's /etc/hosts may list only 127.0.0.1, so the test says it.)
+struct DualStackLocalhost {
+    port: u16,
+    asked: std::sync::Mutex<Vec<String>>,
+}
+
+impl burrow_agent::tunnel::eyeballs::Resolve for DualStackLocalhost {
+    fn resolve<'a>(
+        &'a self,
+        host_port: &'a str,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = std::io::Result<Vec<SocketAddr>>> + Send + 'a>,
+    > {
+        self.asked.lock().unwrap().push(host_port.to_owned());
+        let port = self.port;
+        Box::pin(async move {
+            Ok(vec![
+                SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port)),
+                SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port)),
+            ])
+        })
+    }
+}
+
+/// Issue 16: the agent dialled only the first address, so an edge on IPv4
+/// only behind a name with an IPv6 address first was never reached.
+#[tokio::test]
+async fn an_ipv4_only_edge_is_reached_when_ipv6_resolves_first() {
+    let world = World::new();
+    let (key, fp) = world.agent_key("home");
+    let edge = start_edge(edge_config(&format!(
+        "[edge]\nstate_dir = {:?}\ntunnel = \"127.0.0.1:0\"\n\n[[agent]]\nname = \"home\"\nkey = \"{fp}\"\n",
+        world.path("state")
+    )))
+    .await;
+    let port = edge.tunnel.port();
+    let resolver = std::sync::Arc::new(DualStackLocalhost {
+        port,
+        asked: Default::default(),
+    });
+    let agent = burrow_agent::Agent::new(agent_config(&format!(
+        "[agent]\nname = \"home\"\nedge = \"localhost:{port}\"\nedge_key = \"{}\"\nkey = {:?}\n",
+        edge.fingerprint, key
+    )))
+    .unwrap()
+    .with_resolver(resolver.clone());
+    let mut handle = AgentHandle {
+        status: agent.status(),
+        shutdown: tokio_util::sync::CancellationToken::new(),
+    };
+    let started = Instant::now();
+    tokio::spawn(agent.run(handle.shutdown.clone()));
+    handle.connected().await;
+    let took = started.elapsed();
+    assert_eq!(
+        *resolver.asked.lock().unwrap(),
+        [format!("localhost:{port}")]
+    );
+    assert!(took < Duration::from_secs(1), "connected after {took:?}");
+    println!("connected over 127.0.0.1 with ::1 listed first in {took:?}");
+}

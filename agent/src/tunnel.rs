@@ -2,6 +2,8 @@
 //! control stream (service states out, wake requests in), accepting
 //! forwarded streams, reconnecting forever.
 
+pub mod eyeballs;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +23,7 @@ use crate::backoff::{BACKOFF_CAP, Backoff};
 use crate::config::AgentConfig;
 use crate::forward::{Services, handle_stream};
 use crate::monitor::{Monitors, Origin};
+use eyeballs::{Attempts, Resolve};
 
 /// How long a connection attempt (QUIC and TLS handshake) may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -105,6 +108,7 @@ pub(crate) struct Dialer {
     pub services: Arc<Services>,
     pub monitors: Monitors,
     pub status: watch::Sender<AgentStatus>,
+    pub resolver: Arc<dyn Resolve>,
 }
 
 impl Dialer {
@@ -152,13 +156,16 @@ impl Dialer {
         let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
     }
 
-    async fn resolve(&self) -> Result<SocketAddr, String> {
-        let mut addrs = tokio::net::lookup_host(&self.config.edge)
+    async fn resolve(&self) -> Result<Vec<SocketAddr>, String> {
+        let addrs = self
+            .resolver
+            .resolve(&self.config.edge)
             .await
             .map_err(|e| format!("resolving {}: {e}", self.config.edge))?;
-        addrs
-            .next()
-            .ok_or_else(|| format!("{} resolves to no address", self.config.edge))
+        if addrs.is_empty() {
+            return Err(format!("{} resolves to no address", self.config.edge));
+        }
+        Ok(addrs)
     }
 
     async fn connect_once(
@@ -166,29 +173,88 @@ impl Dialer {
         endpoint: &quinn::Endpoint,
         shutdown: &CancellationToken,
     ) -> Outcome {
-        let addr = match self.resolve().await {
+        let addrs = match self.resolve().await {
             Ok(a) => a,
             Err(e) => return Outcome::Failed(e),
         };
+        let (addr, conn) = match self.dial(endpoint, addrs, shutdown).await {
+            Ok(c) => c,
+            Err(outcome) => return outcome,
+        };
+        let span = info_span!("edge", %addr);
+        self.session(conn, shutdown).instrument(span).await
+    }
+
+    /// Dials the edge's addresses Happy-Eyeballs style ([`eyeballs`]):
+    /// IPv6 first, the next address whenever the last attempt has run
+    /// [`eyeballs::ATTEMPT_DELAY`] or failed. The first handshake to finish
+    /// wins; the other attempts are dropped, which closes them.
+    async fn dial(
+        &self,
+        endpoint: &quinn::Endpoint,
+        addrs: Vec<SocketAddr>,
+        shutdown: &CancellationToken,
+    ) -> Result<(SocketAddr, quinn::Connection), Outcome> {
         let sni = if self.config.edge_key.is_some() {
             IDENTITY_SNI
         } else {
             self.config.edge_host.as_str()
         };
-        let connecting = match endpoint.connect_with(self.client.clone(), addr, sni) {
-            Ok(c) => c,
-            Err(e) => return Outcome::Failed(format!("connecting to {addr}: {e}")),
-        };
-        let conn = tokio::select! {
-            r = tokio::time::timeout(CONNECT_TIMEOUT, connecting) => match r {
-                Ok(Ok(c)) => c,
-                Ok(Err(e)) => return classify_close(e, "handshake with the edge"),
-                Err(_) => return Outcome::Failed(format!("no answer from {addr} in {CONNECT_TIMEOUT:?}")),
-            },
-            () = shutdown.cancelled() => return Outcome::Shutdown,
-        };
-        let span = info_span!("edge", %addr);
-        self.session(conn, shutdown).instrument(span).await
+        let now = || tokio::time::Instant::now().into_std();
+        let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
+        let mut schedule = Attempts::new(now(), addrs.iter().copied());
+        let mut running = tokio::task::JoinSet::new();
+        let mut failure = None;
+        loop {
+            while let Some(addr) = schedule.poll_attempt(now()) {
+                debug!(%addr, "dialling the edge");
+                match endpoint.connect_with(self.client.clone(), addr, sni) {
+                    Ok(connecting) => {
+                        running.spawn(async move { (addr, connecting.await) });
+                    }
+                    // An IPv6 address on an IPv4-only endpoint, for one.
+                    Err(e) => {
+                        schedule.handle_failed(now());
+                        failure = Some(Outcome::Failed(format!("connecting to {addr}: {e}")));
+                    }
+                }
+            }
+            if schedule.is_exhausted() {
+                return Err(failure.unwrap_or_else(|| {
+                    Outcome::Failed(format!("{} resolves to no address", self.config.edge))
+                }));
+            }
+            let next = schedule.poll_timeout();
+            let next_attempt = async {
+                match next {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                Some(joined) = running.join_next() => match joined {
+                    Ok((addr, Ok(conn))) => return Ok((addr, conn)),
+                    Ok((addr, Err(e))) => {
+                        debug!(%addr, error = %e, "attempt to reach the edge failed");
+                        schedule.handle_failed(now());
+                        failure = Some(classify_close(e, &format!("handshake with the edge at {addr}")));
+                    }
+                    Err(e) => {
+                        schedule.handle_failed(now());
+                        failure = Some(Outcome::Failed(format!("dialling the edge: {e}")));
+                    }
+                },
+                () = next_attempt => {}
+                () = tokio::time::sleep_until(deadline) => {
+                    let tried: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+                    return Err(Outcome::Failed(format!(
+                        "no answer from {} in {CONNECT_TIMEOUT:?}",
+                        tried.join(", ")
+                    )));
+                }
+                () = shutdown.cancelled() => return Err(Outcome::Shutdown),
+            }
+        }
     }
 
     async fn session(&self, conn: quinn::Connection, shutdown: &CancellationToken) -> Outcome {
