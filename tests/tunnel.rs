@@ -548,3 +548,120 @@ async fn an_ipv4_only_edge_is_reached_when_ipv6_resolves_first() {
     assert!(took < Duration::from_secs(1), "connected after {took:?}");
     println!("connected over 127.0.0.1 with ::1 listed first in {took:?}");
 }
+
+/// A subscriber that keeps the message of every error-level event (spans
+/// get ids and nothing else).
+struct ErrorLog {
+    errors: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    next_span: std::sync::atomic::AtomicU64,
+}
+
+impl tracing::Subscriber for ErrorLog {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        let n = self
+            .next_span
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::span::Id::from_u64(n + 1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        struct Message(String);
+        impl tracing::field::Visit for Message {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                if field.name() == "message" {
+                    self.0 = format!("{value:?}");
+                }
+            }
+        }
+        if *event.metadata().level() == tracing::Level::ERROR {
+            let mut m = Message(String::new());
+            event.record(&mut m);
+            self.errors.lock().unwrap().push(m.0);
+        }
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+/// Issue 16: two agents running with one key replaced each other as fast
+/// as they could reconnect. Each replaced agent must back off: the k-th
+/// replacement comes no sooner than the shortest backoff delays of the
+/// agents before it allow, and each says why at error level.
+#[tokio::test]
+async fn two_agents_with_one_key_back_off_instead_of_fighting() {
+    /// Replacements watched; the last ones are seconds apart.
+    const REPLACEMENTS: u64 = 10;
+
+    let world = World::new();
+    // The agents run on this thread (current-thread runtime): a default
+    // subscriber for it sees their logs.
+    let errors = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let _logs = tracing::subscriber::set_default(ErrorLog {
+        errors: errors.clone(),
+        next_span: Default::default(),
+    });
+    let (key, fp) = world.agent_key("home");
+    let edge = start_edge(edge_config(&format!(
+        "[edge]\nstate_dir = {:?}\ntunnel = \"127.0.0.1:0\"\n\n[[agent]]\nname = \"home\"\nkey = \"{fp}\"\n",
+        world.path("state")
+    )))
+    .await;
+    let toml = format!(
+        "[agent]\nname = \"home\"\nedge = \"{}\"\nedge_key = \"{}\"\nkey = {:?}\n",
+        edge.tunnel, edge.fingerprint, key
+    );
+    let mut first = start_agent(agent_config(&toml));
+    let first_session = first.connected().await;
+
+    // The shortest time before the k-th replacement: the replaced agents
+    // take turns to wait their shortest backoff delay (no jitter).
+    let mut floors = vec![Duration::ZERO];
+    let mut backoffs = [
+        burrow_agent::backoff::Backoff::new(),
+        burrow_agent::backoff::Backoff::new(),
+    ];
+    for k in 1..REPLACEMENTS as usize {
+        let wait = backoffs[(k - 1) % 2].next_delay(0.0);
+        floors.push(floors[k - 1] + wait);
+    }
+
+    let home = Name::new("home").unwrap();
+    let mut changes = edge.registry.subscribe();
+    let started = Instant::now();
+    let _second = start_agent(agent_config(&toml));
+    let mut seen = 0;
+    while seen < REPLACEMENTS {
+        tokio::time::timeout(WAIT, changes.changed())
+            .await
+            .expect("the agents keep replacing each other")
+            .unwrap();
+        let at = started.elapsed();
+        let Some(link) = edge.registry.get(&home) else {
+            continue;
+        };
+        // Session ids count logins; each login replaced the one before.
+        let replacements = link.session - first_session;
+        for k in seen + 1..=replacements.min(REPLACEMENTS) {
+            assert!(
+                at >= floors[k as usize - 1],
+                "replacement {k} after {at:?}, before the backoff allows ({:?})",
+                floors[k as usize - 1]
+            );
+        }
+        seen = seen.max(replacements);
+    }
+    println!(
+        "{REPLACEMENTS} replacements took {:?} (floor {:?})",
+        started.elapsed(),
+        floors[REPLACEMENTS as usize - 1]
+    );
+    let errors = errors.lock().unwrap();
+    assert!(
+        errors.iter().any(|m| m.contains("two agents")),
+        "an error names the cause; errors: {errors:?}"
+    );
+}
