@@ -469,3 +469,124 @@ async fn an_agent_reload_adds_a_service_without_dropping_a_websocket() {
         "the tunnel and the WebSocket stayed"
     );
 }
+
+/// What the test's health endpoint does with the next probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Health {
+    Ok,
+    Failing,
+    /// Read the request, answer nothing while the mode stays `Hang`, then
+    /// close: a probe that hangs until the test lets it go.
+    Hang,
+}
+
+/// A health endpoint the test steers; each probe that starts hanging is
+/// announced on the returned receiver.
+async fn steered_health(
+    mode: tokio::sync::watch::Receiver<Health>,
+) -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<()>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (hung, hangs) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let mut mode = mode.clone();
+            let hung = hung.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let mut head = Vec::new();
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let now = *mode.borrow_and_update();
+                let status = match now {
+                    Health::Ok => "200 OK",
+                    Health::Failing => "503 Service Unavailable",
+                    Health::Hang => {
+                        let _ = hung.send(());
+                        let _ = mode.wait_for(|m| *m != Health::Hang).await;
+                        return;
+                    }
+                };
+                let answer = format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n");
+                let _ = s.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    (addr, hangs)
+}
+
+/// Issue 16: a reload while a probe was in flight used to drop that
+/// probe's result and never arm the next one, so the service's state froze.
+#[tokio::test]
+async fn an_agent_reload_during_a_hung_probe_keeps_the_service_probed() {
+    use burrow_proto::{Name, ServiceState};
+    let (steer, mode) = tokio::sync::watch::channel(Health::Ok);
+    let (health, mut hangs) = steered_health(mode).await;
+    let world = World::new();
+    let (key, fp) = world.agent_key("home");
+    let edge = start_edge(edge_config(&format!(
+        "[edge]\nstate_dir = {:?}\ntunnel = \"127.0.0.1:0\"\n\n[[agent]]\nname = \"home\"\nkey = \"{fp}\"\n",
+        world.path("state")
+    )))
+    .await;
+    let agent_toml = format!(
+        "[agent]\nname = \"home\"\nedge = \"{}\"\nedge_key = \"{}\"\nkey = {:?}\n\n\
+         [[service]]\nname = \"gpu\"\nurl = \"http://{health}\"\nhealth = \"/health\"\nprobe_interval = \"100ms\"\n",
+        edge.tunnel, edge.fingerprint, key
+    );
+    let (mut agent, extras) = start_agent_with(agent_config(&agent_toml));
+    agent.connected().await;
+    let (home, gpu) = (Name::new("home").unwrap(), Name::new("gpu").unwrap());
+    let mut changes = edge.registry.subscribe();
+    let edge_state = |want: ServiceState| {
+        let registry = edge.registry.clone();
+        let (home, gpu) = (home.clone(), gpu.clone());
+        move |_: &u64| {
+            registry
+                .service(&home, &gpu)
+                .is_some_and(|s| s.state == want)
+        }
+    };
+    tokio::time::timeout(WAIT, changes.wait_for(edge_state(ServiceState::Up)))
+        .await
+        .expect("the edge sees gpu up")
+        .unwrap();
+
+    // A probe hangs; the agent reloads (same services) meanwhile.
+    steer.send_replace(Health::Hang);
+    tokio::time::timeout(WAIT, hangs.recv())
+        .await
+        .expect("a probe hangs")
+        .unwrap();
+    let mut views = extras.services.clone();
+    views.borrow_and_update();
+    extras.reload.send(agent_config(&agent_toml)).await.unwrap();
+    tokio::time::timeout(WAIT, views.changed())
+        .await
+        .expect("the reload is applied")
+        .unwrap();
+
+    // The hung probe ends, the PC goes down, then answers again: the
+    // agent must see both, and tell the edge.
+    steer.send_replace(Health::Failing);
+    tokio::time::timeout(WAIT, views.wait_for(|v| v[0].state == ServiceState::Down))
+        .await
+        .expect("probes go on after the reload: gpu is seen down")
+        .unwrap();
+    steer.send_replace(Health::Ok);
+    tokio::time::timeout(WAIT, changes.wait_for(edge_state(ServiceState::Up)))
+        .await
+        .expect("the edge sees gpu up again")
+        .unwrap();
+}

@@ -485,3 +485,183 @@ async fn edge_crash_recovers_at_the_next_keep_alive() {
         "took {elapsed:?}, more than keep-alive + 3 s"
     );
 }
+
+/// What `localhost:PORT` resolves to on a dual-stack host: `::1` first.
+/// (This machine's /etc/hosts may list only 127.0.0.1, so the test says it.)
+struct DualStackLocalhost {
+    port: u16,
+    asked: std::sync::Mutex<Vec<String>>,
+}
+
+impl burrow_agent::tunnel::eyeballs::Resolve for DualStackLocalhost {
+    fn resolve<'a>(
+        &'a self,
+        host_port: &'a str,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = std::io::Result<Vec<SocketAddr>>> + Send + 'a>,
+    > {
+        self.asked.lock().unwrap().push(host_port.to_owned());
+        let port = self.port;
+        Box::pin(async move {
+            Ok(vec![
+                SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port)),
+                SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port)),
+            ])
+        })
+    }
+}
+
+/// Issue 16: the agent dialled only the first address, so an edge on IPv4
+/// only behind a name with an IPv6 address first was never reached.
+#[tokio::test]
+async fn an_ipv4_only_edge_is_reached_when_ipv6_resolves_first() {
+    let world = World::new();
+    let (key, fp) = world.agent_key("home");
+    let edge = start_edge(edge_config(&format!(
+        "[edge]\nstate_dir = {:?}\ntunnel = \"127.0.0.1:0\"\n\n[[agent]]\nname = \"home\"\nkey = \"{fp}\"\n",
+        world.path("state")
+    )))
+    .await;
+    let port = edge.tunnel.port();
+    let resolver = std::sync::Arc::new(DualStackLocalhost {
+        port,
+        asked: Default::default(),
+    });
+    let agent = burrow_agent::Agent::new(agent_config(&format!(
+        "[agent]\nname = \"home\"\nedge = \"localhost:{port}\"\nedge_key = \"{}\"\nkey = {:?}\n",
+        edge.fingerprint, key
+    )))
+    .unwrap()
+    .with_resolver(resolver.clone());
+    let mut handle = AgentHandle {
+        status: agent.status(),
+        shutdown: tokio_util::sync::CancellationToken::new(),
+    };
+    let started = Instant::now();
+    tokio::spawn(agent.run(handle.shutdown.clone()));
+    handle.connected().await;
+    let took = started.elapsed();
+    assert_eq!(
+        *resolver.asked.lock().unwrap(),
+        [format!("localhost:{port}")]
+    );
+    assert!(took < Duration::from_secs(1), "connected after {took:?}");
+    println!("connected over 127.0.0.1 with ::1 listed first in {took:?}");
+}
+
+/// A subscriber that keeps the message of every error-level event (spans
+/// get ids and nothing else).
+struct ErrorLog {
+    errors: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    next_span: std::sync::atomic::AtomicU64,
+}
+
+impl tracing::Subscriber for ErrorLog {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        let n = self
+            .next_span
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::span::Id::from_u64(n + 1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        struct Message(String);
+        impl tracing::field::Visit for Message {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                if field.name() == "message" {
+                    self.0 = format!("{value:?}");
+                }
+            }
+        }
+        if *event.metadata().level() == tracing::Level::ERROR {
+            let mut m = Message(String::new());
+            event.record(&mut m);
+            self.errors.lock().unwrap().push(m.0);
+        }
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+/// Issue 16: two agents running with one key replaced each other as fast
+/// as they could reconnect. Each replaced agent must back off: the k-th
+/// replacement comes no sooner than the shortest backoff delays of the
+/// agents before it allow, and each says why at error level.
+#[tokio::test]
+async fn two_agents_with_one_key_back_off_instead_of_fighting() {
+    /// Replacements watched; the last ones are seconds apart.
+    const REPLACEMENTS: u64 = 10;
+
+    let world = World::new();
+    // The agents run on this thread (current-thread runtime): a default
+    // subscriber for it sees their logs.
+    let errors = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let _logs = tracing::subscriber::set_default(ErrorLog {
+        errors: errors.clone(),
+        next_span: Default::default(),
+    });
+    let (key, fp) = world.agent_key("home");
+    let edge = start_edge(edge_config(&format!(
+        "[edge]\nstate_dir = {:?}\ntunnel = \"127.0.0.1:0\"\n\n[[agent]]\nname = \"home\"\nkey = \"{fp}\"\n",
+        world.path("state")
+    )))
+    .await;
+    let toml = format!(
+        "[agent]\nname = \"home\"\nedge = \"{}\"\nedge_key = \"{}\"\nkey = {:?}\n",
+        edge.tunnel, edge.fingerprint, key
+    );
+    let mut first = start_agent(agent_config(&toml));
+    let first_session = first.connected().await;
+
+    // The shortest time before the k-th replacement: the replaced agents
+    // take turns to wait their shortest backoff delay (no jitter).
+    let mut floors = vec![Duration::ZERO];
+    let mut backoffs = [
+        burrow_agent::backoff::Backoff::new(),
+        burrow_agent::backoff::Backoff::new(),
+    ];
+    for k in 1..REPLACEMENTS as usize {
+        let wait = backoffs[(k - 1) % 2].next_delay(0.0);
+        floors.push(floors[k - 1] + wait);
+    }
+
+    let home = Name::new("home").unwrap();
+    let mut changes = edge.registry.subscribe();
+    let started = Instant::now();
+    let _second = start_agent(agent_config(&toml));
+    let mut seen = 0;
+    while seen < REPLACEMENTS {
+        tokio::time::timeout(WAIT, changes.changed())
+            .await
+            .expect("the agents keep replacing each other")
+            .unwrap();
+        let at = started.elapsed();
+        let Some(link) = edge.registry.get(&home) else {
+            continue;
+        };
+        // Session ids count logins; each login replaced the one before.
+        let replacements = link.session - first_session;
+        for k in seen + 1..=replacements.min(REPLACEMENTS) {
+            assert!(
+                at >= floors[k as usize - 1],
+                "replacement {k} after {at:?}, before the backoff allows ({:?})",
+                floors[k as usize - 1]
+            );
+        }
+        seen = seen.max(replacements);
+    }
+    println!(
+        "{REPLACEMENTS} replacements took {:?} (floor {:?})",
+        started.elapsed(),
+        floors[REPLACEMENTS as usize - 1]
+    );
+    let errors = errors.lock().unwrap();
+    assert!(
+        errors.iter().any(|m| m.contains("two agents")),
+        "an error names the cause; errors: {errors:?}"
+    );
+}

@@ -1,4 +1,5 @@
-//! Reconnect delays: exponential with jitter, capped, never giving up.
+//! Reconnect delays: exponential with jitter, capped, never giving up, and
+//! back to the shortest only after a session that held.
 
 use std::time::Duration;
 
@@ -6,6 +7,12 @@ use std::time::Duration;
 pub const BACKOFF_START: Duration = Duration::from_millis(100);
 /// The longest wait between attempts.
 pub const BACKOFF_CAP: Duration = Duration::from_secs(5);
+/// How long a session must have lasted for the next reconnect to start from
+/// [`BACKOFF_START`] again. Resetting at connect let anything that ends
+/// sessions young (two agents with one key replacing each other, an edge
+/// that accepts and then crashes) be hammered every 100 ms; a session that
+/// outlived the QUIC idle timeout (30 s) has shown the path works.
+pub const STABLE_SESSION: Duration = Duration::from_secs(30);
 
 /// Exponential backoff with "equal jitter": each delay is half the current
 /// step plus a random part of the other half, so agents that lost the same
@@ -34,6 +41,14 @@ impl Backoff {
     pub fn reset(&mut self) {
         self.attempt = 0;
     }
+
+    /// A session ended after `lasted`: one that held [`STABLE_SESSION`]
+    /// resets the backoff, a shorter one counts as a failed attempt.
+    pub fn session_ended(&mut self, lasted: Duration) {
+        if lasted >= STABLE_SESSION {
+            self.reset();
+        }
+    }
 }
 
 #[cfg(test)]
@@ -56,5 +71,17 @@ mod tests {
         assert!(last >= BACKOFF_CAP / 2, "{last:?}");
         b.reset();
         assert_eq!(b.next_delay(0.0), Duration::from_millis(50));
+    }
+
+    #[test]
+    fn only_a_session_that_held_resets_the_delay() {
+        let mut b = Backoff::new();
+        for _ in 0..3 {
+            b.next_delay(0.0);
+        }
+        b.session_ended(STABLE_SESSION - Duration::from_millis(1));
+        assert_eq!(b.next_delay(0.0), BACKOFF_START * 8 / 2, "still growing");
+        b.session_ended(STABLE_SESSION);
+        assert_eq!(b.next_delay(0.0), BACKOFF_START / 2);
     }
 }

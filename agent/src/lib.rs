@@ -28,6 +28,7 @@ use config::LanConfig;
 use forward::Services;
 use monitor::{MonitorTask, Monitors, ServiceView};
 pub use tunnel::AgentStatus;
+use tunnel::eyeballs::{Resolve, SystemResolver};
 use tunnel::{Dialer, TlsSetupError};
 
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +55,7 @@ pub struct Agent {
     monitors: Monitors,
     monitor_task: MonitorTask,
     lan: Vec<(LanConfig, std::net::TcpListener)>,
+    resolver: Arc<dyn Resolve>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -90,7 +92,14 @@ impl Agent {
             monitors,
             monitor_task,
             lan,
+            resolver: Arc::new(SystemResolver),
         })
+    }
+
+    /// Resolves `agent.edge` with `resolver` instead of the system's.
+    pub fn with_resolver(mut self, resolver: impl Resolve) -> Self {
+        self.resolver = Arc::new(resolver);
+        self
     }
 
     /// The bound address of each `[[lan]]` proxy, in config order.
@@ -188,6 +197,7 @@ impl Agent {
             client,
             monitors: self.monitors,
             status: self.status,
+            resolver: self.resolver,
         };
         dialer.run(endpoint, shutdown).await;
         // The monitor and lan tasks watch the same token.

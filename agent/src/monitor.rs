@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::ServiceConfig;
-use crate::health::{self, Readiness};
+use crate::health::{self, PROBE_TIMEOUT, Readiness};
 use crate::wake;
 
 /// How often a waking service is probed: it should be seen ready soon
@@ -30,15 +30,24 @@ pub const WAKE_RESEND: Duration = Duration::from_millis(1500);
 /// How long a wake may take before the agent gives up; the next request
 /// starts a new one. Cold boots with a model load take a minute or two.
 pub const WAKE_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long after a probe starts the monitor stops waiting for its result
+/// and arms the next one. A probe ends within [`PROBE_TIMEOUT`]; this is a
+/// backstop, so a result that never arrives cannot stop a service's probes.
+pub const PROBE_LOST_AFTER: Duration = PROBE_TIMEOUT.saturating_add(Duration::from_secs(2));
 /// Commands (wake requests, failed connects) queued for the monitor task
 /// at most; beyond it they are dropped, as they repeat anyway.
 pub const COMMAND_QUEUE: usize = 256;
 
+/// Names one probe of one [`ServiceMonitor`], so that a result is taken
+/// only by the probe it answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ProbeId(u64);
+
 /// What the monitor wants done now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
-    /// Run one readiness probe and report it with `handle_probe`.
-    Probe,
+    /// Run one readiness probe and report it with `handle_probe` and this id.
+    Probe(ProbeId),
     /// Send one magic packet.
     SendMagicPacket,
 }
@@ -48,8 +57,32 @@ pub enum Action {
 pub enum Event {
     State(ServiceState),
     WakeStarted,
-    Woke { took: Duration },
-    WakeTimedOut { after: Duration },
+    Woke {
+        took: Duration,
+    },
+    WakeTimedOut {
+        after: Duration,
+    },
+    /// A probe's result did not come within [`PROBE_LOST_AFTER`]; the next
+    /// probe is armed and a late result will be ignored.
+    ProbeLost,
+}
+
+/// Whether `handle_probe` took a result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeReport {
+    Taken,
+    /// Not the probe in flight (lost, or from before a reset): ignored.
+    Stale,
+}
+
+/// Where the monitor's probing stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Probing {
+    /// The next probe is due at this time.
+    Due(Instant),
+    /// This probe runs; if no result comes by `lost_at`, the next is armed.
+    InFlight { id: ProbeId, lost_at: Instant },
 }
 
 /// The answer to a wake request.
@@ -79,8 +112,9 @@ pub struct ServiceMonitor {
     wake: WakeMethod,
     interval: Duration,
     state: ServiceState,
-    /// When the next probe is due; `None` while one is in flight.
-    next_probe: Option<Instant>,
+    probing: Probing,
+    /// The id the next probe gets.
+    next_probe_id: u64,
     episode: Option<Episode>,
     /// A wake was asked for while the service looked up: wake if the
     /// probe that checks says otherwise.
@@ -95,7 +129,8 @@ impl ServiceMonitor {
             wake,
             interval,
             state: ServiceState::Unknown,
-            next_probe: Some(now),
+            probing: Probing::Due(now),
+            next_probe_id: 0,
             episode: None,
             wake_if_down: false,
             events: VecDeque::new(),
@@ -119,7 +154,7 @@ impl ServiceMonitor {
 
     /// Brings the next probe forward to `at` unless one is in flight.
     fn probe_by(&mut self, at: Instant) {
-        if let Some(next) = &mut self.next_probe {
+        if let Probing::Due(next) = &mut self.probing {
             *next = (*next).min(at);
         }
     }
@@ -136,8 +171,17 @@ impl ServiceMonitor {
         self.probe_by(now + PROBE_INTERVAL_WAKING);
     }
 
-    /// A probe's result.
-    pub fn handle_probe(&mut self, now: Instant, readiness: &Readiness) {
+    /// The result of probe `id`. A result for any other probe than the one
+    /// in flight is [`ProbeReport::Stale`] and changes nothing.
+    pub fn handle_probe(
+        &mut self,
+        now: Instant,
+        id: ProbeId,
+        readiness: &Readiness,
+    ) -> ProbeReport {
+        if !matches!(self.probing, Probing::InFlight { id: current, .. } if current == id) {
+            return ProbeReport::Stale;
+        }
         match readiness {
             Readiness::Ready => {
                 self.wake_if_down = false;
@@ -161,7 +205,8 @@ impl ServiceMonitor {
         } else {
             self.interval
         };
-        self.next_probe = Some(now + interval);
+        self.probing = Probing::Due(now + interval);
+        ProbeReport::Taken
     }
 
     /// Someone who may (an authenticated edge request, a LAN client) wants
@@ -195,8 +240,13 @@ impl ServiceMonitor {
         }
     }
 
-    /// Ends a wake episode whose time is up.
+    /// Ends a wake episode whose time is up, and stops waiting for a probe
+    /// result that is overdue.
     pub fn handle_timeout(&mut self, now: Instant) {
+        if matches!(self.probing, Probing::InFlight { lost_at, .. } if now >= lost_at) {
+            self.probing = Probing::Due(now);
+            self.events.push_back(Event::ProbeLost);
+        }
         let Some(e) = self.episode else { return };
         if now >= e.deadline {
             self.episode = None;
@@ -204,7 +254,7 @@ impl ServiceMonitor {
                 after: now.saturating_duration_since(e.started),
             });
             self.set_state(ServiceState::Down);
-            if let Some(next) = &mut self.next_probe {
+            if let Probing::Due(next) = &mut self.probing {
                 *next = now + self.interval;
             }
         }
@@ -216,9 +266,14 @@ impl ServiceMonitor {
             e.next_packet = now + WAKE_RESEND;
             return Some(Action::SendMagicPacket);
         }
-        if self.next_probe.is_some_and(|at| now >= at) {
-            self.next_probe = None;
-            return Some(Action::Probe);
+        if matches!(self.probing, Probing::Due(at) if now >= at) {
+            let id = ProbeId(self.next_probe_id);
+            self.next_probe_id += 1;
+            self.probing = Probing::InFlight {
+                id,
+                lost_at: now + PROBE_LOST_AFTER,
+            };
+            return Some(Action::Probe(id));
         }
         None
     }
@@ -228,12 +283,15 @@ impl ServiceMonitor {
     }
 
     /// When `poll_action` or `handle_timeout` next has something to do.
-    pub fn poll_timeout(&self) -> Option<Instant> {
+    /// There always is something: a probe is due, or one in flight can be
+    /// given up.
+    pub fn poll_timeout(&self) -> Instant {
+        let probe = match self.probing {
+            Probing::Due(at) => at,
+            Probing::InFlight { lost_at, .. } => lost_at,
+        };
         let episode = self.episode.map(|e| e.next_packet.min(e.deadline));
-        match (self.next_probe, episode) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        episode.map_or(probe, |e| e.min(probe))
     }
 }
 
@@ -345,7 +403,8 @@ impl Monitors {
                 commands: rx,
                 views: tx,
                 reasons: vec![None; services.len()],
-                generation: 0,
+                keys: (0..services.len() as u64).collect(),
+                next_key: services.len() as u64,
             },
         )
     }
@@ -392,6 +451,15 @@ impl Monitors {
     }
 }
 
+/// One probe's result, on its way from the probe's task to the monitor task.
+#[derive(Debug)]
+struct ProbeResult {
+    /// The key of the monitor that asked for the probe.
+    key: u64,
+    id: ProbeId,
+    readiness: Readiness,
+}
+
 /// Drives every service's [`ServiceMonitor`] until shutdown.
 #[derive(Debug)]
 pub struct MonitorTask {
@@ -400,8 +468,12 @@ pub struct MonitorTask {
     views: watch::Sender<Vec<ServiceView>>,
     /// Why each service's last probe failed, for the log line saying it is down.
     reasons: Vec<Option<String>>,
-    /// Bumped by each reconfiguration.
-    generation: u64,
+    /// Each service's monitor's key: probe results carry it, so a result
+    /// finds its monitor wherever a reload moved it, and is dropped if the
+    /// monitor is gone (the service was removed or its config changed).
+    keys: Vec<u64>,
+    /// The key the next new monitor gets.
+    next_key: u64,
 }
 
 impl MonitorTask {
@@ -412,10 +484,8 @@ impl MonitorTask {
             .iter()
             .map(|s| ServiceMonitor::new(start, s.probe_interval, wake_method(s)))
             .collect();
-        // One probe per service at most is in flight, so this stays small.
-        // Probe results carry the generation they were started in, so a
-        // result that lands after a reload renumbered the services is dropped.
-        let (results_tx, mut results) = mpsc::unbounded_channel::<(u64, usize, Readiness)>();
+        // About one probe per service is in flight, so this stays small.
+        let (results_tx, mut results) = mpsc::unbounded_channel::<ProbeResult>();
         loop {
             let now = tokio::time::Instant::now().into_std();
             for (i, m) in monitors.iter_mut().enumerate() {
@@ -427,10 +497,7 @@ impl MonitorTask {
                     self.record(i, &event);
                 }
             }
-            let next = monitors
-                .iter()
-                .filter_map(ServiceMonitor::poll_timeout)
-                .min();
+            let next = monitors.iter().map(ServiceMonitor::poll_timeout).min();
             let sleep = async {
                 match next {
                     Some(at) => tokio::time::sleep_until(at.into()).await,
@@ -444,13 +511,14 @@ impl MonitorTask {
                     let now = tokio::time::Instant::now().into_std();
                     self.command(&mut monitors, now, command);
                 }
-                Some((generation, i, readiness)) = results.recv() => {
+                Some(ProbeResult { key, id, readiness }) = results.recv() => {
                     let now = tokio::time::Instant::now().into_std();
-                    if generation != self.generation {
+                    // No monitor with the key: its service was removed or
+                    // changed by a reload, and the new one probes afresh.
+                    let Some(i) = self.keys.iter().position(|k| *k == key) else {
                         continue;
-                    }
-                    if let Some(m) = monitors.get_mut(i) {
-                        m.handle_probe(now, &readiness);
+                    };
+                    if monitors[i].handle_probe(now, id, &readiness) == ProbeReport::Taken {
                         self.reasons[i] = match readiness {
                             Readiness::Ready => None,
                             Readiness::NotReady(why) => Some(why),
@@ -476,6 +544,7 @@ impl MonitorTask {
                     std::mem::take(monitors).into_iter().map(Some).collect();
                 let mut new_monitors = Vec::with_capacity(services.len());
                 let mut reasons = Vec::with_capacity(services.len());
+                let mut keys = Vec::with_capacity(services.len());
                 let mut views = Vec::with_capacity(services.len());
                 for s in &services {
                     let same = self.services.iter().position(|o| **o == *s);
@@ -484,6 +553,7 @@ impl MonitorTask {
                             kept += 1;
                             new_monitors.push(monitor);
                             reasons.push(self.reasons[i].clone());
+                            keys.push(self.keys[i]);
                             views.push(old_views[i].clone());
                         }
                         None => {
@@ -493,6 +563,8 @@ impl MonitorTask {
                                 wake_method(s),
                             ));
                             reasons.push(None);
+                            keys.push(self.next_key);
+                            self.next_key += 1;
                             views.push(ServiceView {
                                 name: s.name.clone(),
                                 state: ServiceState::Unknown,
@@ -510,7 +582,7 @@ impl MonitorTask {
                 );
                 self.services = services.into_iter().map(Arc::new).collect();
                 self.reasons = reasons;
-                self.generation += 1;
+                self.keys = keys;
                 *monitors = new_monitors;
                 self.views.send_replace(views);
             }
@@ -538,20 +610,14 @@ impl MonitorTask {
         }
     }
 
-    fn act(
-        &self,
-        i: usize,
-        action: Action,
-        results: &mpsc::UnboundedSender<(u64, usize, Readiness)>,
-    ) {
+    fn act(&self, i: usize, action: Action, results: &mpsc::UnboundedSender<ProbeResult>) {
         let service = self.services[i].clone();
-        let generation = self.generation;
         match action {
-            Action::Probe => {
-                let results = results.clone();
+            Action::Probe(id) => {
+                let (results, key) = (results.clone(), self.keys[i]);
                 tokio::spawn(async move {
-                    let r = health::probe(&service).await;
-                    let _ = results.send((generation, i, r));
+                    let readiness = health::probe(&service).await;
+                    let _ = results.send(ProbeResult { key, id, readiness });
                 });
             }
             Action::SendMagicPacket => {
@@ -586,6 +652,11 @@ impl MonitorTask {
                 warn!(service = %name, after_s = after.as_secs(), "service did not wake; giving up");
             }
             Event::WakeStarted => {}
+            Event::ProbeLost => {
+                warn!(service = %name, after_s = PROBE_LOST_AFTER.as_secs(), "a probe's result never came; probing again");
+                // Nothing others see changed.
+                return;
+            }
         }
         self.views.send_modify(|views| {
             let Some(v) = views.get_mut(i) else { return };
@@ -608,6 +679,7 @@ impl MonitorTask {
                         w.outcome = Some(WakeOutcome::TimedOut);
                     }
                 }
+                Event::ProbeLost => {}
             }
         });
     }
@@ -627,6 +699,14 @@ mod tests {
         std::iter::from_fn(|| m.poll_action(now)).collect()
     }
 
+    /// The one action due at `now`, which must be a probe; its id.
+    fn probe(m: &mut ServiceMonitor, now: Instant) -> ProbeId {
+        match actions(m, now)[..] {
+            [Action::Probe(id)] => id,
+            ref other => panic!("expected one probe, got {other:?}"),
+        }
+    }
+
     fn not_ready() -> Readiness {
         Readiness::NotReady("connect: refused".into())
     }
@@ -636,24 +716,57 @@ mod tests {
         let t0 = Instant::now();
         let mut m = ServiceMonitor::new(t0, INTERVAL, WakeMethod::NotConfigured);
         assert_eq!(m.state(), ServiceState::Unknown);
-        assert_eq!(actions(&mut m, t0), vec![Action::Probe]);
-        // In flight: nothing more to do, and no deadline to wait for.
-        assert_eq!(m.poll_timeout(), None);
-        m.handle_probe(t0, &Readiness::Ready);
+        let p = probe(&mut m, t0);
+        // In flight: nothing to do until its result, or until it is overdue.
+        assert_eq!(actions(&mut m, t0), vec![]);
+        assert_eq!(m.poll_timeout(), t0 + PROBE_LOST_AFTER);
+        m.handle_probe(t0, p, &Readiness::Ready);
         assert_eq!(events(&mut m), vec![Event::State(ServiceState::Up)]);
-        assert_eq!(m.poll_timeout(), Some(t0 + INTERVAL));
+        assert_eq!(m.poll_timeout(), t0 + INTERVAL);
         assert_eq!(actions(&mut m, t0 + INTERVAL / 2), vec![]);
-        assert_eq!(actions(&mut m, t0 + INTERVAL), vec![Action::Probe]);
-        m.handle_probe(t0 + INTERVAL, &not_ready());
+        let p = probe(&mut m, t0 + INTERVAL);
+        m.handle_probe(t0 + INTERVAL, p, &not_ready());
         assert_eq!(events(&mut m), vec![Event::State(ServiceState::Down)]);
+    }
+
+    /// Issue 16: a probe whose result never comes (a reload lost track of
+    /// it) must not stop the probes, and its late result must not count.
+    #[test]
+    fn a_lost_probe_is_given_up_and_its_late_result_ignored() {
+        let t0 = Instant::now();
+        let mut m = ServiceMonitor::new(t0, INTERVAL, WakeMethod::NotConfigured);
+        let lost = probe(&mut m, t0);
+        let t1 = m.poll_timeout();
+        assert_eq!(t1, t0 + PROBE_LOST_AFTER);
+        m.handle_timeout(t1);
+        assert_eq!(events(&mut m), vec![Event::ProbeLost]);
+        let next = probe(&mut m, t1);
+        assert_ne!(next, lost);
+        // The lost probe answers late: ignored, the one in flight stays.
+        assert_eq!(
+            m.handle_probe(t1, lost, &Readiness::Ready),
+            ProbeReport::Stale
+        );
+        assert_eq!(m.state(), ServiceState::Unknown);
+        assert!(events(&mut m).is_empty());
+        assert_eq!(m.poll_timeout(), t1 + PROBE_LOST_AFTER);
+        assert_eq!(m.handle_probe(t1, next, &not_ready()), ProbeReport::Taken);
+        assert_eq!(events(&mut m), vec![Event::State(ServiceState::Down)]);
+        assert_eq!(m.poll_timeout(), t1 + INTERVAL);
+        // A second result for the same probe is stale too.
+        assert_eq!(
+            m.handle_probe(t1, next, &Readiness::Ready),
+            ProbeReport::Stale
+        );
+        assert_eq!(m.state(), ServiceState::Down);
     }
 
     #[test]
     fn a_wake_sends_packets_until_the_probe_passes() {
         let t0 = Instant::now();
         let mut m = ServiceMonitor::new(t0, INTERVAL, WakeMethod::MagicPacket);
-        assert_eq!(actions(&mut m, t0), vec![Action::Probe]);
-        m.handle_probe(t0, &not_ready());
+        let p = probe(&mut m, t0);
+        m.handle_probe(t0, p, &not_ready());
         assert_eq!(events(&mut m), vec![Event::State(ServiceState::Down)]);
 
         let t1 = t0 + Duration::from_secs(1);
@@ -671,18 +784,17 @@ mod tests {
         assert!(events(&mut m).is_empty());
 
         // Probes speed up while waking; packets repeat every WAKE_RESEND.
-        assert_eq!(m.poll_timeout(), Some(t1 + PROBE_INTERVAL_WAKING));
+        assert_eq!(m.poll_timeout(), t1 + PROBE_INTERVAL_WAKING);
         let t2 = t1 + PROBE_INTERVAL_WAKING;
-        assert_eq!(actions(&mut m, t2), vec![Action::Probe]);
-        m.handle_probe(t2, &not_ready());
+        let p = probe(&mut m, t2);
+        m.handle_probe(t2, p, &not_ready());
         assert_eq!(m.state(), ServiceState::Waking, "still waking, not down");
-        assert_eq!(m.poll_timeout(), Some(t2 + PROBE_INTERVAL_WAKING));
+        assert_eq!(m.poll_timeout(), t2 + PROBE_INTERVAL_WAKING);
         let t3 = t1 + WAKE_RESEND;
-        assert_eq!(
-            actions(&mut m, t3),
-            vec![Action::SendMagicPacket, Action::Probe]
-        );
-        m.handle_probe(t3, &Readiness::Ready);
+        let [Action::SendMagicPacket, Action::Probe(p)] = actions(&mut m, t3)[..] else {
+            panic!("a packet and a probe are due");
+        };
+        m.handle_probe(t3, p, &Readiness::Ready);
         assert_eq!(
             events(&mut m),
             vec![
@@ -691,7 +803,7 @@ mod tests {
             ]
         );
         // Back to the normal schedule, no more packets.
-        assert_eq!(m.poll_timeout(), Some(t3 + INTERVAL));
+        assert_eq!(m.poll_timeout(), t3 + INTERVAL);
         assert_eq!(actions(&mut m, t3 + WAKE_RESEND), vec![]);
     }
 
@@ -700,11 +812,11 @@ mod tests {
         let t0 = Instant::now();
         let mut m = ServiceMonitor::new(t0, INTERVAL, WakeMethod::MagicPacket);
         assert_eq!(m.handle_wake_request(t0), WakeRequest::Started);
-        let mut now = t0;
+        let mut now;
         let mut packets = 0;
         // Walk the deadlines the way the driver does.
-        while let Some(next) = m.poll_timeout() {
-            now = next;
+        loop {
+            now = m.poll_timeout();
             m.handle_timeout(now);
             if m.state() == ServiceState::Down {
                 break;
@@ -712,7 +824,9 @@ mod tests {
             for a in actions(&mut m, now) {
                 match a {
                     Action::SendMagicPacket => packets += 1,
-                    Action::Probe => m.handle_probe(now, &not_ready()),
+                    Action::Probe(p) => {
+                        m.handle_probe(now, p, &not_ready());
+                    }
                 }
             }
         }
@@ -737,13 +851,13 @@ mod tests {
     fn a_failed_connect_marks_an_up_service_down_and_probes_at_once() {
         let t0 = Instant::now();
         let mut m = ServiceMonitor::new(t0, INTERVAL, WakeMethod::MagicPacket);
-        assert_eq!(actions(&mut m, t0), vec![Action::Probe]);
-        m.handle_probe(t0, &Readiness::Ready);
+        let p = probe(&mut m, t0);
+        m.handle_probe(t0, p, &Readiness::Ready);
         events(&mut m);
         let t1 = t0 + Duration::from_secs(1);
         m.handle_connect_failed(t1);
         assert_eq!(events(&mut m), vec![Event::State(ServiceState::Down)]);
-        assert_eq!(m.poll_timeout(), Some(t1), "probe at once, not in 5 s");
+        assert_eq!(m.poll_timeout(), t1, "probe at once, not in 5 s");
         // A connect failing while waking changes nothing.
         assert_eq!(m.handle_wake_request(t1), WakeRequest::Started);
         events(&mut m);
@@ -756,19 +870,19 @@ mod tests {
     fn a_wake_request_for_an_up_service_probes_first() {
         let t0 = Instant::now();
         let mut m = ServiceMonitor::new(t0, INTERVAL, WakeMethod::MagicPacket);
-        assert_eq!(actions(&mut m, t0), vec![Action::Probe]);
-        m.handle_probe(t0, &Readiness::Ready);
+        let p = probe(&mut m, t0);
+        m.handle_probe(t0, p, &Readiness::Ready);
         events(&mut m);
         let t1 = t0 + Duration::from_secs(1);
         assert_eq!(m.handle_wake_request(t1), WakeRequest::ProbingFirst);
-        assert_eq!(actions(&mut m, t1), vec![Action::Probe]);
+        let p = probe(&mut m, t1);
         // It really is up: no wake.
-        m.handle_probe(t1, &Readiness::Ready);
+        m.handle_probe(t1, p, &Readiness::Ready);
         assert!(events(&mut m).is_empty());
         // It went to sleep: the probe's failure starts the wake.
         assert_eq!(m.handle_wake_request(t1), WakeRequest::ProbingFirst);
-        assert_eq!(actions(&mut m, t1), vec![Action::Probe]);
-        m.handle_probe(t1, &not_ready());
+        let p = probe(&mut m, t1);
+        m.handle_probe(t1, p, &not_ready());
         assert_eq!(
             events(&mut m),
             vec![
@@ -784,8 +898,8 @@ mod tests {
     fn services_without_wake_are_never_woken() {
         let t0 = Instant::now();
         let mut m = ServiceMonitor::new(t0, INTERVAL, WakeMethod::NotConfigured);
-        assert_eq!(actions(&mut m, t0), vec![Action::Probe]);
-        m.handle_probe(t0, &not_ready());
+        let p = probe(&mut m, t0);
+        m.handle_probe(t0, p, &not_ready());
         assert_eq!(m.handle_wake_request(t0), WakeRequest::NotConfigured);
         assert_eq!(m.state(), ServiceState::Down);
         assert_eq!(actions(&mut m, t0), vec![]);

@@ -2,6 +2,8 @@
 //! control stream (service states out, wake requests in), accepting
 //! forwarded streams, reconnecting forever.
 
+pub mod eyeballs;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +23,7 @@ use crate::backoff::{BACKOFF_CAP, Backoff};
 use crate::config::AgentConfig;
 use crate::forward::{Services, handle_stream};
 use crate::monitor::{Monitors, Origin};
+use eyeballs::{Attempts, Resolve};
 
 /// How long a connection attempt (QUIC and TLS handshake) may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -94,9 +97,20 @@ enum Outcome {
     GoingAway(Duration),
     /// The session was up, then lost.
     Lost(String),
+    /// The edge closed the session because a newer one with this agent's
+    /// key logged in: another agent runs with the same key.
+    Replaced,
     /// The attempt failed before a session existed.
     Failed(String),
     Refused(String),
+}
+
+/// A session the edge welcomed: its control stream and protocol state.
+struct LoggedIn {
+    send: quinn::SendStream,
+    recv: FramedRecv,
+    session: AgentSession,
+    views: watch::Receiver<Vec<crate::monitor::ServiceView>>,
 }
 
 pub(crate) struct Dialer {
@@ -105,6 +119,7 @@ pub(crate) struct Dialer {
     pub services: Arc<Services>,
     pub monitors: Monitors,
     pub status: watch::Sender<AgentStatus>,
+    pub resolver: Arc<dyn Resolve>,
 }
 
 impl Dialer {
@@ -113,21 +128,35 @@ impl Dialer {
         let mut backoff = Backoff::new();
         loop {
             self.status.send_replace(AgentStatus::Connecting);
-            let outcome = self.connect_once(&endpoint, &shutdown).await;
+            let (outcome, lasted) = self.connect_once(&endpoint, &shutdown).await;
+            if let Some(lasted) = lasted {
+                backoff.session_ended(lasted);
+            }
+            let lasted_s = lasted.unwrap_or_default().as_secs();
             let delay = match outcome {
                 Outcome::Shutdown => break,
                 Outcome::GoingAway(hint) => {
                     info!(retry_in = ?hint, "edge is going away; reconnecting");
-                    backoff.reset();
                     self.status
                         .send_replace(AgentStatus::Disconnected("edge going away".into()));
                     hint
                 }
                 Outcome::Lost(why) => {
-                    warn!(reason = %why, "lost the edge; reconnecting");
-                    backoff.reset();
                     let d = backoff.next_delay(rand::random());
+                    warn!(reason = %why, lasted_s, retry_in = ?d, "lost the edge; reconnecting");
                     self.status.send_replace(AgentStatus::Disconnected(why));
+                    d
+                }
+                Outcome::Replaced => {
+                    let d = backoff.next_delay(rand::random());
+                    error!(
+                        lasted_s,
+                        retry_in = ?d,
+                        "another session with this agent's key replaced this one: two agents are running with one key; stop one, or give it its own key and [[agent]] entry"
+                    );
+                    self.status.send_replace(AgentStatus::Disconnected(
+                        "replaced by another agent with the same key".into(),
+                    ));
                     d
                 }
                 Outcome::Failed(why) => {
@@ -152,49 +181,124 @@ impl Dialer {
         let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
     }
 
-    async fn resolve(&self) -> Result<SocketAddr, String> {
-        let mut addrs = tokio::net::lookup_host(&self.config.edge)
+    async fn resolve(&self) -> Result<Vec<SocketAddr>, String> {
+        let addrs = self
+            .resolver
+            .resolve(&self.config.edge)
             .await
             .map_err(|e| format!("resolving {}: {e}", self.config.edge))?;
-        addrs
-            .next()
-            .ok_or_else(|| format!("{} resolves to no address", self.config.edge))
+        if addrs.is_empty() {
+            return Err(format!("{} resolves to no address", self.config.edge));
+        }
+        Ok(addrs)
     }
 
+    /// One attempt: how it ended, and how long its session lasted if it
+    /// got one.
     async fn connect_once(
         &self,
         endpoint: &quinn::Endpoint,
         shutdown: &CancellationToken,
-    ) -> Outcome {
-        let addr = match self.resolve().await {
+    ) -> (Outcome, Option<Duration>) {
+        let addrs = match self.resolve().await {
             Ok(a) => a,
-            Err(e) => return Outcome::Failed(e),
+            Err(e) => return (Outcome::Failed(e), None),
         };
+        let (addr, conn) = match self.dial(endpoint, addrs, shutdown).await {
+            Ok(c) => c,
+            Err(outcome) => return (outcome, None),
+        };
+        let span = info_span!("edge", %addr);
+        async {
+            let login = match self.login(&conn).await {
+                Ok(l) => l,
+                Err(outcome) => return (outcome, None),
+            };
+            let established = tokio::time::Instant::now();
+            let outcome = self.serve(&conn, login, shutdown).await;
+            (outcome, Some(established.elapsed()))
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Dials the edge's addresses Happy-Eyeballs style ([`eyeballs`]):
+    /// IPv6 first, the next address whenever the last attempt has run
+    /// [`eyeballs::ATTEMPT_DELAY`] or failed. The first handshake to finish
+    /// wins; the other attempts are dropped, which closes them.
+    async fn dial(
+        &self,
+        endpoint: &quinn::Endpoint,
+        addrs: Vec<SocketAddr>,
+        shutdown: &CancellationToken,
+    ) -> Result<(SocketAddr, quinn::Connection), Outcome> {
         let sni = if self.config.edge_key.is_some() {
             IDENTITY_SNI
         } else {
             self.config.edge_host.as_str()
         };
-        let connecting = match endpoint.connect_with(self.client.clone(), addr, sni) {
-            Ok(c) => c,
-            Err(e) => return Outcome::Failed(format!("connecting to {addr}: {e}")),
-        };
-        let conn = tokio::select! {
-            r = tokio::time::timeout(CONNECT_TIMEOUT, connecting) => match r {
-                Ok(Ok(c)) => c,
-                Ok(Err(e)) => return classify_close(e, "handshake with the edge"),
-                Err(_) => return Outcome::Failed(format!("no answer from {addr} in {CONNECT_TIMEOUT:?}")),
-            },
-            () = shutdown.cancelled() => return Outcome::Shutdown,
-        };
-        let span = info_span!("edge", %addr);
-        self.session(conn, shutdown).instrument(span).await
+        let now = || tokio::time::Instant::now().into_std();
+        let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
+        let mut schedule = Attempts::new(now(), addrs.iter().copied());
+        let mut running = tokio::task::JoinSet::new();
+        let mut failure = None;
+        loop {
+            while let Some(addr) = schedule.poll_attempt(now()) {
+                debug!(%addr, "dialling the edge");
+                match endpoint.connect_with(self.client.clone(), addr, sni) {
+                    Ok(connecting) => {
+                        running.spawn(async move { (addr, connecting.await) });
+                    }
+                    // An IPv6 address on an IPv4-only endpoint, for one.
+                    Err(e) => {
+                        schedule.handle_failed(now());
+                        failure = Some(Outcome::Failed(format!("connecting to {addr}: {e}")));
+                    }
+                }
+            }
+            if schedule.is_exhausted() {
+                return Err(failure.unwrap_or_else(|| {
+                    Outcome::Failed(format!("{} resolves to no address", self.config.edge))
+                }));
+            }
+            let next = schedule.poll_timeout();
+            let next_attempt = async {
+                match next {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                Some(joined) = running.join_next() => match joined {
+                    Ok((addr, Ok(conn))) => return Ok((addr, conn)),
+                    Ok((addr, Err(e))) => {
+                        debug!(%addr, error = %e, "attempt to reach the edge failed");
+                        schedule.handle_failed(now());
+                        failure = Some(classify_close(e, &format!("handshake with the edge at {addr}")));
+                    }
+                    Err(e) => {
+                        schedule.handle_failed(now());
+                        failure = Some(Outcome::Failed(format!("dialling the edge: {e}")));
+                    }
+                },
+                () = next_attempt => {}
+                () = tokio::time::sleep_until(deadline) => {
+                    let tried: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+                    return Err(Outcome::Failed(format!(
+                        "no answer from {} in {CONNECT_TIMEOUT:?}",
+                        tried.join(", ")
+                    )));
+                }
+                () = shutdown.cancelled() => return Err(Outcome::Shutdown),
+            }
+        }
     }
 
-    async fn session(&self, conn: quinn::Connection, shutdown: &CancellationToken) -> Outcome {
+    /// Opens the control stream, says hello and waits for the welcome.
+    async fn login(&self, conn: &quinn::Connection) -> Result<LoggedIn, Outcome> {
         let (mut send, recv) = match conn.open_bi().await {
             Ok(s) => s,
-            Err(e) => return classify_close(e, "opening the control stream"),
+            Err(e) => return Err(classify_close(e, "opening the control stream")),
         };
         let mut views = self.monitors.subscribe();
         let statuses = views
@@ -207,31 +311,53 @@ impl Dialer {
         if let Err(e) =
             write_frames(&mut send, std::iter::from_fn(|| session.poll_transmit())).await
         {
-            return Outcome::Failed(format!("sending hello: {e}"));
+            return Err(Outcome::Failed(format!("sending hello: {e}")));
         }
         let first = tokio::select! {
             f = tokio::time::timeout(WELCOME_TIMEOUT, recv.next::<EdgeToAgent>()) => f,
-            e = conn.closed() => return classify_close(e, "waiting for welcome"),
+            e = conn.closed() => return Err(classify_close(e, "waiting for welcome")),
         };
         let first = match first {
             Ok(Ok(Some(f))) => f,
-            Ok(Ok(None)) => return Outcome::Failed("edge ended the control stream".into()),
-            Ok(Err(e)) => return Outcome::Failed(format!("waiting for welcome: {e}")),
-            Err(_) => return Outcome::Failed("no welcome from the edge in time".into()),
+            Ok(Ok(None)) => return Err(Outcome::Failed("edge ended the control stream".into())),
+            Ok(Err(e)) => return Err(Outcome::Failed(format!("waiting for welcome: {e}"))),
+            Err(_) => return Err(Outcome::Failed("no welcome from the edge in time".into())),
         };
         match session.handle_frame(first) {
             Ok(AgentEvent::Established(w)) => {
                 info!(session = w.session, "connected to edge");
                 self.status
                     .send_replace(AgentStatus::Connected { session: w.session });
+                Ok(LoggedIn {
+                    send,
+                    recv,
+                    session,
+                    views,
+                })
             }
-            Ok(AgentEvent::Refused(r)) => return Outcome::Refused(r.message),
-            Ok(other) => return Outcome::Failed(format!("unexpected {other:?}")),
+            Ok(AgentEvent::Refused(r)) => Err(Outcome::Refused(r.message)),
+            Ok(other) => Err(Outcome::Failed(format!("unexpected {other:?}"))),
             Err(e) => {
                 conn.close(code::PROTOCOL, b"protocol error");
-                return Outcome::Failed(e.to_string());
+                Err(Outcome::Failed(e.to_string()))
             }
         }
+    }
+
+    /// Runs a session the edge welcomed: forwards the edge's streams,
+    /// reports service states and takes wake requests until it ends.
+    async fn serve(
+        &self,
+        conn: &quinn::Connection,
+        login: LoggedIn,
+        shutdown: &CancellationToken,
+    ) -> Outcome {
+        let LoggedIn {
+            mut send,
+            mut recv,
+            mut session,
+            mut views,
+        } = login;
 
         // States that changed between the hello and the welcome.
         let mut views_open = true;
@@ -327,6 +453,9 @@ fn classify_close(e: quinn::ConnectionError, during: &str) -> Outcome {
     match &e {
         quinn::ConnectionError::ApplicationClosed(c) if c.error_code == code::GOING_AWAY => {
             Outcome::GoingAway(Duration::ZERO)
+        }
+        quinn::ConnectionError::ApplicationClosed(c) if c.error_code == code::REPLACED => {
+            Outcome::Replaced
         }
         quinn::ConnectionError::ApplicationClosed(c) if c.error_code == code::REFUSED => {
             Outcome::Refused(String::from_utf8_lossy(&c.reason).into_owned())
