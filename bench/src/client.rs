@@ -79,9 +79,41 @@ pub struct Endpoint {
     pub tls: Option<Tls>,
 }
 
+/// Loopback source addresses the bench's clients take turns at, as many
+/// clients behind many addresses would: the edge caps connections per
+/// client address (`[limits] connections_per_ip`, 256 by default), and the
+/// memory scenario holds 10,000.
+const SOURCES: u32 = 200;
+static NEXT_SOURCE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// The next source address for a connection to `to`: 127.0.0.2 to
+/// 127.0.0.201 in turn for an IPv4 loopback target, else the default.
+fn source_for(to: SocketAddr) -> Option<SocketAddr> {
+    let std::net::IpAddr::V4(v4) = to.ip() else {
+        return None;
+    };
+    if !v4.is_loopback() {
+        return None;
+    }
+    let n = NEXT_SOURCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % SOURCES;
+    let host = u8::try_from(2 + n).expect("SOURCES fits the last octet");
+    Some(SocketAddr::from(([127, 0, 0, host], 0)))
+}
+
+async fn connect_tcp(to: SocketAddr) -> std::io::Result<TcpStream> {
+    match source_for(to) {
+        Some(from) => {
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.bind(from)?;
+            socket.connect(to).await
+        }
+        None => TcpStream::connect(to).await,
+    }
+}
+
 impl Endpoint {
     pub async fn connect(&self, proto: Proto) -> Result<BoxIo, Error> {
-        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(self.addr))
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, connect_tcp(self.addr))
             .await
             .map_err(|_| "connect timed out")??;
         tcp.set_nodelay(true)?;
