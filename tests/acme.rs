@@ -1,6 +1,7 @@
 //! Certificates from a real ACME server: Pebble and pebble-challtestsrv
 //! (Debian's `pebble` package) on loopback. challtestsrv is the DNS server
-//! that points every name at 127.0.0.1; Pebble validates against the
+//! that points every name at this test's own loopback address (see
+//! [`test_ip`]); Pebble validates against the
 //! edge's own HTTP and HTTPS ports.
 
 #![allow(clippy::unwrap_used)] // Test helpers fail loudly by design.
@@ -25,8 +26,26 @@ const NAME: &str = "chat.example.com";
 
 /// A port that was free a moment ago, for servers that cannot report theirs
 /// (Pebble takes its ports from a config file).
+/// The loopback address this test's Pebble, challenge server and edge
+/// listen on: one of its own (127.77.0.N, one per test thread), so no
+/// other test's sockets, listening or connecting from 127.0.0.1, can take
+/// a port it chose. Pebble must know the edge's ports before the edge
+/// runs and takes no bound listener itself, so ports are chosen first and
+/// bound a moment later; on an address nothing else uses, nothing can
+/// take them in between.
+fn test_ip() -> &'static str {
+    use std::sync::atomic::{AtomicU8, Ordering};
+    static NEXT: AtomicU8 = AtomicU8::new(1);
+    thread_local! {
+        static IP: &'static str = Box::leak(
+            format!("127.77.0.{}", NEXT.fetch_add(1, Ordering::Relaxed)).into_boxed_str(),
+        );
+    }
+    IP.with(|ip| *ip)
+}
+
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
+    std::net::TcpListener::bind((test_ip(), 0))
         .unwrap()
         .local_addr()
         .unwrap()
@@ -86,9 +105,9 @@ impl Pebble {
         let mut cts = Command::new("pebble-challtestsrv");
         cts.args([
             "-dns01",
-            &format!("127.0.0.1:{dns}"),
+            &format!("{}:{dns}", test_ip()),
             "-management",
-            &format!("127.0.0.1:{}", free_port()),
+            &format!("{}:{}", test_ip(), free_port()),
             "-http01",
             "",
             "-https01",
@@ -96,7 +115,7 @@ impl Pebble {
             "-tlsalpn01",
             "",
             "-defaultIPv4",
-            "127.0.0.1",
+            test_ip(),
             "-defaultIPv6",
             "",
         ]);
@@ -112,7 +131,7 @@ impl Pebble {
         let ca_cert = ca_params.self_signed(&ca_key).unwrap();
         let issuer = Issuer::new(ca_params, ca_key);
         let server_key = KeyPair::generate().unwrap();
-        let server = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+        let server = CertificateParams::new(vec![test_ip().to_owned(), "localhost".to_owned()])
             .unwrap()
             .signed_by(&server_key, &issuer)
             .unwrap();
@@ -123,8 +142,8 @@ impl Pebble {
 
         let (acme_port, mgmt_port) = (free_port(), free_port());
         let mut config = serde_json::json!({ "pebble": {
-            "listenAddress": format!("127.0.0.1:{acme_port}"),
-            "managementListenAddress": format!("127.0.0.1:{mgmt_port}"),
+            "listenAddress": format!("{}:{acme_port}", test_ip()),
+            "managementListenAddress": format!("{}:{mgmt_port}", test_ip()),
             "certificate": path("cert.pem"),
             "privateKey": path("key.pem"),
             "httpPort": http_port,
@@ -141,7 +160,7 @@ impl Pebble {
             "-config",
             path("pebble.json").to_str().unwrap(),
             "-dnsserver",
-            &format!("127.0.0.1:{dns}"),
+            &format!("{}:{dns}", test_ip()),
         ])
         .env("PEBBLE_VA_NOSLEEP", "1")
         .env("PEBBLE_WFE_NONCEREJECT", "0");
@@ -153,7 +172,7 @@ impl Pebble {
                 "-sSf",
                 "--cacert",
                 path("ca.pem").to_str().unwrap(),
-                &format!("https://127.0.0.1:{mgmt_port}/roots/0"),
+                &format!("https://{}:{mgmt_port}/roots/0", test_ip()),
             ])
             .output()
             .await
@@ -167,7 +186,7 @@ impl Pebble {
         Self {
             pebble,
             challtestsrv,
-            directory: format!("https://127.0.0.1:{acme_port}/dir"),
+            directory: format!("https://{}:{acme_port}/dir", test_ip()),
             directory_ca: path("ca.pem"),
             root: path("root.pem"),
             dir,
@@ -189,9 +208,10 @@ fn edge_toml(
     https: u16,
     agent_fp: &str,
 ) -> String {
-    let http = http.map_or(String::new(), |p| format!("http = \"127.0.0.1:{p}\"\n"));
+    let ip = test_ip();
+    let http = http.map_or(String::new(), |p| format!("http = \"{ip}:{p}\"\n"));
     format!(
-        "[edge]\nstate_dir = {:?}\nhttps = \"127.0.0.1:{https}\"\n{http}tunnel = \"127.0.0.1:0\"\n\n\
+        "[edge]\nstate_dir = {:?}\nhttps = \"{ip}:{https}\"\n{http}tunnel = \"127.0.0.1:0\"\n\n\
          [tls]\nmode = \"acme\"\nemail = \"ops@example.com\"\ndirectory = \"{}\"\ndirectory_ca = {:?}\nretry_min = \"1s\"\n\n\
          [[agent]]\nname = \"home\"\nkey = \"{agent_fp}\"\n\n\
          [[route]]\nhost = \"{NAME}\"\nagent = \"home\"\nservice = \"app\"\nauth = \"none\"\n",
@@ -262,7 +282,7 @@ async fn curl_verified(pebble: &Pebble, https: u16, path: &str) -> String {
             "--cacert",
             pebble.root.to_str().unwrap(),
             "--resolve",
-            &format!("{NAME}:{https}:127.0.0.1"),
+            &format!("{NAME}:{https}:{}", test_ip()),
             &format!("https://{NAME}:{https}{path}"),
         ])
         .output()
@@ -371,7 +391,7 @@ async fn short_lived_certificates_renew_while_a_websocket_stays_open() {
     .unwrap()
     .with_root_certificates(roots)
     .with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", e.https))
+    let tcp = tokio::net::TcpStream::connect((test_ip(), e.https))
         .await
         .unwrap();
     let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))

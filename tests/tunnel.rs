@@ -145,8 +145,14 @@ async fn more_connections_than_the_first_stream_allowance_are_open_at_once() {
     let port = p.edge.ports[0];
 
     let mut clients = Vec::with_capacity(CONNS);
-    for _ in 0..CONNS {
-        let mut c = TcpStream::connect(port).await.expect("connect");
+    for i in 0..CONNS {
+        // Many clients, as the edge caps connections per client address.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        let host = u8::try_from(2 + i % 200).unwrap();
+        socket
+            .bind(std::net::SocketAddr::from(([127, 0, 0, host], 0)))
+            .unwrap();
+        let mut c = socket.connect(port).await.expect("connect");
         c.write_all(b"?").await.expect("first byte");
         clients.push(c);
     }
