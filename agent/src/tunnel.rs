@@ -136,7 +136,10 @@ impl Dialer {
             let delay = match outcome {
                 Outcome::Shutdown => break,
                 Outcome::GoingAway(hint) => {
+                    // The edge asked for it (a restart): not a fight, so
+                    // the attempts that follow start short again.
                     info!(retry_in = ?hint, "edge is going away; reconnecting");
+                    backoff.reset();
                     self.status
                         .send_replace(AgentStatus::Disconnected("edge going away".into()));
                     hint
