@@ -105,6 +105,19 @@ async fn get_from(site: &Site, source: &str, path: &str) -> StatusCode {
     status
 }
 
+/// Waits (polling, up to [`WAIT`]) until `counter` is at least `n`;
+/// whether it got there.
+async fn reaches(counter: &std::sync::atomic::AtomicU64, n: u64) -> bool {
+    let deadline = Instant::now() + WAIT;
+    while counter.load(Ordering::Relaxed) < n {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    true
+}
+
 /// Waits until `value` stops changing for a second (polled every 100 ms):
 /// the point where every buffer between a stalled reader and its producer
 /// is full.
@@ -401,27 +414,30 @@ async fn slow_uploads_from_one_client_are_capped_and_cut_off() {
     }
     // The rest reach the service, and another client is served meanwhile.
     let started = burrow_edge::config::DEFAULT_STREAMS_PER_IP as u64;
-    let deadline = Instant::now() + WAIT;
-    while up.uploads_started.load(Ordering::Relaxed) < started {
-        assert!(
-            Instant::now() < deadline,
-            "the uploads under the cap never arrived"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    assert!(
+        reaches(&up.uploads_started, started).await,
+        "the uploads under the cap never arrived"
+    );
     assert_eq!(
         get_from(&site, "127.0.0.7", "/headers").await,
         StatusCode::OK
     );
     // Bodies that did not authenticate must keep a pace: these are cut off
     // and the service sees aborted requests, never complete ones.
-    while let Some(r) = uploads.join_next().await {
+    let cut_off_by = Instant::now() + burrow_edge::http::io::BODY_GRACE + WAIT;
+    while let Some(r) = tokio::time::timeout_at(cut_off_by.into(), uploads.join_next())
+        .await
+        .expect("the slow uploads are cut off")
+    {
         let (_status, took) = r.unwrap();
         assert!(
             took >= burrow_edge::http::io::BODY_GRACE,
             "cut off after {took:?}"
         );
     }
+    // The client hears first; the abort reaches the service through the
+    // agent a moment later.
+    reaches(&up.uploads_aborted, started).await;
     assert_eq!(up.uploads_aborted.load(Ordering::Relaxed), started);
     let m = metrics(&site).await;
     assert_eq!(
