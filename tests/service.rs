@@ -535,11 +535,7 @@ async fn an_agent_reload_during_a_hung_probe_keeps_the_service_probed() {
     let (health, mut hangs) = steered_health(mode).await;
     let world = World::new();
     let (key, fp) = world.agent_key("home");
-    let edge = start_edge(edge_config(&format!(
-        "[edge]\nstate_dir = {:?}\ntunnel = \"127.0.0.1:0\"\n\n[[agent]]\nname = \"home\"\nkey = \"{fp}\"\n",
-        world.path("state")
-    )))
-    .await;
+    let edge = start_edge(edge_config(&tunnel_only_edge_toml(&world, &fp))).await;
     let agent_toml = format!(
         "[agent]\nname = \"home\"\nedge = \"{}\"\nedge_key = \"{}\"\nkey = {:?}\n\n\
          [[service]]\nname = \"gpu\"\nurl = \"http://{health}\"\nhealth = \"/health\"\nprobe_interval = \"100ms\"\n",

@@ -523,11 +523,7 @@ impl burrow_agent::tunnel::eyeballs::Resolve for DualStackLocalhost {
 async fn an_ipv4_only_edge_is_reached_when_ipv6_resolves_first() {
     let world = World::new();
     let (key, fp) = world.agent_key("home");
-    let edge = start_edge(edge_config(&format!(
-        "[edge]\nstate_dir = {:?}\ntunnel = \"127.0.0.1:0\"\n\n[[agent]]\nname = \"home\"\nkey = \"{fp}\"\n",
-        world.path("state")
-    )))
-    .await;
+    let edge = start_edge(edge_config(&tunnel_only_edge_toml(&world, &fp))).await;
     let port = edge.tunnel.port();
     let resolver = std::sync::Arc::new(DualStackLocalhost {
         port,
@@ -611,11 +607,7 @@ async fn two_agents_with_one_key_back_off_instead_of_fighting() {
         next_span: Default::default(),
     });
     let (key, fp) = world.agent_key("home");
-    let edge = start_edge(edge_config(&format!(
-        "[edge]\nstate_dir = {:?}\ntunnel = \"127.0.0.1:0\"\n\n[[agent]]\nname = \"home\"\nkey = \"{fp}\"\n",
-        world.path("state")
-    )))
-    .await;
+    let edge = start_edge(edge_config(&tunnel_only_edge_toml(&world, &fp))).await;
     let toml = format!(
         "[agent]\nname = \"home\"\nedge = \"{}\"\nedge_key = \"{}\"\nkey = {:?}\n",
         edge.tunnel, edge.fingerprint, key

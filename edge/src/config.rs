@@ -12,6 +12,7 @@ use std::time::Duration;
 use burrow_proto::Name;
 use burrow_proto::confkit::{Cidr, ConfigError, HumanDuration, Source, Spanned};
 use burrow_proto::identity::Fingerprint;
+use burrow_proto::listener::Limits;
 use serde::Deserialize;
 
 use crate::access::IpRules;
@@ -222,7 +223,7 @@ pub struct EdgeConfig {
 }
 
 /// `[limits]` with defaults applied.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LimitsConfig {
     pub connections: usize,
     pub connections_per_ip: usize,
@@ -231,6 +232,27 @@ pub struct LimitsConfig {
     pub streams_per_ip: usize,
     pub held_per_client: usize,
     pub held_per_service: usize,
+}
+
+impl LimitsConfig {
+    /// The connection caps of each public listener.
+    pub fn connections(&self) -> Limits {
+        Limits {
+            total: self.connections,
+            per_ip: self.connections_per_ip,
+        }
+    }
+
+    /// These limits with the held-request caps (which a reload applies)
+    /// set to their defaults: what a change of needs a restart.
+    pub fn without_hold_caps(&self) -> Self {
+        let d = Self::default();
+        Self {
+            held_per_client: d.held_per_client,
+            held_per_service: d.held_per_service,
+            ..*self
+        }
+    }
 }
 
 impl Default for LimitsConfig {
@@ -622,13 +644,27 @@ fn convert(src: &Source, file: File) -> Result<EdgeConfig, ConfigError> {
     })
 }
 
+/// `value` if given and within 1..=`max`, else `default`; out of range is
+/// an error at the value, naming `limits.{key}`.
+fn bounded<T>(
+    src: &Source,
+    value: Option<Spanned<T>>,
+    key: &str,
+    default: T,
+    max: T,
+) -> Result<T, ConfigError>
+where
+    T: Copy + PartialOrd + From<u8> + std::fmt::Display,
+{
+    match value {
+        None => Ok(default),
+        Some(v) if (T::from(1)..=max).contains(v.get_ref()) => Ok(*v.get_ref()),
+        Some(v) => Err(src.error_at(v.span(), format!("limits.{key}: between 1 and {max}"))),
+    }
+}
+
 fn convert_limits(src: &Source, l: LimitsSection) -> Result<LimitsConfig, ConfigError> {
     let d = LimitsConfig::default();
-    let count = |v: Option<Spanned<usize>>, key: &str, default: usize, max: usize| match v {
-        None => Ok(default),
-        Some(v) if (1..=max).contains(v.get_ref()) => Ok(*v.get_ref()),
-        Some(v) => Err(src.error_at(v.span(), format!("limits.{key}: between 1 and {max}"))),
-    };
     let idle_timeout = match l.idle_timeout {
         None => d.idle_timeout,
         Some(v) => {
@@ -642,39 +678,39 @@ fn convert_limits(src: &Source, l: LimitsSection) -> Result<LimitsConfig, Config
             t
         }
     };
-    let streams_per_connection = match l.streams_per_connection {
-        None => d.streams_per_connection,
-        Some(v) if (1..=10_000).contains(v.get_ref()) => *v.get_ref(),
-        Some(v) => {
-            return Err(src.error_at(
-                v.span(),
-                "limits.streams_per_connection: between 1 and 10000",
-            ));
-        }
-    };
     Ok(LimitsConfig {
-        connections: count(l.connections, "connections", d.connections, 1_000_000)?,
-        connections_per_ip: count(
+        connections: bounded(src, l.connections, "connections", d.connections, 1_000_000)?,
+        connections_per_ip: bounded(
+            src,
             l.connections_per_ip,
             "connections_per_ip",
             d.connections_per_ip,
             1_000_000,
         )?,
         idle_timeout,
-        streams_per_connection,
-        streams_per_ip: count(
+        streams_per_connection: bounded(
+            src,
+            l.streams_per_connection,
+            "streams_per_connection",
+            d.streams_per_connection,
+            10_000,
+        )?,
+        streams_per_ip: bounded(
+            src,
             l.streams_per_ip,
             "streams_per_ip",
             d.streams_per_ip,
             1_000_000,
         )?,
-        held_per_client: count(
+        held_per_client: bounded(
+            src,
             l.held_per_client,
             "held_per_client",
             d.held_per_client,
             100_000,
         )?,
-        held_per_service: count(
+        held_per_service: bounded(
+            src,
             l.held_per_service,
             "held_per_service",
             d.held_per_service,

@@ -216,20 +216,6 @@ impl Edge {
         self.certs.clone()
     }
 
-    /// The accept loop of a public listener, with `[limits]`, listed in `/metrics`.
-    fn front(&self, name: &'static str, metrics: &Metrics) -> Arc<Front> {
-        let limits = &self.config.limits;
-        let front = Arc::new(Front::new(
-            name,
-            Limits {
-                total: limits.connections,
-                per_ip: limits.connections_per_ip,
-            },
-        ));
-        metrics.add_listener(name, front.stats());
-        front
-    }
-
     /// Serves until `shutdown` is cancelled; see [`Edge::run_with_reloads`].
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), EdgeError> {
         let (_keep, reloads) = mpsc::channel(1);
@@ -255,11 +241,8 @@ impl Edge {
         let metrics = Arc::new(Metrics::default());
         let mut tasks = tokio::task::JoinSet::new();
 
+        let limits = self.config.limits;
         let mut port_rules = Vec::new();
-        let fronts = Fronts {
-            https: self.https.is_some().then(|| self.front("https", &metrics)),
-            http: self.http.is_some().then(|| self.front("http", &metrics)),
-        };
         for (port, listener) in self.ports {
             let addr = http::local_addr(&listener);
             info!(listen = %addr, agent = %port.agent, service = %port.service, "forwarding port");
@@ -271,14 +254,7 @@ impl Edge {
                 metrics: metrics.clone(),
                 tracker: tracker.clone(),
             };
-            let front = Arc::new(Front::new(
-                "port",
-                Limits {
-                    total: self.config.limits.connections,
-                    per_ip: self.config.limits.connections_per_ip,
-                },
-            ));
-            metrics.add_listener("port", front.stats());
+            let front = front(format!("port {addr}"), limits.connections(), &metrics);
             tasks.spawn(ports::serve_port(
                 listener,
                 port,
@@ -297,29 +273,29 @@ impl Edge {
             tracker.clone(),
         );
         let (http_tx, http_rx) = watch::channel(Arc::new(http_state));
-        if let (Some(listener), Some(front)) = (self.https, fronts.https) {
+        if let Some(listener) = self.https {
             let addr = http::local_addr(&listener);
             let tls = http::tls_config(self.certs.https_resolver(), self.acme.is_some())
                 .map_err(TlsError::from)?;
             info!(%addr, routes = self.config.routes.len(), "serving https");
-            let timeouts = (self.config.header_timeout, self.config.limits.clone());
+            let timeouts = (self.config.header_timeout, limits);
             tasks.spawn(http::serve_https(
                 listener,
                 tls,
                 http_rx.clone(),
-                timeouts.clone(),
-                front,
+                timeouts,
+                front("https", limits.connections(), &metrics),
                 shutdown.clone(),
                 tracker.clone(),
             ));
-            if let (Some(plain), Some(front)) = (self.http, fronts.http) {
+            if let Some(plain) = self.http {
                 info!(addr = %http::local_addr(&plain), "redirecting http to https");
                 tasks.spawn(http::serve_http_redirect(
                     plain,
                     self.certs.clone(),
                     addr.port(),
                     timeouts,
-                    front,
+                    front("http", limits.connections(), &metrics),
                     shutdown.clone(),
                 ));
             }
@@ -333,8 +309,7 @@ impl Edge {
                 acme: self.acme.clone(),
                 http: Some(http_rx.clone()),
             };
-            let front = Arc::new(Front::new("admin", admin::LIMITS));
-            metrics.add_listener("admin", front.stats());
+            let front = front("admin", admin::LIMITS, &metrics);
             tasks.spawn(admin::serve(listener, state, front, drained.clone()));
         }
         if let Some(acme) = self.acme.clone() {
@@ -381,10 +356,11 @@ impl Edge {
     }
 }
 
-/// The accept loops of the HTTPS and HTTP listeners.
-struct Fronts {
-    https: Option<Arc<Front>>,
-    http: Option<Arc<Front>>,
+/// A listener's accept loop with these caps, listed in `/metrics` as `name`.
+fn front(name: impl Into<String>, limits: Limits, metrics: &Metrics) -> Arc<Front> {
+    let front = Arc::new(Front::new(name, limits));
+    metrics.add_listener(&front);
+    front
 }
 
 /// Applies a new config to a running edge.
@@ -417,20 +393,8 @@ impl Reloader {
                 current.header_timeout != new.header_timeout,
             ),
             (
-                "limits (connections, idle_timeout, streams)",
-                (
-                    current.limits.connections,
-                    current.limits.connections_per_ip,
-                    current.limits.idle_timeout,
-                    current.limits.streams_per_connection,
-                    current.limits.streams_per_ip,
-                ) != (
-                    new.limits.connections,
-                    new.limits.connections_per_ip,
-                    new.limits.idle_timeout,
-                    new.limits.streams_per_connection,
-                    new.limits.streams_per_ip,
-                ),
+                "limits (all but held_per_client and held_per_service)",
+                current.limits.without_hold_caps() != new.limits.without_hold_caps(),
             ),
             (
                 "tls.mode",

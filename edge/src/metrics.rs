@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use burrow_proto::listener::ListenerStats;
+use burrow_proto::listener::{Front, ListenerStats};
 
 /// Upper bounds (seconds) of the time-to-first-byte histogram buckets.
 pub const TTFB_BUCKETS: [f64; 12] = [
@@ -55,7 +55,7 @@ impl Refusal {
 #[derive(Debug)]
 pub struct Metrics {
     refusals: [AtomicU64; Refusal::ALL.len()],
-    listeners: Mutex<Vec<(&'static str, Arc<ListenerStats>)>>,
+    listeners: Mutex<Vec<(String, Arc<ListenerStats>)>>,
     streams_open: AtomicI64,
     streams_total: AtomicU64,
     bytes_to_agents: AtomicU64,
@@ -132,16 +132,12 @@ impl Metrics {
         self.refusals[why as usize].load(Ordering::Relaxed)
     }
 
-    pub fn refused_stream(&self) {
-        self.refused(Refusal::StreamsPerIp);
-    }
-
-    /// Lists a listener's counters on `/metrics` under `name`.
-    pub fn add_listener(&self, name: &'static str, stats: Arc<ListenerStats>) {
+    /// Lists a listener's counters on `/metrics` under its name.
+    pub fn add_listener(&self, front: &Front) {
         self.listeners
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push((name, stats));
+            .push((front.name().to_owned(), front.stats()));
     }
 
     pub fn auth_failure(&self) {
@@ -265,73 +261,65 @@ impl Metrics {
 
     fn render_listeners(&self, out: &mut String) {
         let listeners = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
-        let families: [(&str, &str, &str, &[&str]); 4] = [
+        let families: [ListenerFamily; 5] = [
             (
                 "burrow_connections_accepted_total",
                 "counter",
                 "Client connections accepted, by listener.",
-                &["accepted"],
+                &[("", |s| &s.accepted)],
             ),
             (
                 "burrow_connections_open",
                 "gauge",
                 "Client connections open now, by listener.",
-                &["open"],
+                &[("", |s| &s.open)],
             ),
             (
                 "burrow_connections_refused_total",
                 "counter",
                 "Client connections closed at once by a connection cap, by listener and reason.",
-                &["refused_per_ip", "refused_total"],
+                &[
+                    (",reason=\"connections_per_ip\"", |s| &s.refused_per_ip),
+                    (",reason=\"connections\"", |s| &s.refused_total),
+                ],
             ),
             (
                 "burrow_connections_closed_idle_total",
                 "counter",
                 "Client connections closed after [limits] idle_timeout with no request in flight.",
-                &["closed_idle"],
+                &[("", |s| &s.closed_idle)],
+            ),
+            (
+                "burrow_accept_errors_total",
+                "counter",
+                "Failed accepts (out of file descriptors and the like), by listener; each pauses accepting briefly.",
+                &[("", |s| &s.accept_errors)],
             ),
         ];
-        for (name, kind, help, fields) in families {
+        for (name, kind, help, series) in families {
             family(out, name, kind, help);
             for (listener, stats) in listeners.iter() {
-                for (field, value) in stats.snapshot() {
-                    if !fields.contains(&field) {
-                        continue;
-                    }
-                    match field.strip_prefix("refused_") {
-                        Some(reason) => {
-                            let reason = if reason == "total" {
-                                "connections"
-                            } else {
-                                "connections_per_ip"
-                            };
-                            let _ = writeln!(
-                                out,
-                                "{name}{{listener=\"{listener}\",reason=\"{reason}\"}} {value}"
-                            );
-                        }
-                        None => {
-                            let _ = writeln!(out, "{name}{{listener=\"{listener}\"}} {value}");
-                        }
-                    }
+                for (labels, counter) in series {
+                    let _ = writeln!(
+                        out,
+                        "{name}{{listener=\"{}\"{labels}}} {}",
+                        label(listener),
+                        counter(stats).load(Ordering::Relaxed)
+                    );
                 }
             }
         }
-        family(
-            out,
-            "burrow_accept_errors_total",
-            "counter",
-            "Failed accepts (out of file descriptors and the like), by listener; each pauses accepting briefly.",
-        );
-        for (listener, stats) in listeners.iter() {
-            let _ = writeln!(
-                out,
-                "burrow_accept_errors_total{{listener=\"{listener}\"}} {}",
-                stats.accept_errors.load(Ordering::Relaxed)
-            );
-        }
     }
 }
+
+/// A per-listener metric family: name, type, help, and its series (extra
+/// labels and the counter each reads).
+type ListenerFamily = (
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static [(&'static str, fn(&ListenerStats) -> &AtomicU64)],
+);
 
 /// Writes the HELP and TYPE lines of a metric family.
 pub fn family(out: &mut String, name: &str, kind: &str, help: &str) {

@@ -81,23 +81,6 @@ pub struct ListenerStats {
     pub closed_idle: AtomicU64,
 }
 
-impl ListenerStats {
-    fn load(a: &AtomicU64) -> u64 {
-        a.load(Ordering::Relaxed)
-    }
-
-    pub fn snapshot(&self) -> [(&'static str, u64); 6] {
-        [
-            ("accepted", Self::load(&self.accepted)),
-            ("open", Self::load(&self.open)),
-            ("refused_per_ip", Self::load(&self.refused_per_ip)),
-            ("refused_total", Self::load(&self.refused_total)),
-            ("accept_errors", Self::load(&self.accept_errors)),
-            ("closed_idle", Self::load(&self.closed_idle)),
-        ]
-    }
-}
-
 #[derive(Debug, Default, Clone, Copy)]
 struct Counts {
     conns: usize,
@@ -159,17 +142,15 @@ impl Clients {
     }
 
     /// Open connections from `key` now.
-    pub fn connections(&self, key: ClientKey) -> usize {
+    #[cfg(test)]
+    fn connections(&self, key: ClientKey) -> usize {
         self.lock().get(&key).map_or(0, |c| c.conns)
     }
 
     /// Client addresses with anything open.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.lock().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -227,7 +208,7 @@ impl Throttled {
 /// One listener's accept loop with its caps.
 #[derive(Debug)]
 pub struct Front {
-    name: &'static str,
+    name: String,
     limits: Limits,
     stats: Arc<ListenerStats>,
     clients: Arc<Clients>,
@@ -250,9 +231,9 @@ fn is_per_connection(e: &io::Error) -> bool {
 
 impl Front {
     /// `name` labels the listener in logs and metrics ("https", "lan").
-    pub fn new(name: &'static str, limits: Limits) -> Self {
+    pub fn new(name: impl Into<String>, limits: Limits) -> Self {
         Self {
-            name,
+            name: name.into(),
             limits,
             stats: Arc::default(),
             clients: Arc::default(),
@@ -262,12 +243,8 @@ impl Front {
         }
     }
 
-    pub fn name(&self) -> &'static str {
-        self.name
-    }
-
-    pub fn limits(&self) -> Limits {
-        self.limits
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     pub fn stats(&self) -> Arc<ListenerStats> {
@@ -287,7 +264,7 @@ impl Front {
             self.stats.refused_total.fetch_add(1, Ordering::Relaxed);
             if let Some(n) = self.total_log.due() {
                 warn!(
-                    listener = self.name,
+                    listener = %self.name,
                     limit = self.limits.total,
                     refused = n,
                     "connection limit reached; refusing connections"
@@ -301,7 +278,7 @@ impl Front {
         {
             self.stats.refused_per_ip.fetch_add(1, Ordering::Relaxed);
             if let Some(n) = self.per_ip_log.due() {
-                warn!(listener = self.name, client = %key, limit = self.limits.per_ip, refused = n, "too many connections from one client; refusing");
+                warn!(listener = %self.name, client = %key, limit = self.limits.per_ip, refused = n, "too many connections from one client; refusing");
             }
             return None;
         }
@@ -332,12 +309,12 @@ impl Front {
                 },
                 Err(e) if is_per_connection(&e) => {
                     self.stats.accept_errors.fetch_add(1, Ordering::Relaxed);
-                    debug!(listener = self.name, error = %e, "accept failed for one connection");
+                    debug!(listener = %self.name, error = %e, "accept failed for one connection");
                 }
                 Err(e) => {
                     self.stats.accept_errors.fetch_add(1, Ordering::Relaxed);
                     if let Some(n) = self.error_log.due() {
-                        warn!(listener = self.name, error = %e, failures = n, pause = ?ACCEPT_BACKOFF, "accept failed; pausing accepts");
+                        warn!(listener = %self.name, error = %e, failures = n, pause = ?ACCEPT_BACKOFF, "accept failed; pausing accepts");
                     }
                     tokio::select! {
                         () = tokio::time::sleep(ACCEPT_BACKOFF) => {}

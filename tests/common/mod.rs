@@ -184,14 +184,20 @@ pub struct Pair {
     pub agent: AgentHandle,
 }
 
+/// The smallest edge.toml: a tunnel on loopback (port 0) and the agent
+/// "home" with key `fp`; tests append tables to it.
+pub fn tunnel_only_edge_toml(world: &World, fp: &Fingerprint) -> String {
+    format!(
+        "[edge]\nstate_dir = {:?}\ntunnel = \"127.0.0.1:0\"\n\n[[agent]]\nname = \"home\"\nkey = \"{fp}\"\n",
+        world.path("state")
+    )
+}
+
 /// `services`: (name, target "host:port"); one `[[port]]` per service.
 pub async fn pair(services: &[(&str, SocketAddr)]) -> Pair {
     let world = World::new();
     let (key, fp) = world.agent_key("home");
-    let mut edge_toml = format!(
-        "[edge]\nstate_dir = {:?}\ntunnel = \"127.0.0.1:0\"\n\n[[agent]]\nname = \"home\"\nkey = \"{fp}\"\n",
-        world.path("state")
-    );
+    let mut edge_toml = tunnel_only_edge_toml(&world, &fp);
     for (name, _) in services {
         edge_toml += &format!(
             "\n[[port]]\nlisten = \"127.0.0.1:0\"\nagent = \"home\"\nservice = \"{name}\"\n"

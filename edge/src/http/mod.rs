@@ -35,7 +35,7 @@ use burrow_proto::listener::{Front, ListenerStats, StreamPermit};
 use crate::access::IpRules;
 use crate::access::gate::Gate;
 use crate::config::{EdgeConfig, LimitsConfig, RouteConfig};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Refusal};
 use crate::tls::{ACME_TLS_ALPN, CertStore};
 use crate::tunnel::Registry;
 use crate::tunnel::registry::HoldCaps;
@@ -242,37 +242,19 @@ impl Drop for Busy {
     }
 }
 
-/// A request's place under `[limits] streams_per_ip`, in its extensions:
-/// an upgraded connection (WebSocket) keeps it for its whole life.
+/// A request's place under `[limits] streams_per_ip`. An upgrade request
+/// carries a copy in its extensions, so the upgraded connection
+/// (WebSocket) keeps the place for its whole life.
 #[derive(Debug, Clone)]
-pub struct InFlight(#[allow(dead_code)] Arc<StreamPermit>);
+pub struct StreamTicket(#[allow(dead_code)] Arc<StreamPermit>);
 
-/// A response body that keeps its request counted (on its connection and
-/// against its client address) until the body ends or is dropped.
-struct Counted {
-    inner: Body,
+/// What keeps a request counted until its response body ends or is
+/// dropped: on its connection (for the idle timeout) and against its
+/// client address. The access-log body ([`proxy::handle`]) holds it.
+#[derive(Debug)]
+pub struct InFlight {
     _busy: Busy,
-    _stream: InFlight,
-}
-
-impl hyper::body::Body for Counted {
-    type Data = Bytes;
-    type Error = Box<dyn std::error::Error + Send + Sync>;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
-        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
-    }
+    _ticket: StreamTicket,
 }
 
 /// Runs one accepted client connection until it ends, shutdown asks it to
@@ -345,7 +327,6 @@ pub async fn serve_https(
             let shutdown = shutdown.clone();
             let clients = clients.clone();
             let stats = stats.clone();
-            let limits = limits.clone();
             tracker.spawn(async move {
                 let key = permit.key;
                 let _permit = permit;
@@ -372,15 +353,19 @@ pub async fn serve_https(
                 let service = service_fn(move |mut req: Request<Incoming>| {
                     let state = state.borrow().clone();
                     let busy = per_request.busy();
-                    let stream = clients
-                        .try_stream(key, streams_per_ip)
-                        .map(|p| InFlight(Arc::new(p)));
-                    if let Some(s) = &stream {
-                        req.extensions_mut().insert(s.clone());
-                    }
+                    let in_flight = clients.try_stream(key, streams_per_ip).map(|p| {
+                        let ticket = StreamTicket(Arc::new(p));
+                        if req.headers().contains_key(header::UPGRADE) {
+                            req.extensions_mut().insert(ticket.clone());
+                        }
+                        InFlight {
+                            _busy: busy,
+                            _ticket: ticket,
+                        }
+                    });
                     async move {
-                        let Some(stream) = stream else {
-                            state.metrics.refused_stream();
+                        let Some(in_flight) = in_flight else {
+                            state.metrics.refused(Refusal::StreamsPerIp);
                             debug!(%peer, limit = streams_per_ip, "too many requests in flight from one client");
                             let mut r = error_response(
                                 StatusCode::TOO_MANY_REQUESTS,
@@ -390,15 +375,7 @@ pub async fn serve_https(
                                 .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
                             return Ok::<_, Infallible>(r);
                         };
-                        let resp = proxy::handle(req, state, peer).await;
-                        Ok(resp.map(|inner| {
-                            Counted {
-                                inner,
-                                _busy: busy,
-                                _stream: stream,
-                            }
-                            .boxed()
-                        }))
+                        Ok(proxy::handle(req, state, peer, in_flight).await)
                     }
                 });
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
@@ -453,7 +430,7 @@ pub async fn serve_http_redirect(
                         Ok::<_, Infallible>(resp)
                     }
                 });
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
+                let conn = builder.serve_connection(TokioIo::new(tcp), service);
                 serve_connection(
                     conn,
                     |c| c.graceful_shutdown(),

@@ -23,7 +23,7 @@ use tracing::{debug, info, warn};
 
 use super::io::{ClientBody, IdleIo, Paced, QuicIo};
 use super::wake::{self, WAKE_STATUS_PATH, WakeRight};
-use super::{Body, HttpState, error_response};
+use super::{Body, HttpState, InFlight, error_response};
 use crate::access::gate::Admission;
 use crate::access::{Decision, client_ip};
 use crate::config::{AuthMode, RouteConfig};
@@ -63,10 +63,13 @@ const FORWARDING: &[&str] = &[
     "x-real-ip",
 ];
 
+/// Answers one request; `in_flight` stays counted until the response body
+/// ends or is dropped.
 pub async fn handle(
     req: Request<Incoming>,
     state: Arc<HttpState>,
     peer: SocketAddr,
+    in_flight: InFlight,
 ) -> Response<Body> {
     let started = Instant::now();
     let mut entry = AccessEntry {
@@ -86,6 +89,7 @@ pub async fn handle(
             inner: body,
             bytes: 0,
             entry: Some(entry),
+            _in_flight: in_flight,
         }
         .boxed()
     })
@@ -184,11 +188,13 @@ struct AccessEntry {
 }
 
 /// A response body that counts what it sends and writes the request's
-/// access-log line when it ends (completed, or cut off by the client).
+/// access-log line when it ends (completed, or cut off by the client);
+/// the request counts as in flight until then.
 struct LoggedBody {
     inner: Body,
     bytes: u64,
     entry: Option<AccessEntry>,
+    _in_flight: InFlight,
 }
 
 impl LoggedBody {
@@ -832,7 +838,7 @@ async fn forward_upgrade(
         Err(error) => return Err(Unreachable { req, error }),
     };
     let client_upgrade = hyper::upgrade::on(&mut req);
-    let req_in_flight = req.extensions().get::<super::InFlight>().cloned();
+    let ticket = req.extensions().get::<super::StreamTicket>().cloned();
     let mut response = match await_response(sender.send_request(req), route).await {
         Ok(r) => r,
         Err(Waited::Late(t)) => return Ok(too_late(route, t)),
@@ -844,9 +850,8 @@ async fn forward_upgrade(
         return Ok(response.map(|body| body.map_err(Into::into).boxed()));
     }
     let upstream_upgrade = hyper::upgrade::on(&mut response);
-    let in_flight = req_in_flight;
     state.tracker.spawn(async move {
-        let _in_flight = in_flight;
+        let _ticket = ticket;
         match tokio::try_join!(client_upgrade, upstream_upgrade) {
             Ok((c, u)) => {
                 let mut c = TokioIo::new(c);
