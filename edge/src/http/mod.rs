@@ -2,9 +2,13 @@
 //! HTTP/2), the optional plain-HTTP listener that redirects to HTTPS, and
 //! the short error responses every failure maps to.
 
-pub mod forward;
+mod access_log;
+mod forward;
 pub mod handshake;
 pub mod io;
+mod rewrite;
+mod route;
+mod upgrade;
 pub mod wake;
 
 use std::collections::HashMap;
@@ -250,7 +254,7 @@ pub struct StreamTicket(#[allow(dead_code)] Arc<StreamPermit>);
 
 /// What keeps a request counted until its response body ends or is
 /// dropped: on its connection (for the idle timeout) and against its
-/// client address. The access-log body ([`forward::handle`]) holds it.
+/// client address. The access-log body ([`route::handle`]) holds it.
 #[derive(Debug)]
 pub struct InFlight {
     _busy: Busy,
@@ -375,7 +379,7 @@ pub async fn serve_https(
                                 .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
                             return Ok::<_, Infallible>(r);
                         };
-                        Ok(forward::handle(req, state, peer, in_flight).await)
+                        Ok(route::handle(req, state, peer, in_flight).await)
                     }
                 });
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);

@@ -1,0 +1,209 @@
+//! Where each request comes in: choose the route by Host, check the client
+//! address against the IP rules, admit it through the gate (its Set-Cookie
+//! goes on the answer), answer the wake-status path, and pass the rest to
+//! [`super::forward`].
+//!
+//! Forwarding one HTTP request through the tunnel: choose the route by Host,
+//! check the client address, rewrite the headers a proxy owns
+//! ([`super::rewrite`]), send the request over its own QUIC stream
+//! ([`super::forward`]), and stream the response back chunk by chunk (or
+//! splice an upgraded connection, [`super::upgrade`]). A request for a
+//! sleeping service is held or answered with the waiting page
+//! ([`super::wake`]). The request's access-log line comes from
+//! [`super::access_log`].
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::header;
+use http::uri::Authority;
+use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tokio::time::Instant;
+use tracing::{debug, info};
+
+use super::access_log::{AccessEntry, LoggedBody};
+use super::forward::dispatch;
+use super::io::{ClientBody, Paced};
+use super::wake::{self, WAKE_STATUS_PATH, WakeRight};
+use super::{Body, HttpState, InFlight, error_response};
+use crate::access::gate::Admission;
+use crate::access::{Decision, client_ip};
+use crate::config::AuthMode;
+
+/// Answers one request; `in_flight` stays counted until the response body
+/// ends or is dropped.
+pub(super) async fn handle(
+    req: Request<Incoming>,
+    state: Arc<HttpState>,
+    peer: SocketAddr,
+    in_flight: InFlight,
+) -> Response<Body> {
+    let started = Instant::now();
+    let mut entry = AccessEntry {
+        client: peer.ip().to_canonical(),
+        user: None,
+        method: req.method().clone(),
+        host: String::new(),
+        path: req.uri().path().to_owned(),
+        status: 0,
+        started,
+    };
+    let resp = route_request(req, &state, peer, &mut entry).await;
+    state.metrics.response(resp.status().as_u16());
+    entry.status = resp.status().as_u16();
+    resp.map(|body| {
+        LoggedBody {
+            inner: body,
+            bytes: 0,
+            entry: Some(entry),
+            _in_flight: in_flight,
+        }
+        .boxed()
+    })
+}
+
+async fn route_request(
+    req: Request<Incoming>,
+    state: &HttpState,
+    peer: SocketAddr,
+    entry: &mut AccessEntry,
+) -> Response<Body> {
+    // ACME validations bypass IP rules and auth; nothing else does.
+    if let Some(answer) = super::acme_answer(&state.certs, req.uri().path()) {
+        return answer;
+    }
+    let host = match request_host(&req) {
+        Ok(h) => h,
+        Err(why) => {
+            debug!(%peer, why, "bad request");
+            return error_response(StatusCode::BAD_REQUEST, why);
+        }
+    };
+    entry.host.clone_from(&host.name);
+    let Some(route) = state.route(&host.name) else {
+        debug!(%peer, host = %host.name, "no route for host");
+        return error_response(StatusCode::NOT_FOUND, "no such site here");
+    };
+    let ip = client_ip(peer, req.headers(), &state.trusted_proxies);
+    entry.client = ip;
+    if let Decision::Deny(reason) = state.access.check(ip).and(route.rules.check(ip)) {
+        info!(%peer, client = %ip, host = %route.host, ?reason, "denied by ip rules");
+        return error_response(StatusCode::FORBIDDEN, "forbidden");
+    }
+    let client = SocketAddr::new(ip, peer.port());
+    let (req, set_cookie, right, paced) = match (route.auth, &state.gate) {
+        (AuthMode::None, _) => (req, None, WakeRight::May, Paced::Yes),
+        (AuthMode::Basic, Some(gate)) => match gate.admit(req, route, ip).await {
+            Admission::Forward {
+                req,
+                set_cookie,
+                user,
+            } => {
+                // Public paths pass without a user: they must not wake
+                // anything, and their bodies must keep arriving.
+                let (right, paced) = if user.is_some() {
+                    (WakeRight::May, Paced::No)
+                } else {
+                    (WakeRight::MayNot, Paced::Yes)
+                };
+                entry.user = user;
+                (req, set_cookie, right, paced)
+            }
+            Admission::Respond(r) => {
+                if matches!(
+                    r.status(),
+                    StatusCode::UNAUTHORIZED | StatusCode::TOO_MANY_REQUESTS
+                ) {
+                    state.metrics.auth_failure();
+                }
+                return r;
+            }
+        },
+        // Config validation guarantees users for basic routes; fail closed.
+        (AuthMode::Basic, None) => {
+            return error_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "authentication unavailable",
+            );
+        }
+    };
+    let mut resp = if req.uri().path() == WAKE_STATUS_PATH {
+        wake::status_response(&state.registry, route, right)
+    } else {
+        let req = req.map(|body| ClientBody::new(body, paced, &state.metrics));
+        dispatch(req, state, route, &host, client, right).await
+    };
+    if let Some(cookie) = set_cookie {
+        resp.headers_mut().append(header::SET_COOKIE, cookie);
+    }
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        state.metrics.time_to_first_byte(entry.started.elapsed());
+    }
+    resp
+}
+
+/// The host a request is for, as written by the client and lowercased.
+#[derive(Debug)]
+pub(super) struct RequestHost {
+    /// Without port, lowercase: the routing key.
+    pub(super) name: String,
+    /// As the client wrote it (host and port), for the forwarded Host header.
+    pub(super) authority: String,
+}
+
+fn request_host<B>(req: &Request<B>) -> Result<RequestHost, &'static str> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let header = hosts.next();
+    if hosts.next().is_some() {
+        return Err("more than one Host header");
+    }
+    // HTTP/2 (and HTTP/1.1 absolute-form) carry the authority in the URI.
+    let authority = match req.uri().authority() {
+        Some(a) => a.clone(),
+        None => {
+            let value = header.ok_or("missing Host header")?;
+            value
+                .to_str()
+                .ok()
+                .and_then(|s| s.parse::<Authority>().ok())
+                .ok_or("invalid Host header")?
+        }
+    };
+    if authority.as_str().contains('@') {
+        return Err("invalid Host header");
+    }
+    Ok(RequestHost {
+        name: authority.host().trim_end_matches('.').to_ascii_lowercase(),
+        authority: authority.as_str().to_owned(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(uri: &str, hosts: &[&str]) -> Request<()> {
+        let mut b = Request::builder().uri(uri);
+        for h in hosts {
+            b = b.header(header::HOST, *h);
+        }
+        b.body(()).unwrap()
+    }
+
+    #[test]
+    fn host_comes_from_the_authority_or_the_single_host_header() {
+        let h = request_host(&req("/", &["Chat.Example.com:8443"])).unwrap();
+        assert_eq!(
+            (h.name.as_str(), h.authority.as_str()),
+            ("chat.example.com", "Chat.Example.com:8443")
+        );
+        let h = request_host(&req("https://chat.example.com/x", &[])).unwrap();
+        assert_eq!(h.name, "chat.example.com");
+        assert!(request_host(&req("/", &["a.example", "b.example"])).is_err());
+        assert!(request_host(&req("/", &[])).is_err());
+        assert!(request_host(&req("/", &["user@a.example"])).is_err());
+        assert!(request_host(&req("/", &["a b"])).is_err());
+    }
+}
