@@ -20,6 +20,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::io::{ClientBody, IdleIo, QuicIo};
+use super::pool::{Pool, PoolKey, ServiceConn, UpstreamBody};
 use super::rewrite::{is_upgrade, strip_hop_by_hop, upstream_request};
 use super::route::RequestHost;
 use super::upgrade::forward_upgrade;
@@ -28,9 +29,7 @@ use super::{Body, HttpState, error_response};
 use crate::config::RouteConfig;
 use crate::metrics::Refusal;
 use crate::tunnel::registry::HoldRefused;
-use crate::tunnel::{
-    AgentLink, OpenError, Pool, PoolKey, ServiceConn, UpstreamBody, open_stream_on,
-};
+use crate::tunnel::{AgentLink, OpenError, open_stream_on};
 
 /// One place that turns tunnel failures into statuses. Bodies stay short
 /// and generic; the details go to the log.

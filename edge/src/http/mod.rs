@@ -6,6 +6,7 @@ mod access_log;
 mod forward;
 pub mod handshake;
 pub mod io;
+pub mod pool;
 mod rewrite;
 mod route;
 mod upgrade;

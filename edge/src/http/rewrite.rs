@@ -10,9 +10,9 @@ use http::{Request, Version};
 use http_body_util::Either;
 
 use super::io::ClientBody;
+use super::pool::UpstreamBody;
 use super::route::RequestHost;
 use crate::config::RouteConfig;
-use crate::tunnel::UpstreamBody;
 
 /// Headers that describe one hop and never cross a proxy (RFC 9110 7.6.1),
 /// plus the proxy credentials meant for us.

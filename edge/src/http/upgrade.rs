@@ -14,10 +14,11 @@ use tracing::debug;
 use super::forward::{
     Unreachable, Waited, await_response, connect, connection_failed, failed_to_respond, too_late,
 };
+use super::pool::UpstreamBody;
 use super::rewrite::strip_hop_by_hop;
 use super::{Body, HttpState};
 use crate::config::RouteConfig;
-use crate::tunnel::{AgentLink, UpstreamBody};
+use crate::tunnel::AgentLink;
 
 /// Buffer per direction for an upgraded connection (WebSocket). tokio's
 /// default is 8 KiB each way, allocated and zeroed up front: 16 KiB of

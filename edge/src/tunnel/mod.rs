@@ -1,7 +1,6 @@
 //! The QUIC endpoint agents dial: mutual TLS with pinned agent keys, one
 //! control stream per agent session, and opening forwarded streams.
 
-pub mod pool;
 pub mod registry;
 
 use std::net::SocketAddr;
@@ -22,7 +21,6 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::config::AgentConfig;
-pub use pool::{Pool, PoolKey, ServiceConn, UpstreamBody};
 pub use registry::{AgentLink, Control, Registry, ServiceReport, WakeRecord, WakeSent};
 
 /// How long a QUIC handshake may take before the attempt is dropped.

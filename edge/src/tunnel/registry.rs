@@ -38,7 +38,7 @@ pub struct AgentLink {
     pub session: u64,
     pub conn: quinn::Connection,
     /// Idle HTTP connections to this session's services.
-    pub pool: Arc<super::pool::Pool>,
+    pub pool: Arc<crate::http::pool::Pool>,
     services: Arc<Mutex<Vec<ServiceStatus>>>,
     control: mpsc::Sender<Control>,
 }

@@ -26,7 +26,7 @@ use tokio::time::Instant;
 /// The request body the edge forwards: the client's own, or none (a safe
 /// request replayed after a reused connection failed).
 pub type UpstreamBody =
-    http_body_util::Either<crate::http::io::ClientBody, http_body_util::Empty<bytes::Bytes>>;
+    http_body_util::Either<super::io::ClientBody, http_body_util::Empty<bytes::Bytes>>;
 
 /// How long an idle connection is kept. Services close idle keep-alive
 /// connections on their own schedule (uvicorn and Node.js after 5 s); the
