@@ -66,18 +66,10 @@ pub fn client_ip(peer: SocketAddr, headers: &HeaderMap, trusted: &[Cidr]) -> IpA
     if !is_trusted(peer_ip) {
         return peer_ip;
     }
+    // The standard header (RFC 7239) wins; X-Forwarded-For is read only
+    // from proxies that send no Forwarded header at all.
     let mut hops: Vec<IpAddr> = Vec::new();
-    for v in headers.get_all("x-forwarded-for") {
-        let Ok(v) = v.to_str() else { return peer_ip };
-        for part in v.split(',') {
-            match part.trim().parse::<IpAddr>() {
-                Ok(ip) => hops.push(ip.to_canonical()),
-                // An unparsable hop breaks the chain: trust nothing beyond it.
-                Err(_) => hops.clear(),
-            }
-        }
-    }
-    if hops.is_empty() {
+    if headers.contains_key("forwarded") {
         for v in headers.get_all("forwarded") {
             let Ok(v) = v.to_str() else { return peer_ip };
             for element in v.split(',') {
@@ -99,8 +91,20 @@ pub fn client_ip(peer: SocketAddr, headers: &HeaderMap, trusted: &[Cidr]) -> IpA
                     };
                     match host.parse::<IpAddr>() {
                         Ok(ip) => hops.push(ip.to_canonical()),
+                        // An unparsable hop breaks the chain: trust
+                        // nothing beyond it.
                         Err(_) => hops.clear(),
                     }
+                }
+            }
+        }
+    } else {
+        for v in headers.get_all("x-forwarded-for") {
+            let Ok(v) = v.to_str() else { return peer_ip };
+            for part in v.split(',') {
+                match part.trim().parse::<IpAddr>() {
+                    Ok(ip) => hops.push(ip.to_canonical()),
+                    Err(_) => hops.clear(),
                 }
             }
         }
@@ -152,6 +156,16 @@ mod tests {
         assert_eq!(
             client_ip(proxy, &fwd, &trusted),
             "2001:db8::1".parse::<IpAddr>().unwrap()
+        );
+        // With both, Forwarded wins: a proxy that sets it may pass a
+        // client's X-Forwarded-For through untouched.
+        let both = headers(&[
+            ("x-forwarded-for", "1.1.1.1"),
+            ("forwarded", "for=192.0.2.60"),
+        ]);
+        assert_eq!(
+            client_ip(proxy, &both, &trusted),
+            "192.0.2.60".parse::<IpAddr>().unwrap()
         );
         let junk = headers(&[("x-forwarded-for", "203.0.113.9, junk")]);
         assert_eq!(

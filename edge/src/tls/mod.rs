@@ -16,6 +16,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
+use tracing::debug;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -48,8 +49,6 @@ pub const ACME_HTTP_PREFIX: &str = "/.well-known/acme-challenge/";
 pub struct CertStore {
     identity: Arc<CertifiedKey>,
     by_name: RwLock<HashMap<String, Arc<CertifiedKey>>>,
-    /// Served to clients that send no SNI or an unknown name.
-    fallback: RwLock<Option<Arc<CertifiedKey>>>,
     /// TLS-ALPN-01 challenge certificates by name.
     alpn_challenges: RwLock<HashMap<String, Arc<CertifiedKey>>>,
     /// HTTP-01 key authorizations by token.
@@ -61,7 +60,6 @@ impl CertStore {
         Self {
             identity,
             by_name: RwLock::default(),
-            fallback: RwLock::default(),
             alpn_challenges: RwLock::default(),
             http_challenges: RwLock::default(),
         }
@@ -129,10 +127,6 @@ impl CertStore {
         for n in names {
             map.insert(n.to_ascii_lowercase(), key.clone());
         }
-        let mut fallback = self.fallback.write().expect("cert store lock not poisoned");
-        if fallback.is_none() {
-            *fallback = Some(key);
-        }
     }
 
     fn by_name(&self, sni: Option<&str>) -> Option<Arc<CertifiedKey>> {
@@ -171,13 +165,14 @@ impl ResolvesServerCert for HttpsResolver {
                 .get(&name)
                 .cloned();
         }
-        self.0.by_name(hello.server_name()).or_else(|| {
-            self.0
-                .fallback
-                .read()
-                .expect("cert store lock not poisoned")
-                .clone()
-        })
+        // A name we do not serve (or none: a client dialling the bare
+        // address) gets no certificate: answering with another site's
+        // would tell a scanner which host names live here.
+        let key = self.0.by_name(hello.server_name());
+        if key.is_none() {
+            debug!(sni = ?hello.server_name(), "TLS for a name not served here; refusing");
+        }
+        key
     }
 }
 
