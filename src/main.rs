@@ -67,6 +67,12 @@ enum Command {
     /// Read a password (prompt on a terminal, else one line of stdin) and
     /// print its argon2id hash for [[user]] password.
     HashPassword,
+    /// Revoke every session cookie issued so far (a running edge refuses
+    /// them from its next request on; users sign in again).
+    LogoutAll {
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Make an identity key and print its fingerprint.
     Keygen {
         #[arg(long)]
@@ -295,6 +301,22 @@ fn main() -> ExitCode {
                 eprintln!("burrow hash-password: {e}");
                 ExitCode::from(EXIT_FAILURE)
             }
+        },
+        Command::LogoutAll { config } => match EdgeConfig::load(&config) {
+            Ok(c) => match burrow_edge::access::session::revoke_all(&c.state_dir) {
+                Ok(generation) => {
+                    println!(
+                        "every session issued so far is revoked (generation {generation} in {})",
+                        c.state_dir.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("burrow logout-all: {}: {e}", c.state_dir.display());
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            },
+            Err(e) => config_failure(&e),
         },
         Command::Edge { config } => match EdgeConfig::load(&config) {
             Ok(c) => runtime_with(c.threads).block_on(run_edge(c, config)),

@@ -12,6 +12,7 @@ pub mod config;
 pub mod http;
 pub mod metrics;
 pub mod ports;
+pub mod refusal;
 pub mod tls;
 pub mod tunnel;
 

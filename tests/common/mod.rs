@@ -302,8 +302,16 @@ pub fn burrow_bin() -> &'static str {
 
 impl Process {
     pub fn spawn(args: &[&str]) -> Self {
+        Self::spawn_logging("info", args)
+    }
+
+    /// Like `spawn`, with `RUST_LOG` set to `filter`.
+    pub fn spawn_logging(filter: &str, args: &[&str]) -> Self {
         let mut command = Command::new(burrow_bin());
-        command.args(["--log-format", "json"]).args(args);
+        command
+            .args(["--log-format", "json"])
+            .args(args)
+            .env("RUST_LOG", filter);
         Self::spawn_command(command)
     }
 
@@ -320,8 +328,10 @@ impl Process {
     }
 
     fn spawn_command(mut command: Command) -> Self {
+        if !command.get_envs().any(|(k, _)| k == "RUST_LOG") {
+            command.env("RUST_LOG", "info");
+        }
         let mut child = command
-            .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

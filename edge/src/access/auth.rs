@@ -14,7 +14,7 @@ use argon2::password_hash::{
 };
 use argon2::{Algorithm, Argon2};
 use ring::rand::{SecureRandom, SystemRandom};
-use tokio::sync::Semaphore;
+use tokio::sync::{OnceCell, Semaphore};
 use tokio::time::Instant;
 
 /// argon2 checks running at once (each takes a core for tens of ms).
@@ -26,6 +26,9 @@ pub const HASH_QUEUE: usize = 64;
 pub const CACHE_TTL: Duration = Duration::from_secs(10 * 60);
 /// The most remembered credentials.
 pub const CACHE_MAX: usize = 4096;
+/// Of the queue, what checks for names that are not configured may take,
+/// so a spray of made-up names cannot crowd out the real users.
+pub const UNKNOWN_QUEUE: usize = HASH_QUEUE / 4;
 
 #[derive(Debug, thiserror::Error)]
 #[error("not an argon2id PHC string: {0}")]
@@ -73,8 +76,12 @@ pub struct Verifier {
     dummy: PasswordHashString,
     cache_key: ring::hmac::Key,
     cache: Mutex<HashMap<[u8; 32], Instant>>,
+    /// Checks running now by credential: the same credential sent again
+    /// meanwhile waits for that answer instead of hashing again.
+    inflight: Mutex<HashMap<[u8; 32], Arc<OnceCell<Verdict>>>>,
     running: Arc<Semaphore>,
     queued: Arc<Semaphore>,
+    unknown_queued: Arc<Semaphore>,
     argon2_runs: AtomicU64,
 }
 
@@ -98,8 +105,10 @@ impl Verifier {
             cache_key: ring::hmac::Key::generate(ring::hmac::HMAC_SHA256, &rng)
                 .expect("the OS random source works"),
             cache: Mutex::default(),
+            inflight: Mutex::default(),
             running: Arc::new(Semaphore::new(HASH_CONCURRENCY)),
             queued: Arc::new(Semaphore::new(HASH_QUEUE)),
+            unknown_queued: Arc::new(Semaphore::new(UNKNOWN_QUEUE)),
             argon2_runs: AtomicU64::new(0),
         }
     }
@@ -119,22 +128,73 @@ impl Verifier {
         id
     }
 
+    /// Whether `user` is configured.
+    pub fn knows(&self, user: &str) -> bool {
+        self.users.contains_key(user)
+    }
+
     pub async fn verify(&self, user: &str, password: &[u8]) -> Verdict {
+        match self.verify_with(user, password, || Ok::<(), ()>(())).await {
+            Ok((v, _)) => v,
+            Err(()) => Verdict::Busy,
+        }
+    }
+
+    /// Checks a credential. A remembered success answers at once; a check
+    /// of the same credential already running is waited for; otherwise
+    /// `admit` decides whether this check may run (the throttle), and what
+    /// it returns comes back beside the verdict. `Err` is `admit`'s refusal.
+    pub async fn verify_with<P, E>(
+        &self,
+        user: &str,
+        password: &[u8],
+        admit: impl FnOnce() -> Result<P, E>,
+    ) -> Result<(Verdict, Option<P>), E> {
         let id = self.cache_id(user, password);
         let now = Instant::now();
         {
             let cache = self.cache.lock().expect("cache lock not poisoned");
             if cache.get(&id).is_some_and(|&until| until > now) {
-                return Verdict::Valid;
+                return Ok((Verdict::Valid, None));
             }
         }
+        let (cell, admitted) = {
+            let mut inflight = self.inflight.lock().expect("inflight lock not poisoned");
+            match inflight.get(&id) {
+                Some(cell) => (cell.clone(), None),
+                None => {
+                    let admitted = admit()?;
+                    let cell = Arc::new(OnceCell::new());
+                    inflight.insert(id, cell.clone());
+                    (cell, Some(admitted))
+                }
+            }
+        };
+        let verdict = *cell.get_or_init(|| self.run(user, password, id)).await;
+        if admitted.is_some() {
+            let mut inflight = self.inflight.lock().expect("inflight lock not poisoned");
+            if inflight.get(&id).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+                inflight.remove(&id);
+            }
+        }
+        Ok((verdict, admitted))
+    }
+
+    async fn run(&self, user: &str, password: &[u8], id: [u8; 32]) -> Verdict {
+        let known = self.users.get(user);
         let Ok(_queued) = self.queued.clone().try_acquire_owned() else {
             return Verdict::Busy;
+        };
+        let _unknown = match known {
+            Some(_) => None,
+            None => match self.unknown_queued.clone().try_acquire_owned() {
+                Ok(p) => Some(p),
+                Err(_) => return Verdict::Busy,
+            },
         };
         let Ok(_running) = self.running.clone().acquire_owned().await else {
             return Verdict::Busy;
         };
-        let known = self.users.get(user);
         let hash = known.unwrap_or(&self.dummy).clone();
         let password = password.to_vec();
         self.argon2_runs.fetch_add(1, Ordering::Relaxed);
@@ -201,5 +261,31 @@ mod tests {
         // Unknown users cost a check too, and never pass.
         assert_eq!(v.verify("mallory", b"right").await, Verdict::Invalid);
         assert_eq!(v.argon2_runs(), 4);
+    }
+
+    #[tokio::test]
+    async fn the_same_credential_sent_at_once_is_checked_once() {
+        let users = HashMap::from([("alice".to_owned(), parse_hash(&cheap("right")).unwrap())]);
+        let v = Verifier::new(users);
+        let admitted = std::sync::atomic::AtomicU32::new(0);
+        let admit = || {
+            admitted.fetch_add(1, Ordering::Relaxed);
+            Ok::<(), ()>(())
+        };
+        let (a, b, c) = tokio::join!(
+            v.verify_with("alice", b"wrong", admit),
+            v.verify_with("alice", b"wrong", admit),
+            v.verify_with("alice", b"wrong", admit),
+        );
+        for r in [a, b, c] {
+            assert_eq!(r.unwrap().0, Verdict::Invalid);
+        }
+        assert_eq!(v.argon2_runs(), 1);
+        assert_eq!(
+            admitted.load(Ordering::Relaxed),
+            1,
+            "one check, one admission"
+        );
+        assert!(v.inflight.lock().unwrap().is_empty());
     }
 }

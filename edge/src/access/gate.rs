@@ -1,14 +1,20 @@
 //! The authentication decision for one request on a route with
-//! `auth = "basic"`: public paths, the login and logout pages, session
-//! cookies, basic credentials (throttled, checked off the event loop), and
-//! what an unauthenticated client is told.
+//! `auth = "basic"`: public paths, the login and logout pages, session and
+//! device cookies, basic credentials (throttled, checked off the event
+//! loop). The gate returns a decision; `http::refuse` renders it.
+//!
+//! Whatever it decides, a forwarded request carries none of the edge's
+//! credentials: our cookies and a Basic password are removed (public paths
+//! included); the app's own `Authorization: Bearer` passes untouched.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use base64::Engine;
-use http::header::{self, HeaderValue};
-use http::{Method, Request, Response, StatusCode};
+use burrow_proto::listener::ClientKey;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use tracing::{info, warn};
@@ -16,29 +22,65 @@ use tracing::{info, warn};
 use super::auth::{Verdict, Verifier};
 use super::login::{self, LOGIN_PATH, LOGOUT_PATH, MAX_FORM};
 use super::session::{self, SessionKeys, password_tag};
-use super::throttle::Throttle;
+use super::throttle::{Attempt, MAX_USER_NAME, Throttle};
 use crate::config::{RouteConfig, UserConfig};
-use crate::http::{Body, error_response};
+use crate::refusal::{Challenge, Refusal};
 
-/// What to do with a request after authentication.
+/// What Retry-After says when every password check slot is taken.
+pub const LOGIN_BUSY_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// What to do with a request.
 #[derive(Debug)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "Forward is the common case; boxing it would allocate on every forwarded request"
+)]
 pub enum Admission {
-    /// Forward it (credentials meant for the edge removed); set the session
-    /// cookie on the response when given.
+    /// Forward it (the edge's credentials removed); add `set_cookies` to
+    /// the response.
     Forward {
         req: Request<Incoming>,
         user: Option<String>,
-        set_cookie: Option<HeaderValue>,
+        set_cookies: Vec<HeaderValue>,
     },
-    Respond(Response<Body>),
+    /// Answer with one of the edge's own pages.
+    Reply(Reply),
+    /// Do not forward it.
+    Refuse(Refusal),
+}
+
+/// The edge's own answers on its `/.burrow/` paths.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// 200: the login form.
+    LoginForm { host: String, next: String },
+    /// 200: the button that posts a logout.
+    LogoutForm { host: String },
+    /// 200: the session cookie cleared, and the login form.
+    SignedOut { host: String },
+    /// 303 to `location` with the new session (and device) cookies.
+    SignedIn {
+        location: String,
+        set_cookies: Vec<HeaderValue>,
+    },
 }
 
 /// The result of checking a password.
 enum PasswordCheck {
-    Valid,
+    /// Right; these cookies start the session (and remember the device).
+    Valid(Vec<HeaderValue>),
     Wrong,
-    /// Not checked or not answerable now (throttled, busy): send this.
-    Refuse(Response<Body>),
+    /// Not checked or not answerable now (throttled, busy).
+    Refuse(Refusal),
+}
+
+/// What the gate keeps per configured user.
+#[derive(Debug)]
+struct KnownUser {
+    /// The throttle's key for this name.
+    name: Arc<str>,
+    /// Binds sessions to the current password hash.
+    tag: [u8; 8],
 }
 
 /// Authentication state shared by all routes.
@@ -47,41 +89,7 @@ pub struct Gate {
     pub verifier: Verifier,
     pub sessions: SessionKeys,
     pub throttle: Throttle,
-    tags: HashMap<String, [u8; 8]>,
-}
-
-fn html(status: StatusCode, body: String) -> Response<Body> {
-    crate::http::html_response(status, body)
-}
-
-fn redirect(location: &str, cookie: HeaderValue) -> Response<Body> {
-    let mut r = error_response(StatusCode::SEE_OTHER, "continue");
-    if let Ok(v) = HeaderValue::from_str(location) {
-        r.headers_mut().insert(header::LOCATION, v);
-    }
-    r.headers_mut().insert(header::SET_COOKIE, cookie);
-    r
-}
-
-fn too_many(wait: std::time::Duration) -> Response<Body> {
-    let mut r = error_response(
-        StatusCode::TOO_MANY_REQUESTS,
-        "too many failed logins; try again later",
-    );
-    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-    r.headers_mut()
-        .insert(header::RETRY_AFTER, secs.max(1).into());
-    r
-}
-
-fn busy() -> Response<Body> {
-    let mut r = error_response(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "busy checking logins; try again",
-    );
-    r.headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-    r
+    users: HashMap<String, KnownUser>,
 }
 
 /// A browser navigation wants a page, an API client a 401 it can act on.
@@ -117,143 +125,259 @@ fn basic_credentials(req: &Request<Incoming>) -> Option<(String, String)> {
     Some((user.to_owned(), password.to_owned()))
 }
 
+/// Removes the edge's credentials: our cookies (joining the app's cookie
+/// crumbs into one header) and a Basic Authorization header, which on a
+/// route behind the edge's auth is the edge's. Other schemes (the app's
+/// Bearer token) stay.
+pub fn strip_credentials<B>(req: &mut Request<B>) {
+    session::strip_cookie(req.headers_mut());
+    let basic = req
+        .headers()
+        .get_all(header::AUTHORIZATION)
+        .iter()
+        .any(|v| {
+            v.as_bytes()
+                .get(..6)
+                .is_some_and(|s| s.eq_ignore_ascii_case(b"basic "))
+        });
+    if basic {
+        req.headers_mut().remove(header::AUTHORIZATION);
+    }
+}
+
+/// The authority the client addressed (HTTP/2 `:authority`, else Host).
+fn request_authority<B>(req: &Request<B>) -> Option<String> {
+    match req.uri().authority() {
+        Some(a) => Some(a.as_str().to_owned()),
+        None => req
+            .headers()
+            .get(header::HOST)?
+            .to_str()
+            .ok()
+            .map(str::to_owned),
+    }
+}
+
+/// Where a state-changing POST came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    Same,
+    Other,
+    /// No Origin header and no Sec-Fetch-Site (not a browser, or a very
+    /// old one).
+    Unknown,
+}
+
+fn origin<B>(req: &Request<B>) -> Origin {
+    let without_default_port = |a: &str| a.strip_suffix(":443").unwrap_or(a).to_ascii_lowercase();
+    if let Some(o) = req.headers().get(header::ORIGIN) {
+        let ours = request_authority(req).map(|a| without_default_port(&a));
+        let theirs = o
+            .to_str()
+            .ok()
+            .and_then(|o| o.strip_prefix("https://"))
+            .map(without_default_port);
+        return match (ours, theirs) {
+            (Some(a), Some(b)) if a == b => Origin::Same,
+            _ => Origin::Other,
+        };
+    }
+    match req
+        .headers()
+        .get("sec-fetch-site")
+        .map(HeaderValue::as_bytes)
+    {
+        Some(b"same-origin") => Origin::Same,
+        Some(_) => Origin::Other,
+        None => Origin::Unknown,
+    }
+}
+
 impl Gate {
     pub fn new(users: &[UserConfig], sessions: SessionKeys, verifier: Verifier) -> Self {
         Self {
             verifier,
             sessions,
             throttle: Throttle::new(),
-            tags: users
+            users: users
                 .iter()
-                .map(|u| (u.name.clone(), password_tag(&u.password_hash)))
+                .map(|u| {
+                    let known = KnownUser {
+                        name: Arc::from(u.name.as_str()),
+                        tag: password_tag(&u.password_hash),
+                    };
+                    (u.name.clone(), known)
+                })
                 .collect(),
         }
     }
 
-    fn session_user(&self, req: &Request<Incoming>, route: &RouteConfig) -> Option<String> {
+    /// The signed-in user, and whether the session is due for renewal.
+    fn session_user(&self, req: &Request<Incoming>, route: &RouteConfig) -> Option<(String, bool)> {
         let s = self
             .sessions
             .verify(session::find_cookie(req.headers())?, &route.host)?;
-        (route.users.contains(&s.user) && self.tags.get(&s.user) == Some(&s.password_tag))
-            .then_some(s.user)
+        let current = self.users.get(&s.user).map(|u| u.tag);
+        (route.users.contains(&s.user) && current == Some(s.password_tag))
+            .then_some((s.user, s.renew))
     }
 
-    fn cookie_for(&self, user: &str, route: &RouteConfig) -> Option<HeaderValue> {
-        Some(
-            self.sessions
-                .set_cookie(user, &route.host, *self.tags.get(user)?),
-        )
+    fn session_cookie(&self, user: &str, route: &RouteConfig) -> Option<HeaderValue> {
+        let tag = self.users.get(user)?.tag;
+        Some(self.sessions.set_cookie(user, &route.host, tag))
+    }
+
+    /// The id of this browser's device token when it signed in as `user`
+    /// before.
+    fn device(&self, headers: &HeaderMap, user: &str, route: &RouteConfig) -> Option<[u8; 16]> {
+        let d = self
+            .sessions
+            .verify_device(session::find_device_cookie(headers)?, &route.host)?;
+        (d.user == user).then_some(d.id)
     }
 
     /// Checks a user name and password for `route`, throttled.
     async fn check_password(
         &self,
+        headers: &HeaderMap,
         user: &str,
         password: &str,
         route: &RouteConfig,
         client: IpAddr,
     ) -> PasswordCheck {
-        if let Err(wait) = self.throttle.check(client, Some(user)) {
-            info!(%client, user, retry_after = ?wait, "login throttled");
-            return PasswordCheck::Refuse(too_many(wait));
+        let key = ClientKey::of(client);
+        if user.len() > MAX_USER_NAME {
+            // Refused unseen: nothing about the name is kept or logged.
+            warn!(%client, user_len = user.len(), host = %route.host, "failed login: user name too long");
+            let attempt = Attempt::anonymous(key);
+            self.throttle.failure(&attempt);
+            return match self.throttle.check(&attempt) {
+                Err(wait) => PasswordCheck::Refuse(Refusal::TooManyLogins { retry_after: wait }),
+                Ok(()) => PasswordCheck::Wrong,
+            };
         }
-        match self.verifier.verify(user, password.as_bytes()).await {
-            Verdict::Valid if route.users.iter().any(|u| u == user) => {
-                self.throttle.success(client, user);
-                PasswordCheck::Valid
+        let known = self.users.get(user).map(|u| u.name.clone());
+        let device = self.device(headers, user, route);
+        let attempt = Attempt::new(key, known, device);
+        if let Err(wait) = self.throttle.check(&attempt) {
+            info!(%client, user, retry_after = ?wait, "login throttled");
+            return PasswordCheck::Refuse(Refusal::TooManyLogins { retry_after: wait });
+        }
+        let checked = self
+            .verifier
+            .verify_with(user, password.as_bytes(), || self.throttle.begin(&attempt))
+            .await;
+        let (verdict, pending) = match checked {
+            Ok(c) => c,
+            Err(wait) => {
+                info!(%client, user, "login throttled: checks already running");
+                return PasswordCheck::Refuse(Refusal::TooManyLogins { retry_after: wait });
             }
-            Verdict::Busy => PasswordCheck::Refuse(busy()),
+        };
+        match verdict {
+            Verdict::Valid if route.users.iter().any(|u| u == user) => {
+                match pending {
+                    Some(p) => p.succeeded(),
+                    None => self.throttle.success(&attempt),
+                }
+                let mut cookies: Vec<HeaderValue> =
+                    self.session_cookie(user, route).into_iter().collect();
+                if device.is_none() {
+                    cookies.extend(self.sessions.device_cookie(user, &route.host));
+                }
+                PasswordCheck::Valid(cookies)
+            }
+            Verdict::Busy => PasswordCheck::Refuse(Refusal::Unavailable {
+                message: "busy checking logins; try again",
+                retry_after: LOGIN_BUSY_RETRY,
+            }),
             Verdict::Valid | Verdict::Invalid => {
-                warn!(%client, user, host = %route.host, "failed login");
-                self.throttle.failure(client, Some(user));
+                warn!(%client, user, host = %route.host, known_device = device.is_some(), "failed login");
+                // The same credential sent while its check ran shares that
+                // check's verdict and its one failure.
+                if let Some(p) = pending {
+                    p.failed();
+                }
                 // Tell the client at once if this failure locked it.
-                match self.throttle.check(client, Some(user)) {
-                    Err(wait) => PasswordCheck::Refuse(too_many(wait)),
+                match self.throttle.check(&attempt) {
+                    Err(wait) => {
+                        PasswordCheck::Refuse(Refusal::TooManyLogins { retry_after: wait })
+                    }
                     Ok(()) => PasswordCheck::Wrong,
                 }
             }
         }
     }
 
+    /// Decides on `req` for `route`; `path` is its canonical path.
     pub async fn admit(
         &self,
         mut req: Request<Incoming>,
+        path: &str,
         route: &RouteConfig,
         client: IpAddr,
     ) -> Admission {
-        let path = req.uri().path().to_owned();
         if path == LOGOUT_PATH {
-            let mut r = html(
-                StatusCode::OK,
-                login::page(&route.host, "/", Some("Signed out.")),
-            );
-            r.headers_mut()
-                .insert(header::SET_COOKIE, session::clear_cookie());
-            return Admission::Respond(r);
+            return self.logout(&req, route);
         }
         if path == LOGIN_PATH {
-            return Admission::Respond(self.login_form(req, route, client).await);
+            return self.login_form(req, route, client).await;
         }
-        if is_public(&path, &route.public_paths) {
+        if is_public(path, &route.public_paths) {
+            strip_credentials(&mut req);
             return Admission::Forward {
                 req,
                 user: None,
-                set_cookie: None,
+                set_cookies: Vec::new(),
             };
         }
-        if let Some(user) = self.session_user(&req, route) {
-            session::strip_cookie(req.headers_mut());
-            // The app's own credentials (a Bearer token) pass untouched;
-            // basic credentials are ours and are not forwarded.
-            if basic_credentials(&req).is_some() {
-                req.headers_mut().remove(header::AUTHORIZATION);
-            }
+        if let Some((user, renew)) = self.session_user(&req, route) {
+            strip_credentials(&mut req);
+            let set_cookies = if renew {
+                self.session_cookie(&user, route).into_iter().collect()
+            } else {
+                Vec::new()
+            };
             return Admission::Forward {
                 req,
                 user: Some(user),
-                set_cookie: None,
+                set_cookies,
             };
         }
         if let Some((user, password)) = basic_credentials(&req) {
-            return match self.check_password(&user, &password, route, client).await {
-                PasswordCheck::Valid => {
-                    req.headers_mut().remove(header::AUTHORIZATION);
-                    session::strip_cookie(req.headers_mut());
-                    let set_cookie = self.cookie_for(&user, route);
+            return match self
+                .check_password(req.headers(), &user, &password, route, client)
+                .await
+            {
+                PasswordCheck::Valid(set_cookies) => {
+                    strip_credentials(&mut req);
                     Admission::Forward {
                         req,
                         user: Some(user),
-                        set_cookie,
+                        set_cookies,
                     }
                 }
-                PasswordCheck::Wrong => Admission::Respond(self.challenge(&req, route, None)),
-                PasswordCheck::Refuse(r) => Admission::Respond(r),
+                PasswordCheck::Wrong => Admission::Refuse(challenge(&req, route, None)),
+                PasswordCheck::Refuse(r) => Admission::Refuse(r),
             };
         }
-        Admission::Respond(self.challenge(&req, route, None))
+        Admission::Refuse(challenge(&req, route, None))
     }
 
-    /// 401: the login page for a browser navigation, a Basic challenge for
-    /// everyone else.
-    fn challenge(
-        &self,
-        req: &Request<Incoming>,
-        route: &RouteConfig,
-        error: Option<&str>,
-    ) -> Response<Body> {
-        if wants_html(req) {
-            let next = req.uri().path_and_query().map_or("/", |p| p.as_str());
-            return html(
-                StatusCode::UNAUTHORIZED,
-                login::page(&route.host, next, error),
-            );
+    /// GET shows the button; a POST from the site itself signs out.
+    fn logout(&self, req: &Request<Incoming>, route: &RouteConfig) -> Admission {
+        let host = route.host.clone();
+        match *req.method() {
+            Method::GET | Method::HEAD => Admission::Reply(Reply::LogoutForm { host }),
+            Method::POST if origin(req) == Origin::Same => {
+                Admission::Reply(Reply::SignedOut { host })
+            }
+            Method::POST => {
+                info!(host = %route.host, "logout posted from another site; refused");
+                Admission::Refuse(Refusal::Forbidden("sign out from the site itself"))
+            }
+            _ => Admission::Refuse(Refusal::MethodNotAllowed("use the sign-out button")),
         }
-        let mut r = error_response(StatusCode::UNAUTHORIZED, "authentication required");
-        r.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            HeaderValue::from_static("Basic realm=\"burrow\", charset=\"UTF-8\""),
-        );
-        r
     }
 
     async fn login_form(
@@ -261,32 +385,58 @@ impl Gate {
         req: Request<Incoming>,
         route: &RouteConfig,
         client: IpAddr,
-    ) -> Response<Body> {
-        if req.method() == Method::GET {
-            return html(StatusCode::OK, login::page(&route.host, "/", None));
+    ) -> Admission {
+        let host = route.host.clone();
+        if req.method() == Method::GET || req.method() == Method::HEAD {
+            let next = "/".to_owned();
+            return Admission::Reply(Reply::LoginForm { host, next });
         }
         if req.method() != Method::POST {
-            return error_response(StatusCode::METHOD_NOT_ALLOWED, "use the login form");
+            return Admission::Refuse(Refusal::MethodNotAllowed("use the login form"));
         }
-        let Ok(body) = Limited::new(req.into_body(), MAX_FORM).collect().await else {
-            return error_response(StatusCode::PAYLOAD_TOO_LARGE, "login form too large");
+        // A form posted from another site would sign the browser in to an
+        // account of the attacker's choosing (login CSRF).
+        if origin(&req) == Origin::Other {
+            info!(host = %route.host, "login posted from another site; refused");
+            return Admission::Refuse(Refusal::Forbidden("sign in from the site itself"));
+        }
+        let (parts, body) = req.into_parts();
+        let Ok(body) = Limited::new(body, MAX_FORM).collect().await else {
+            return Admission::Refuse(Refusal::PayloadTooLarge("login form too large"));
         };
         let body = String::from_utf8_lossy(&body.to_bytes()).into_owned();
         let user = login::form_value(&body, "user").unwrap_or_default();
         let password = login::form_value(&body, "password").unwrap_or_default();
         let next = login::form_value(&body, "next").unwrap_or_else(|| "/".into());
-        match self.check_password(&user, &password, route, client).await {
-            PasswordCheck::Valid => match self.cookie_for(&user, route) {
-                Some(cookie) => redirect(login::safe_next(&next), cookie),
-                None => error_response(StatusCode::INTERNAL_SERVER_ERROR, "session unavailable"),
-            },
-            PasswordCheck::Wrong => html(
-                StatusCode::UNAUTHORIZED,
-                login::page(&route.host, &next, Some("Wrong user or password.")),
-            ),
-            PasswordCheck::Refuse(r) => r,
+        match self
+            .check_password(&parts.headers, &user, &password, route, client)
+            .await
+        {
+            PasswordCheck::Valid(set_cookies) => Admission::Reply(Reply::SignedIn {
+                location: login::safe_next(&next).to_owned(),
+                set_cookies,
+            }),
+            PasswordCheck::Wrong => Admission::Refuse(Refusal::Unauthorized(Challenge {
+                page: true,
+                host,
+                next: login::safe_next(&next).to_owned(),
+                error: Some("Wrong user or password."),
+            })),
+            PasswordCheck::Refuse(r) => Admission::Refuse(r),
         }
     }
+}
+
+/// 401: the login page for a browser navigation, a Basic challenge for
+/// everyone else.
+fn challenge(req: &Request<Incoming>, route: &RouteConfig, error: Option<&'static str>) -> Refusal {
+    let next = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    Refusal::Unauthorized(Challenge {
+        page: wants_html(req),
+        host: route.host.clone(),
+        next: login::safe_next(next).to_owned(),
+        error,
+    })
 }
 
 #[cfg(test)]

@@ -5,7 +5,8 @@ use std::fmt::Write;
 
 /// Where the login form posts; reserved on every route with auth.
 pub const LOGIN_PATH: &str = "/.burrow/login";
-/// Visiting it ends the session.
+/// A POST from the site's own pages ends the session; a GET shows the
+/// button that posts.
 pub const LOGOUT_PATH: &str = "/.burrow/logout";
 /// The most form bytes read from a login POST.
 pub const MAX_FORM: usize = 8 * 1024;
@@ -39,15 +40,28 @@ pub fn safe_next(next: &str) -> &str {
     }
 }
 
-pub fn page(host: &str, next: &str, error: Option<&str>) -> String {
-    let mut html = String::from(
-        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
+const HEAD: &str = "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
 <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>Sign in</title>\
 <style>body{font:16px/1.5 system-ui,sans-serif;background:#101418;color:#e8ecef;display:grid;place-items:center;min-height:100vh;margin:0}\
 form{background:#182028;padding:2rem;border-radius:.75rem;display:grid;gap:.75rem;min-width:16rem}\
 input{padding:.6rem;border-radius:.4rem;border:1px solid #2a333b;background:#101418;color:inherit}\
-button{padding:.6rem;border:0;border-radius:.4rem;background:#2f7de1;color:#fff}.err{color:#ff8a80}</style></head><body>",
+button{padding:.6rem;border:0;border-radius:.4rem;background:#2f7de1;color:#fff}.err{color:#ff8a80}</style></head><body>";
+
+/// The page behind [`LOGOUT_PATH`]: one button that posts to it, so no
+/// other site can sign the user out with a link or an image.
+pub fn logout_page(host: &str) -> String {
+    let mut html = String::from(HEAD);
+    let _ = write!(
+        html,
+        "<form method=\"post\" action=\"{LOGOUT_PATH}\"><h1 style=\"font-size:1.2rem;margin:0\">Sign out of {}?</h1>\
+<button id=\"sign-out\">Sign out</button></form></body></html>",
+        escape(host)
     );
+    html
+}
+
+pub fn page(host: &str, next: &str, error: Option<&str>) -> String {
+    let mut html = String::from(HEAD);
     let _ = write!(
         html,
         "<form method=\"post\" action=\"{LOGIN_PATH}\"><h1 style=\"font-size:1.2rem;margin:0\">Sign in to {}</h1>",

@@ -1,12 +1,27 @@
-//! Session cookies: after one successful login the edge sets a signed,
-//! host-only cookie, so apps that replace `Authorization` with their own
-//! Bearer token (and PWAs, which send no credentials) keep working.
+//! Session and device cookies.
 //!
-//! Value: `hex(user).hex(host).expiry.hex(password tag).hex(hmac)`. The
-//! password tag binds a session to the user's current hash: changing the
-//! password in the config ends existing sessions.
+//! After one successful login the edge sets a signed, host-only session
+//! cookie, so apps that replace `Authorization` with their own Bearer token
+//! (and PWAs, which send no credentials) keep working. A session slides: a
+//! request on a session older than [`RENEW_AFTER`] gets a fresh cookie, so
+//! a daily user stays signed in and an idle one is signed out after
+//! [`SESSION_TTL`].
+//!
+//! Session value: `hex(user).hex(host).issued.expiry.generation.hex(tag).hex(mac)`.
+//! The password tag binds a session to the user's current hash (a new
+//! password ends its sessions); the generation, kept in
+//! `state_dir/sessions.generation` and raised by `burrow logout-all`, ends
+//! every session issued before it.
+//!
+//! The device cookie marks a browser that signed in as a user before
+//! (OWASP's device cookies): the login throttle judges it by its own
+//! failures. Value: `hex(user).hex(host).hex(id).expiry.hex(mac)`.
+//!
+//! Sessions and device tokens are signed with separate keys derived from
+//! the one secret in `state_dir/session.key`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use burrow_proto::fsutil;
@@ -16,15 +31,26 @@ use ring::rand::{SecureRandom, SystemRandom};
 
 /// `__Host-` makes browsers insist on Secure, Path=/ and no Domain.
 pub const COOKIE_NAME: &str = "__Host-burrow";
-/// How long a session lasts.
+/// The device cookie's name.
+pub const DEVICE_COOKIE_NAME: &str = "__Host-burrow-device";
+/// How long a session lasts without being used.
 pub const SESSION_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+/// A session used when older than this is renewed.
+pub const RENEW_AFTER: Duration = Duration::from_secs(24 * 3600);
+/// How long a browser is remembered as one that signed in.
+pub const DEVICE_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Cookie values longer than this are not ours.
 const MAX_COOKIE_LEN: usize = 1024;
+/// The file that holds the session generation.
+pub const GENERATION_FILE: &str = "sessions.generation";
 
-/// The key sessions are signed with, kept in `state_dir` so restarts keep
-/// everyone logged in.
+/// The keys sessions and device tokens are signed with, kept in
+/// `state_dir` so restarts keep everyone signed in, and the generation
+/// below which sessions are revoked.
 pub struct SessionKeys {
-    key: hmac::Key,
+    session: hmac::Key,
+    device: hmac::Key,
+    generation: Generation,
 }
 
 impl std::fmt::Debug for SessionKeys {
@@ -38,6 +64,15 @@ impl std::fmt::Debug for SessionKeys {
 pub struct Session {
     pub user: String,
     pub password_tag: [u8; 8],
+    /// Whether it is old enough to be renewed on this request.
+    pub renew: bool,
+}
+
+/// A verified device token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Device {
+    pub user: String,
+    pub id: [u8; 16],
 }
 
 fn hex(b: &[u8]) -> String {
@@ -68,6 +103,139 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// The session generation: read from its file, and read again whenever
+/// the file looks changed (one `stat` per check) and at least once a
+/// second, so `burrow logout-all` takes effect on the next request without
+/// a restart.
+struct Generation {
+    path: Option<PathBuf>,
+    cached: Mutex<Cached>,
+}
+
+/// What the file looked like when last read, and what it said.
+struct Cached {
+    stamp: Option<Stamp>,
+    read_at: Option<std::time::Instant>,
+    value: u64,
+}
+
+/// File identity and times: `logout-all` replaces the file (a new inode),
+/// so any of these changes.
+type Stamp = (SystemTime, i64, i64, u64, u64);
+
+/// Re-read at least this often, whatever the file looks like.
+const GENERATION_RECHECK: Duration = Duration::from_secs(1);
+
+fn stamp(path: &Path) -> Option<Stamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((
+        m.modified().ok()?,
+        m.ctime(),
+        m.ctime_nsec(),
+        m.ino(),
+        m.len(),
+    ))
+}
+
+impl Generation {
+    fn fixed() -> Self {
+        Self {
+            path: None,
+            cached: Mutex::new(Cached {
+                stamp: None,
+                read_at: None,
+                value: 0,
+            }),
+        }
+    }
+
+    fn current(&self) -> u64 {
+        let mut cached = self.cached.lock().expect("generation lock not poisoned");
+        let Some(path) = &self.path else {
+            return cached.value;
+        };
+        let now = std::time::Instant::now();
+        let stamp = stamp(path);
+        let fresh = cached
+            .read_at
+            .is_some_and(|t| now.duration_since(t) < GENERATION_RECHECK);
+        if fresh && cached.stamp == stamp {
+            return cached.value;
+        }
+        match read_generation(path) {
+            Ok(g) => {
+                *cached = Cached {
+                    stamp,
+                    read_at: Some(now),
+                    value: g,
+                };
+            }
+            // Unreadable or garbled: keep the last one we read, which is
+            // never lower than what was on disk when we started.
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot read the session generation");
+            }
+        }
+        cached.value
+    }
+}
+
+fn read_generation(path: &Path) -> std::io::Result<u64> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => text
+            .trim()
+            .parse()
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not a number")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(e),
+    }
+}
+
+/// Revokes every session issued so far (`burrow logout-all`): raises the
+/// generation in `state_dir`. Returns the new generation.
+pub fn revoke_all(state_dir: &Path) -> std::io::Result<u64> {
+    let path = state_dir.join(GENERATION_FILE);
+    let next = read_generation(&path)?
+        .checked_add(1)
+        .ok_or_else(|| std::io::Error::other("session generation exhausted"))?;
+    fsutil::write_private(&path, format!("{next}\n").as_bytes())?;
+    // Not a secret, and the edge must read it: run as root, the command
+    // hands the file to the state directory's owner (the edge's user).
+    {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))?;
+        let dir = std::fs::metadata(state_dir)?;
+        let file = std::fs::metadata(&path)?;
+        if (file.uid(), file.gid()) != (dir.uid(), dir.gid()) {
+            std::os::unix::fs::chown(&path, Some(dir.uid()), Some(dir.gid()))?;
+        }
+    }
+    Ok(next)
+}
+
+fn derive(secret: &[u8], label: &[u8]) -> hmac::Key {
+    let master = hmac::Key::new(hmac::HMAC_SHA256, secret);
+    hmac::Key::new(hmac::HMAC_SHA256, hmac::sign(&master, label).as_ref())
+}
+
+fn sign(key: &hmac::Key, payload: &str) -> String {
+    format!(
+        "{payload}.{}",
+        hex(hmac::sign(key, payload.as_bytes()).as_ref())
+    )
+}
+
+/// The payload of `value` if `key` signed it.
+fn signed<'a>(key: &hmac::Key, value: &'a str) -> Option<&'a str> {
+    if value.len() > MAX_COOKIE_LEN {
+        return None;
+    }
+    let (payload, mac) = value.rsplit_once('.')?;
+    hmac::verify(key, payload.as_bytes(), &unhex(mac)?).ok()?;
+    Some(payload)
+}
+
 impl SessionKeys {
     pub fn load_or_create(state_dir: &Path) -> std::io::Result<Self> {
         let path = state_dir.join("session.key");
@@ -89,53 +257,74 @@ impl SessionKeys {
             }
             Err(e) => return Err(e),
         };
-        Ok(Self::from_bytes(&bytes))
+        let generation_path = state_dir.join(GENERATION_FILE);
+        let start = read_generation(&generation_path).map_err(|e| {
+            std::io::Error::new(e.kind(), format!("{}: {e}", generation_path.display()))
+        })?;
+        let mut keys = Self::from_bytes(&bytes);
+        keys.generation = Generation {
+            path: Some(generation_path),
+            cached: Mutex::new(Cached {
+                stamp: None,
+                read_at: None,
+                value: start,
+            }),
+        };
+        Ok(keys)
     }
 
+    /// Keys from a secret, with a generation that never changes (tests).
     pub fn from_bytes(bytes: &[u8]) -> Self {
         Self {
-            key: hmac::Key::new(hmac::HMAC_SHA256, bytes),
+            session: derive(bytes, b"burrow session v2"),
+            device: derive(bytes, b"burrow device v1"),
+            generation: Generation::fixed(),
         }
     }
 
-    fn payload(user: &str, host: &str, expiry: u64, tag: &[u8; 8]) -> String {
+    fn payload(user: &str, host: &str, issued: u64, generation: u64, tag: &[u8; 8]) -> String {
         format!(
-            "{}.{}.{expiry}.{}",
+            "{}.{}.{issued}.{}.{generation}.{}",
             hex(user.as_bytes()),
             hex(host.as_bytes()),
+            issued.saturating_add(SESSION_TTL.as_secs()),
             hex(tag)
         )
     }
 
-    /// A cookie value for `user` on `host`.
+    /// A session cookie value for `user` on `host`.
     pub fn issue(&self, user: &str, host: &str, tag: [u8; 8]) -> String {
-        let payload = Self::payload(user, host, unix_now() + SESSION_TTL.as_secs(), &tag);
-        let mac = hmac::sign(&self.key, payload.as_bytes());
-        format!("{payload}.{}", hex(mac.as_ref()))
+        let payload = Self::payload(user, host, unix_now(), self.generation.current(), &tag);
+        sign(&self.session, &payload)
     }
 
-    /// The session in `value` if it is ours, unexpired and for `host`.
+    /// The session in `value` if it is ours, for `host`, unexpired and not
+    /// revoked.
     pub fn verify(&self, value: &str, host: &str) -> Option<Session> {
-        if value.len() > MAX_COOKIE_LEN {
-            return None;
-        }
-        let (payload, mac) = value.rsplit_once('.')?;
-        hmac::verify(&self.key, payload.as_bytes(), &unhex(mac)?).ok()?;
+        let payload = signed(&self.session, value)?;
         let mut parts = payload.split('.');
         let user = String::from_utf8(unhex(parts.next()?)?).ok()?;
         let cookie_host = unhex(parts.next()?)?;
+        let issued: u64 = parts.next()?.parse().ok()?;
         let expiry: u64 = parts.next()?.parse().ok()?;
+        let generation: u64 = parts.next()?.parse().ok()?;
         let tag: [u8; 8] = unhex(parts.next()?)?.try_into().ok()?;
-        if parts.next().is_some() || cookie_host != host.as_bytes() || expiry <= unix_now() {
+        let now = unix_now();
+        if parts.next().is_some()
+            || cookie_host != host.as_bytes()
+            || expiry <= now
+            || generation != self.generation.current()
+        {
             return None;
         }
         Some(Session {
             user,
             password_tag: tag,
+            renew: now.saturating_sub(issued) >= RENEW_AFTER.as_secs(),
         })
     }
 
-    /// The Set-Cookie header that starts a session.
+    /// The Set-Cookie header that starts (or renews) a session.
     pub fn set_cookie(&self, user: &str, host: &str, tag: [u8; 8]) -> HeaderValue {
         let v = format!(
             "{COOKIE_NAME}={}; Path=/; Max-Age={}; HttpOnly; Secure; SameSite=Lax",
@@ -144,41 +333,105 @@ impl SessionKeys {
         );
         HeaderValue::from_str(&v).expect("hex and ASCII attributes are a valid header value")
     }
+
+    /// The Set-Cookie header that marks this browser as one `user` signed
+    /// in from.
+    pub fn device_cookie(&self, user: &str, host: &str) -> Option<HeaderValue> {
+        let mut id = [0u8; 16];
+        SystemRandom::new().fill(&mut id).ok()?;
+        let payload = format!(
+            "{}.{}.{}.{}",
+            hex(user.as_bytes()),
+            hex(host.as_bytes()),
+            hex(&id),
+            unix_now().saturating_add(DEVICE_TTL.as_secs())
+        );
+        let v = format!(
+            "{DEVICE_COOKIE_NAME}={}; Path=/; Max-Age={}; HttpOnly; Secure; SameSite=Strict",
+            sign(&self.device, &payload),
+            DEVICE_TTL.as_secs()
+        );
+        HeaderValue::from_str(&v).ok()
+    }
+
+    /// The device token in `value` if it is ours, for `host` and unexpired.
+    pub fn verify_device(&self, value: &str, host: &str) -> Option<Device> {
+        let payload = signed(&self.device, value)?;
+        let mut parts = payload.split('.');
+        let user = String::from_utf8(unhex(parts.next()?)?).ok()?;
+        let cookie_host = unhex(parts.next()?)?;
+        let id: [u8; 16] = unhex(parts.next()?)?.try_into().ok()?;
+        let expiry: u64 = parts.next()?.parse().ok()?;
+        if parts.next().is_some() || cookie_host != host.as_bytes() || expiry <= unix_now() {
+            return None;
+        }
+        Some(Device { user, id })
+    }
 }
 
-/// The Set-Cookie header that ends a session.
+/// The Set-Cookie header that ends a session (the device cookie stays: the
+/// browser did sign in before).
 pub fn clear_cookie() -> HeaderValue {
     HeaderValue::from_static("__Host-burrow=; Path=/; Max-Age=0; HttpOnly; Secure; SameSite=Lax")
 }
 
-/// Our cookie's value among a request's Cookie headers.
-pub fn find_cookie(headers: &http::HeaderMap) -> Option<&str> {
+fn cookie_pairs(headers: &http::HeaderMap) -> impl Iterator<Item = (&str, &str)> {
     headers
         .get_all(http::header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|c| c.trim().split_once('='))
+}
+
+/// The session cookie's value among a request's Cookie headers.
+pub fn find_cookie(headers: &http::HeaderMap) -> Option<&str> {
+    cookie_pairs(headers)
         .find(|(k, _)| *k == COOKIE_NAME)
         .map(|(_, v)| v)
 }
 
-/// Removes our cookie from the Cookie headers; the app's cookies stay.
+/// The device cookie's value among a request's Cookie headers.
+pub fn find_device_cookie(headers: &http::HeaderMap) -> Option<&str> {
+    cookie_pairs(headers)
+        .find(|(k, _)| *k == DEVICE_COOKIE_NAME)
+        .map(|(_, v)| v)
+}
+
+/// Removes our cookies from the Cookie headers and joins what is left into
+/// one header (HTTP/2 sends cookies as separate crumbs; an HTTP/1.1
+/// service expects one line, RFC 9113 8.2.3). The app's cookies stay.
 pub fn strip_cookie(headers: &mut http::HeaderMap) {
-    let kept: Vec<String> = headers
+    let mut all = headers.get_all(http::header::COOKIE).iter();
+    let Some(first) = all.next() else {
+        return;
+    };
+    let single = all.next().is_none();
+    let ours = |c: &str| {
+        c.split_once('=')
+            .is_some_and(|(k, _)| k == COOKIE_NAME || k == DEVICE_COOKIE_NAME)
+    };
+    if single
+        && first
+            .to_str()
+            .is_ok_and(|v| !v.split(';').any(|c| ours(c.trim())))
+    {
+        return;
+    }
+    let kept: Vec<&str> = headers
         .get_all(http::header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .map(str::trim)
-        .filter(|c| !c.is_empty() && c.split_once('=').is_none_or(|(k, _)| k != COOKIE_NAME))
-        .map(str::to_owned)
+        .filter(|c| !c.is_empty() && !ours(c))
         .collect();
+    let joined = (!kept.is_empty())
+        .then(|| HeaderValue::from_str(&kept.join("; ")).ok())
+        .flatten();
     headers.remove(http::header::COOKIE);
-    if !kept.is_empty() {
-        if let Ok(v) = HeaderValue::from_str(&kept.join("; ")) {
-            headers.insert(http::header::COOKIE, v);
-        }
+    if let Some(v) = joined {
+        headers.insert(http::header::COOKIE, v);
     }
 }
 
@@ -195,7 +448,8 @@ mod tests {
             keys.verify(&v, "chat.example.com"),
             Some(Session {
                 user: "alice".into(),
-                password_tag: tag
+                password_tag: tag,
+                renew: false,
             })
         );
         assert_eq!(keys.verify(&v, "other.example.com"), None);
@@ -209,17 +463,63 @@ mod tests {
         for junk in ["", ".", "zz.zz", "a.b.c.d.e.f", &"a".repeat(5000)] {
             assert_eq!(keys.verify(junk, "chat.example.com"), None);
         }
+        // A session is not a device token and the other way round.
+        assert_eq!(keys.verify_device(&v, "chat.example.com"), None);
     }
 
     #[test]
-    fn expired_sessions_are_refused() {
+    fn old_sessions_renew_and_expired_ones_are_refused() {
         let keys = SessionKeys::from_bytes(&[7; 32]);
-        let payload = SessionKeys::payload("alice", "h", unix_now() - 1, &[0; 8]);
-        let mac = hmac::sign(&keys.key, payload.as_bytes());
-        assert_eq!(
-            keys.verify(&format!("{payload}.{}", hex(mac.as_ref())), "h"),
-            None
-        );
+        let now = unix_now();
+        let at = |issued: u64| {
+            let payload = SessionKeys::payload("alice", "h", issued, 0, &[0; 8]);
+            keys.verify(&sign(&keys.session, &payload), "h")
+        };
+        assert!(!at(now).unwrap().renew);
+        assert!(at(now - RENEW_AFTER.as_secs()).unwrap().renew);
+        assert_eq!(at(now - SESSION_TTL.as_secs()), None);
+    }
+
+    #[test]
+    fn raising_the_generation_revokes_every_session() {
+        let dir = std::env::temp_dir().join(format!(
+            "burrow-generation-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let keys = SessionKeys::load_or_create(&dir).unwrap();
+        let v = keys.issue("alice", "h", [0; 8]);
+        assert!(keys.verify(&v, "h").is_some());
+        assert_eq!(revoke_all(&dir).unwrap(), 1);
+        assert_eq!(keys.verify(&v, "h"), None, "revoked without a restart");
+        let fresh = keys.issue("alice", "h", [0; 8]);
+        assert!(keys.verify(&fresh, "h").is_some());
+        // A restart reads the generation back.
+        let again = SessionKeys::load_or_create(&dir).unwrap();
+        assert!(again.verify(&fresh, "h").is_some());
+        assert_eq!(again.verify(&v, "h"), None);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn device_tokens_verify_for_their_user_and_host() {
+        let keys = SessionKeys::from_bytes(&[7; 32]);
+        let set = keys.device_cookie("bob", "chat.example.com").unwrap();
+        let set = set.to_str().unwrap();
+        for attr in ["HttpOnly", "Secure", "SameSite=Strict", "Path=/"] {
+            assert!(set.contains(attr), "{set}");
+        }
+        let value = set
+            .split(';')
+            .next()
+            .unwrap()
+            .strip_prefix("__Host-burrow-device=")
+            .unwrap();
+        let d = keys.verify_device(value, "chat.example.com").unwrap();
+        assert_eq!(d.user, "bob");
+        assert_eq!(keys.verify_device(value, "other.example.com"), None);
+        assert_eq!(keys.verify(value, "chat.example.com"), None);
     }
 
     #[test]
@@ -229,8 +529,12 @@ mod tests {
             http::header::COOKIE,
             HeaderValue::from_static("a=1; __Host-burrow=xyz"),
         );
-        h.append(http::header::COOKIE, HeaderValue::from_static("b=2"));
+        h.append(
+            http::header::COOKIE,
+            HeaderValue::from_static("b=2; __Host-burrow-device=d"),
+        );
         assert_eq!(find_cookie(&h), Some("xyz"));
+        assert_eq!(find_device_cookie(&h), Some("d"));
         strip_cookie(&mut h);
         assert_eq!(h.get_all(http::header::COOKIE).iter().count(), 1);
         assert_eq!(h[http::header::COOKIE], "a=1; b=2");
@@ -241,6 +545,13 @@ mod tests {
         );
         strip_cookie(&mut only);
         assert!(only.get(http::header::COOKIE).is_none());
+        // HTTP/2 crumbs without our cookies are joined too.
+        let mut crumbs = http::HeaderMap::new();
+        crumbs.append(http::header::COOKIE, HeaderValue::from_static("a=1"));
+        crumbs.append(http::header::COOKIE, HeaderValue::from_static("b=2"));
+        strip_cookie(&mut crumbs);
+        assert_eq!(crumbs.get_all(http::header::COOKIE).iter().count(), 1);
+        assert_eq!(crumbs[http::header::COOKIE], "a=1; b=2");
         let set = SessionKeys::from_bytes(&[1; 32]).set_cookie("u", "h", [0; 8]);
         let set = set.to_str().unwrap();
         for attr in ["HttpOnly", "Secure", "SameSite=Lax", "Path=/", "Max-Age="] {

@@ -1,16 +1,29 @@
-//! Brute-force throttling: failed logins are counted per client address and
-//! per user name; past a few free failures each key is locked for a time
-//! that doubles with every further failure. Locked attempts are answered
-//! 429 before any hashing, so an attack costs us almost nothing.
+//! Brute-force throttling, after OWASP's "slow down online guessing attacks
+//! with device cookies".
+//!
+//! Failed logins are counted per client address (IPv6 per /64), per
+//! configured user name, in one shared bucket for every unknown name, and
+//! per device. Past a few free failures a key is locked for a time that
+//! doubles with every further failure; locked attempts are answered 429
+//! before any hashing, so an attack costs us almost nothing.
+//!
+//! A browser that signed in as a user before carries a signed device token
+//! for that user. Its attempts are judged by its own failures only, so a
+//! spray of wrong passwords from elsewhere, which locks the user name, does
+//! not lock the owner out of their own browser.
+//!
+//! Checks not yet answered count against the free failures too, so twenty
+//! guesses sent at once from one address get the free ones checked and 429
+//! for the rest, instead of twenty answers.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use burrow_proto::listener::ClientKey;
 use tokio::time::Instant;
 
-/// Failures an address may make before it is locked.
+/// Failures an address (or a device) may make before it is locked.
 pub const ADDR_FREE_FAILURES: u32 = 5;
 /// Failures a user name may collect (from all addresses) before it is locked.
 /// Higher than per address, so one attacker cannot lock a user out alone.
@@ -22,23 +35,90 @@ pub const MAX_LOCK: Duration = Duration::from_secs(15 * 60);
 pub const MAX_ENTRIES: usize = 10_000;
 /// A counter with no failure for this long is forgotten.
 pub const FORGET_AFTER: Duration = Duration::from_secs(3600);
+/// Longer user names are refused before anything about them is stored.
+pub const MAX_USER_NAME: usize = 256;
 
+/// Who is guessing, as far as the throttle cares.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Key {
-    Addr(IpAddr),
-    User(String),
+    Addr(ClientKey),
+    /// A configured user name.
+    User(Arc<str>),
+    /// Every name that is not configured shares this one.
+    UnknownUsers,
+    /// A browser that signed in before, by its token's id.
+    Device([u8; 16]),
+}
+
+impl Key {
+    fn free_failures(&self) -> u32 {
+        match self {
+            Self::Addr(_) | Self::Device(_) => ADDR_FREE_FAILURES,
+            Self::User(_) | Self::UnknownUsers => USER_FREE_FAILURES,
+        }
+    }
+}
+
+/// The identity of one login attempt.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    keys: Vec<Key>,
+}
+
+impl Attempt {
+    /// An attempt from `client` for `user`. `known` is the configured name
+    /// when `user` is one (unknown names share a bucket); `device` is the id
+    /// of a valid device token for that same user, which replaces the
+    /// address and user keys.
+    pub fn new(client: ClientKey, known: Option<Arc<str>>, device: Option<[u8; 16]>) -> Self {
+        let keys = match (device, known) {
+            (Some(id), Some(_)) => vec![Key::Device(id)],
+            (_, Some(name)) => vec![Key::Addr(client), Key::User(name)],
+            (_, None) => vec![Key::Addr(client), Key::UnknownUsers],
+        };
+        Self { keys }
+    }
+
+    /// An attempt that names no user (or one too long to keep).
+    pub fn anonymous(client: ClientKey) -> Self {
+        Self {
+            keys: vec![Key::Addr(client)],
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
 struct Entry {
     failures: u32,
+    /// Checks running now, counted against the free failures.
+    pending: u32,
     locked_until: Option<Instant>,
     last: Instant,
+}
+
+impl Entry {
+    fn new(now: Instant) -> Self {
+        Self {
+            failures: 0,
+            pending: 0,
+            locked_until: None,
+            last: now,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
 pub struct Throttle {
     entries: Mutex<HashMap<Key, Entry>>,
+}
+
+/// A check in progress: it counts against the free failures until it is
+/// settled or dropped.
+#[must_use]
+#[derive(Debug)]
+pub struct Pending<'a> {
+    throttle: &'a Throttle,
+    keys: Vec<Key>,
 }
 
 fn lock_for(failures: u32, free: u32) -> Option<Duration> {
@@ -58,56 +138,104 @@ impl Throttle {
         Self::default()
     }
 
-    fn keys(ip: IpAddr, user: Option<&str>) -> impl Iterator<Item = (Key, u32)> {
-        std::iter::once((Key::Addr(ip), ADDR_FREE_FAILURES))
-            .chain(user.map(|u| (Key::User(u.to_owned()), USER_FREE_FAILURES)))
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Entry>> {
+        self.entries.lock().expect("throttle lock not poisoned")
     }
 
-    /// `Err(wait)` when the address or the user is locked now.
-    pub fn check(&self, ip: IpAddr, user: Option<&str>) -> Result<(), Duration> {
+    /// `Err(wait)` when any key of `attempt` is locked now.
+    pub fn check(&self, attempt: &Attempt) -> Result<(), Duration> {
         let now = Instant::now();
-        let entries = self.entries.lock().expect("throttle lock not poisoned");
-        let wait = Self::keys(ip, user)
-            .filter_map(|(k, _)| entries.get(&k)?.locked_until)
+        let entries = self.lock();
+        let wait = attempt
+            .keys
+            .iter()
+            .filter_map(|k| entries.get(k)?.locked_until)
             .filter(|until| *until > now)
             .map(|until| until - now)
             .max();
         wait.map_or(Ok(()), Err)
     }
 
-    pub fn failure(&self, ip: IpAddr, user: Option<&str>) {
+    /// Starts a password check for `attempt`: `Err(wait)` when a key is
+    /// locked, or when the checks already running would use up its free
+    /// failures if they failed (then `wait` is [`BASE_LOCK`]).
+    pub fn begin(&self, attempt: &Attempt) -> Result<Pending<'_>, Duration> {
+        self.check(attempt)?;
         let now = Instant::now();
-        let mut entries = self.entries.lock().expect("throttle lock not poisoned");
-        for (key, free) in Self::keys(ip, user) {
-            if !entries.contains_key(&key) && entries.len() >= MAX_ENTRIES {
+        let mut entries = self.lock();
+        // Below the free failures, no more checks run at once than there
+        // are failures left; past them (the lock just ran out), one.
+        for key in &attempt.keys {
+            if let Some(e) = entries.get(key)
+                && e.pending > 0
+                && e.failures.saturating_add(e.pending) >= key.free_failures()
+            {
+                return Err(BASE_LOCK);
+            }
+        }
+        for key in &attempt.keys {
+            if !entries.contains_key(key) && entries.len() >= MAX_ENTRIES {
                 Self::evict(&mut entries, now);
             }
-            let e = entries.entry(key).or_insert(Entry {
-                failures: 0,
-                locked_until: None,
-                last: now,
-            });
-            e.failures = e.failures.saturating_add(1);
+            let e = entries
+                .entry(key.clone())
+                .or_insert_with(|| Entry::new(now));
+            e.pending += 1;
             e.last = now;
-            if let Some(d) = lock_for(e.failures, free) {
-                e.locked_until = Some(now + d);
+        }
+        Ok(Pending {
+            throttle: self,
+            keys: attempt.keys.clone(),
+        })
+    }
+
+    /// Counts a failure that was not a password check (a user name too
+    /// long to look at).
+    pub fn failure(&self, attempt: &Attempt) {
+        let now = Instant::now();
+        let mut entries = self.lock();
+        for key in &attempt.keys {
+            if !entries.contains_key(key) && entries.len() >= MAX_ENTRIES {
+                Self::evict(&mut entries, now);
             }
+            let e = entries
+                .entry(key.clone())
+                .or_insert_with(|| Entry::new(now));
+            Self::fail(key, e, now);
         }
     }
 
-    /// A success clears the address's and the user's counters.
-    pub fn success(&self, ip: IpAddr, user: &str) {
-        let mut entries = self.entries.lock().expect("throttle lock not poisoned");
-        entries.remove(&Key::Addr(ip));
-        entries.remove(&Key::User(user.to_owned()));
+    fn fail(key: &Key, e: &mut Entry, now: Instant) {
+        e.failures = e.failures.saturating_add(1);
+        e.last = now;
+        if let Some(d) = lock_for(e.failures, key.free_failures()) {
+            e.locked_until = Some(now + d);
+        }
+    }
+
+    /// A success clears the counters of the attempt's keys, except the
+    /// shared bucket of unknown names.
+    pub fn success(&self, attempt: &Attempt) {
+        let mut entries = self.lock();
+        for key in &attempt.keys {
+            if *key == Key::UnknownUsers {
+                continue;
+            }
+            if let Some(e) = entries.get_mut(key) {
+                if e.pending == 0 {
+                    entries.remove(key);
+                } else {
+                    e.failures = 0;
+                    e.locked_until = None;
+                }
+            }
+        }
     }
 
     /// Addresses locked right now (for metrics).
     pub fn locked_addresses(&self) -> usize {
         let now = Instant::now();
-        self.entries
-            .lock()
-            .expect("throttle lock not poisoned")
+        self.lock()
             .iter()
             .filter(|(k, e)| matches!(k, Key::Addr(_)) && e.locked_until.is_some_and(|u| u > now))
             .count()
@@ -115,24 +243,24 @@ impl Throttle {
 
     fn evict(entries: &mut HashMap<Key, Entry>, now: Instant) {
         entries.retain(|_, e| {
-            now.duration_since(e.last) < FORGET_AFTER || e.locked_until.is_some_and(|u| u > now)
+            e.pending > 0
+                || now.duration_since(e.last) < FORGET_AFTER
+                || e.locked_until.is_some_and(|u| u > now)
         });
-        if entries.len() >= MAX_ENTRIES {
-            if let Some(oldest) = entries
+        if entries.len() >= MAX_ENTRIES
+            && let Some(oldest) = entries
                 .iter()
+                .filter(|(_, e)| e.pending == 0)
                 .min_by_key(|(_, e)| e.last)
                 .map(|(k, _)| k.clone())
-            {
-                entries.remove(&oldest);
-            }
+        {
+            entries.remove(&oldest);
         }
     }
 
+    /// Counters stored now.
     pub fn len(&self) -> usize {
-        self.entries
-            .lock()
-            .expect("throttle lock not poisoned")
-            .len()
+        self.lock().len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -140,41 +268,171 @@ impl Throttle {
     }
 }
 
+impl Pending<'_> {
+    /// The check failed: count it.
+    pub fn failed(mut self) {
+        let keys = std::mem::take(&mut self.keys);
+        let now = Instant::now();
+        let mut entries = self.throttle.lock();
+        for key in &keys {
+            if let Some(e) = entries.get_mut(key) {
+                Self::release(e);
+                Throttle::fail(key, e, now);
+            }
+        }
+    }
+
+    /// The check passed: clear the counters.
+    pub fn succeeded(mut self) {
+        let keys = std::mem::take(&mut self.keys);
+        {
+            let mut entries = self.throttle.lock();
+            for key in &keys {
+                if let Some(e) = entries.get_mut(key) {
+                    Self::release(e);
+                }
+            }
+        }
+        self.throttle.success(&Attempt { keys });
+    }
+
+    fn release(e: &mut Entry) {
+        e.pending = e.pending.saturating_sub(1);
+    }
+}
+
+impl Drop for Pending<'_> {
+    /// A check that never finished (busy, or its client left) counts as
+    /// nothing. (Settled checks have no keys left.)
+    fn drop(&mut self) {
+        if self.keys.is_empty() {
+            return;
+        }
+        let mut entries = self.throttle.lock();
+        for key in &self.keys {
+            if let Some(e) = entries.get_mut(key) {
+                Self::release(e);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn client(ip: &str) -> ClientKey {
+        ClientKey::of(ip.parse().unwrap())
+    }
+
+    fn attempt(ip: &str, user: &str) -> Attempt {
+        Attempt::new(client(ip), Some(user.into()), None)
+    }
+
+    fn fail(t: &Throttle, a: &Attempt) {
+        t.begin(a).expect("not locked").failed();
+    }
+
     #[tokio::test(start_paused = true)]
     async fn locks_grow_and_success_resets() {
         let t = Throttle::new();
-        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let a = attempt("192.0.2.1", "alice");
         for _ in 0..ADDR_FREE_FAILURES {
-            assert!(t.check(ip, Some("alice")).is_ok());
-            t.failure(ip, Some("alice"));
+            fail(&t, &a);
+        }
+        assert!(t.check(&a).is_ok(), "free failures do not lock");
+        fail(&t, &a);
+        let addr_only = Attempt::anonymous(client("192.0.2.1"));
+        assert_eq!(t.check(&addr_only), Err(BASE_LOCK));
+        tokio::time::advance(BASE_LOCK).await;
+        assert!(t.check(&addr_only).is_ok());
+        t.begin(&addr_only).unwrap().failed();
+        assert_eq!(t.check(&addr_only), Err(BASE_LOCK * 2));
+        // Another address is not affected; the user is not locked yet.
+        assert!(t.check(&attempt("192.0.2.2", "alice")).is_ok());
+        tokio::time::advance(BASE_LOCK * 2).await;
+        t.begin(&a).unwrap().succeeded();
+        assert!(t.check(&a).is_ok());
+        assert_eq!(t.len(), 0, "a success forgets the address and the user");
+        assert_eq!(lock_for(1000, 5), Some(MAX_LOCK));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn checks_in_flight_count_against_the_free_failures() {
+        let t = Throttle::new();
+        let a = attempt("192.0.2.1", "alice");
+        let running: Vec<_> = (0..ADDR_FREE_FAILURES)
+            .map(|_| t.begin(&a).expect("free"))
+            .collect();
+        assert_eq!(t.begin(&a).err(), Some(BASE_LOCK));
+        // One finishes without a verdict (client gone): a slot frees up.
+        let mut running = running.into_iter();
+        drop(running.next());
+        let again = t.begin(&a).expect("a slot freed up");
+        for p in running {
+            p.failed();
+        }
+        again.failed();
+        assert!(t.check(&a).is_ok(), "five failures are free");
+        fail(&t, &a);
+        assert!(t.check(&a).is_err(), "six failures lock the address");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ipv6_clients_count_per_64_and_unknown_names_share_a_bucket() {
+        let t = Throttle::new();
+        for i in 0..=ADDR_FREE_FAILURES {
+            let ip = format!("2001:db8:1:2::{i:x}");
+            fail(&t, &Attempt::anonymous(client(&ip)));
         }
         assert!(
-            t.check(ip, Some("alice")).is_ok(),
-            "free failures do not lock"
+            t.check(&Attempt::anonymous(client("2001:db8:1:2:ffff::1")))
+                .is_err()
         );
-        t.failure(ip, Some("alice"));
-        assert_eq!(t.check(ip, None), Err(BASE_LOCK));
-        tokio::time::advance(BASE_LOCK).await;
-        assert!(t.check(ip, None).is_ok());
-        t.failure(ip, None);
-        assert_eq!(t.check(ip, None), Err(BASE_LOCK * 2));
-        // Another address is not affected; the user is not locked yet.
-        assert!(t.check("192.0.2.2".parse().unwrap(), Some("alice")).is_ok());
-        t.success(ip, "alice");
-        assert!(t.check(ip, Some("alice")).is_ok());
-        assert_eq!(lock_for(1000, 5), Some(MAX_LOCK));
+        assert!(
+            t.check(&Attempt::anonymous(client("2001:db8:1:3::1")))
+                .is_ok()
+        );
+        // Unknown names from many addresses fill one bucket, not a table.
+        for i in 0..=USER_FREE_FAILURES {
+            fail(
+                &t,
+                &Attempt::new(client(&format!("198.51.100.{i}")), None, None),
+            );
+        }
+        let fresh = Attempt::new(client("203.0.113.9"), None, None);
+        assert!(t.check(&fresh).is_err(), "the shared bucket is locked");
+        // The /64, one counter per IPv4 address, and the shared bucket.
+        assert_eq!(t.len(), 1 + (USER_FREE_FAILURES as usize + 1) + 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_known_device_is_judged_by_its_own_failures() {
+        let t = Throttle::new();
+        for i in 0..10 {
+            for _ in 0..3 {
+                let a = attempt(&format!("198.51.100.{i}"), "bob");
+                if let Ok(p) = t.begin(&a) {
+                    p.failed();
+                }
+            }
+        }
+        let stranger = attempt("203.0.113.1", "bob");
+        assert!(t.check(&stranger).is_err(), "the spray locked bob");
+        let device = Attempt::new(client("203.0.113.1"), Some("bob".into()), Some([7; 16]));
+        assert!(t.begin(&device).is_ok(), "bob's own browser is not locked");
+        for _ in 0..=ADDR_FREE_FAILURES {
+            fail(&t, &device);
+        }
+        assert!(t.check(&device).is_err(), "but its own failures count");
     }
 
     #[tokio::test(start_paused = true)]
     async fn memory_is_bounded() {
         let t = Throttle::new();
         for i in 0..(MAX_ENTRIES as u32 + 500) {
-            let ip = IpAddr::from(i.to_be_bytes());
-            t.failure(ip, None);
+            let ip = std::net::IpAddr::from(i.to_be_bytes());
+            fail(&t, &Attempt::anonymous(ClientKey::of(ip)));
         }
         assert!(t.len() <= MAX_ENTRIES);
     }

@@ -7,6 +7,7 @@ mod forward;
 pub mod handshake;
 pub mod io;
 pub mod pool;
+pub mod refuse;
 mod rewrite;
 mod route;
 mod upgrade;

@@ -37,8 +37,16 @@ const FORWARDING: &[&str] = &[
     "x-real-ip",
 ];
 
+/// A WebSocket upgrade (RFC 6455): the only upgrade the edge forwards.
+/// Any other `Upgrade` (h2c, TLS) is a hop-by-hop header like the rest and
+/// is dropped, so the request goes on as a plain one.
 pub(super) fn is_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE)
+    let mut upgrades = headers.get_all(header::UPGRADE).iter();
+    let websocket = upgrades
+        .next()
+        .is_some_and(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"websocket"));
+    websocket
+        && upgrades.next().is_none()
         && headers
             .get_all(header::CONNECTION)
             .iter()
@@ -96,6 +104,9 @@ pub(super) fn upstream_request(
     // without reading the body would leave it on a connection the pool
     // hands to the next request.
     h.remove(header::EXPECT);
+    // HTTP/2 may send cookies as separate crumbs; an HTTP/1.1 service
+    // expects one line (RFC 9113 8.2.3).
+    crate::access::session::strip_cookie(h);
     if let Some(v) = upgrade_value {
         h.insert(header::UPGRADE, v);
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -153,6 +164,13 @@ mod tests {
             header::CONNECTION,
             HeaderValue::from_static("keep-alive, Upgrade"),
         );
+        assert!(is_upgrade(&h));
+        // Only WebSocket: h2c and TLS upgrades are not forwarded.
+        for other in ["h2c", "TLS/1.2", "websocket, h2c"] {
+            h.insert(header::UPGRADE, HeaderValue::from_static(other));
+            assert!(!is_upgrade(&h), "{other}");
+        }
+        h.insert(header::UPGRADE, HeaderValue::from_static("WebSocket"));
         assert!(is_upgrade(&h));
     }
 

@@ -3,6 +3,9 @@
 //! goes on the answer), answer the wake-status path, and pass the rest to
 //! [`super::forward`].
 //!
+//! The path is put in its canonical form ([`crate::access::path`]) here,
+//! once: the gate judges that form and the service receives it.
+//!
 //! Forwarding one HTTP request through the tunnel: choose the route by Host,
 //! check the client address, rewrite the headers a proxy owns
 //! ([`super::rewrite`]), send the request over its own QUIC stream
@@ -16,7 +19,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::header;
-use http::uri::Authority;
+use http::uri::{Authority, Uri};
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -26,11 +29,14 @@ use tracing::{debug, info};
 use super::access_log::{AccessEntry, LoggedBody};
 use super::forward::dispatch;
 use super::io::{ClientBody, Paced};
+use super::refuse;
 use super::wake::{self, WAKE_STATUS_PATH, WakeRight};
-use super::{Body, HttpState, InFlight, error_response};
+use super::{Body, HttpState, InFlight};
 use crate::access::gate::Admission;
+use crate::access::path::{PathError, Strictness, canonical};
 use crate::access::{Decision, client_ip};
 use crate::config::AuthMode;
+use crate::refusal::Refusal;
 
 /// Answers one request; `in_flight` stays counted until the response body
 /// ends or is dropped.
@@ -78,27 +84,39 @@ async fn route_request(
         Ok(h) => h,
         Err(why) => {
             debug!(%peer, why, "bad request");
-            return error_response(StatusCode::BAD_REQUEST, why);
+            return refuse::response(Refusal::BadRequest(why));
         }
     };
     entry.host.clone_from(&host.name);
     let Some(route) = state.route(&host.name) else {
         debug!(%peer, host = %host.name, "no route for host");
-        return error_response(StatusCode::NOT_FOUND, "no such site here");
+        return refuse::response(Refusal::NotFound);
     };
     let ip = client_ip(peer, req.headers(), &state.trusted_proxies);
     entry.client = ip;
     if let Decision::Deny(reason) = state.access.check(ip).and(route.rules.check(ip)) {
         info!(%peer, client = %ip, host = %route.host, ?reason, "denied by ip rules");
-        return error_response(StatusCode::FORBIDDEN, "forbidden");
+        return refuse::response(Refusal::Forbidden("forbidden"));
     }
     let client = SocketAddr::new(ip, peer.port());
-    let (req, set_cookie, right, paced) = match (route.auth, &state.gate) {
-        (AuthMode::None, _) => (req, None, WakeRight::May, Paced::Yes),
-        (AuthMode::Basic, Some(gate)) => match gate.admit(req, route, ip).await {
+    let strictness = match route.auth {
+        AuthMode::Basic => Strictness::Protected,
+        AuthMode::None => Strictness::Open,
+    };
+    let (req, path) = match canonical_request(req, strictness) {
+        Ok(r) => r,
+        Err(why) => {
+            info!(%peer, client = %ip, host = %route.host, path = %entry.path, %why, "request path refused");
+            return refuse::response(Refusal::BadRequest(why.message()));
+        }
+    };
+    entry.path.clone_from(&path);
+    let (req, set_cookies, right, paced) = match (route.auth, &state.gate) {
+        (AuthMode::None, _) => (req, Vec::new(), WakeRight::May, Paced::Yes),
+        (AuthMode::Basic, Some(gate)) => match gate.admit(req, &path, route, ip).await {
             Admission::Forward {
                 req,
-                set_cookie,
+                set_cookies,
                 user,
             } => {
                 // Public paths pass without a user: they must not wake
@@ -109,39 +127,54 @@ async fn route_request(
                     (WakeRight::MayNot, Paced::Yes)
                 };
                 entry.user = user;
-                (req, set_cookie, right, paced)
+                (req, set_cookies, right, paced)
             }
-            Admission::Respond(r) => {
-                if matches!(
-                    r.status(),
-                    StatusCode::UNAUTHORIZED | StatusCode::TOO_MANY_REQUESTS
-                ) {
+            Admission::Reply(r) => return refuse::reply(r),
+            Admission::Refuse(r) => {
+                if matches!(r, Refusal::Unauthorized(_) | Refusal::TooManyLogins { .. }) {
                     state.metrics.auth_failure();
                 }
-                return r;
+                return refuse::response(r);
             }
         },
         // Config validation guarantees users for basic routes; fail closed.
         (AuthMode::Basic, None) => {
-            return error_response(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "authentication unavailable",
-            );
+            return refuse::response(Refusal::Internal("authentication unavailable"));
         }
     };
-    let mut resp = if req.uri().path() == WAKE_STATUS_PATH {
+    let mut resp = if path == WAKE_STATUS_PATH {
         wake::status_response(&state.registry, route, right)
     } else {
         let req = req.map(|body| ClientBody::new(body, paced, &state.metrics));
         dispatch(req, state, route, &host, client, right).await
     };
-    if let Some(cookie) = set_cookie {
+    for cookie in set_cookies {
         resp.headers_mut().append(header::SET_COOKIE, cookie);
     }
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         state.metrics.time_to_first_byte(entry.started.elapsed());
     }
     resp
+}
+
+/// `req` with its path in canonical form (the query untouched), and that
+/// path.
+fn canonical_request<B>(
+    mut req: Request<B>,
+    strictness: Strictness,
+) -> Result<(Request<B>, String), PathError> {
+    let raw = req.uri().path();
+    let path = canonical(raw, strictness)?;
+    if path != raw {
+        let mut parts = req.uri().clone().into_parts();
+        let target = match req.uri().query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path.clone(),
+        };
+        parts.path_and_query = Some(target.parse().map_err(|_| PathError::Malformed)?);
+        *req.uri_mut() = Uri::from_parts(parts).map_err(|_| PathError::Malformed)?;
+    }
+    Ok((req, path))
 }
 
 /// The host a request is for, as written by the client and lowercased.
@@ -205,5 +238,20 @@ mod tests {
         assert!(request_host(&req("/", &[])).is_err());
         assert!(request_host(&req("/", &["user@a.example"])).is_err());
         assert!(request_host(&req("/", &["a b"])).is_err());
+    }
+
+    #[test]
+    fn the_forwarded_target_is_the_canonical_path_with_the_query_kept() {
+        let (r, path) = canonical_request(
+            req("/static/%2e%2e/api?q=%2e%2e", &[]),
+            Strictness::Protected,
+        )
+        .unwrap();
+        assert_eq!(path, "/api");
+        assert_eq!(r.uri(), "/api?q=%2e%2e");
+        let (r, _) =
+            canonical_request(req("https://h.example/a/./b", &[]), Strictness::Open).unwrap();
+        assert_eq!(r.uri(), "https://h.example/a/b");
+        assert!(canonical_request(req("/a%2fb", &[]), Strictness::Protected).is_err());
     }
 }
