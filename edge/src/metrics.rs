@@ -18,7 +18,7 @@ pub const TTFB_BUCKETS: [f64; 12] = [
 /// Why the edge refused a request before forwarding it, beyond the
 /// connection caps each listener counts itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
+pub enum Refused {
     /// `[limits] streams_per_ip` requests in flight from the client already.
     StreamsPerIp,
     /// `[limits] held_per_client` requests held for waking services already.
@@ -32,29 +32,29 @@ pub enum Refusal {
     SlowBody,
 }
 
-impl Refusal {
-    const ALL: [Refusal; 5] = [
-        Refusal::StreamsPerIp,
-        Refusal::HeldPerClient,
-        Refusal::HeldPerService,
-        Refusal::OpenTimeout,
-        Refusal::SlowBody,
+impl Refused {
+    const ALL: [Refused; 5] = [
+        Refused::StreamsPerIp,
+        Refused::HeldPerClient,
+        Refused::HeldPerService,
+        Refused::OpenTimeout,
+        Refused::SlowBody,
     ];
 
     fn label(self) -> &'static str {
         match self {
-            Refusal::StreamsPerIp => "streams_per_ip",
-            Refusal::HeldPerClient => "held_per_client",
-            Refusal::HeldPerService => "held_per_service",
-            Refusal::OpenTimeout => "open_timeout",
-            Refusal::SlowBody => "slow_body",
+            Refused::StreamsPerIp => "streams_per_ip",
+            Refused::HeldPerClient => "held_per_client",
+            Refused::HeldPerService => "held_per_service",
+            Refused::OpenTimeout => "open_timeout",
+            Refused::SlowBody => "slow_body",
         }
     }
 }
 
 #[derive(Debug)]
 pub struct Metrics {
-    refusals: [AtomicU64; Refusal::ALL.len()],
+    refusals: [AtomicU64; Refused::ALL.len()],
     listeners: Mutex<Vec<(String, Arc<ListenerStats>)>>,
     streams_open: AtomicI64,
     streams_total: AtomicU64,
@@ -124,11 +124,11 @@ impl Metrics {
         }
     }
 
-    pub fn refused(&self, why: Refusal) {
+    pub fn refused(&self, why: Refused) {
         self.refusals[why as usize].fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn refusals(&self, why: Refusal) -> u64 {
+    pub fn refusals(&self, why: Refused) -> u64 {
         self.refusals[why as usize].load(Ordering::Relaxed)
     }
 
@@ -248,7 +248,7 @@ impl Metrics {
             "counter",
             "Requests refused by a limit before they were forwarded, by reason.",
         );
-        for why in Refusal::ALL {
+        for why in Refused::ALL {
             let _ = writeln!(
                 out,
                 "burrow_requests_refused_total{{reason=\"{}\"}} {}",

@@ -27,7 +27,7 @@ use super::upgrade::forward_upgrade;
 use super::wake::{self, WakeRight};
 use super::{Body, HttpState, error_response};
 use crate::config::RouteConfig;
-use crate::metrics::Refusal;
+use crate::metrics::Refused;
 use crate::tunnel::registry::HoldRefused;
 use crate::tunnel::{AgentLink, OpenError, open_stream_on};
 
@@ -206,8 +206,8 @@ fn hold_refused(
     why: HoldRefused,
 ) -> Response<Body> {
     let (refusal, limit) = match why {
-        HoldRefused::Client => (Refusal::HeldPerClient, state.hold_caps.per_client),
-        HoldRefused::Service => (Refusal::HeldPerService, state.hold_caps.per_service),
+        HoldRefused::Client => (Refused::HeldPerClient, state.hold_caps.per_client),
+        HoldRefused::Service => (Refused::HeldPerService, state.hold_caps.per_service),
         HoldRefused::Unknown => {
             return wake::unavailable("the service is not available");
         }

@@ -13,7 +13,7 @@ use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-use crate::metrics::{Metrics, Refusal, StreamGuard};
+use crate::metrics::{Metrics, Refused, StreamGuard};
 use crate::tunnel::OpenStream;
 
 /// A forwarded stream as one duplex byte stream: reads yield the bytes that
@@ -272,7 +272,7 @@ impl hyper::body::Body for ClientBody {
                 if timer.poll(cx).is_pending() {
                     return Poll::Pending;
                 }
-                pace.metrics.refused(Refusal::SlowBody);
+                pace.metrics.refused(Refused::SlowBody);
                 let e = SlowBody {
                     received: pace.received,
                     elapsed: started.elapsed(),

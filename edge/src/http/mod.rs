@@ -41,7 +41,7 @@ use burrow_proto::listener::{Front, ListenerStats, StreamPermit};
 use crate::access::IpRules;
 use crate::access::gate::Gate;
 use crate::config::{EdgeConfig, LimitsConfig, RouteConfig};
-use crate::metrics::{Metrics, Refusal};
+use crate::metrics::{Metrics, Refused};
 use crate::tls::{ACME_TLS_ALPN, CertStore};
 use crate::tunnel::Registry;
 use crate::tunnel::registry::HoldCaps;
@@ -371,7 +371,7 @@ pub async fn serve_https(
                     });
                     async move {
                         let Some(in_flight) = in_flight else {
-                            state.metrics.refused(Refusal::StreamsPerIp);
+                            state.metrics.refused(Refused::StreamsPerIp);
                             debug!(%peer, limit = streams_per_ip, "too many requests in flight from one client");
                             let mut r = error_response(
                                 StatusCode::TOO_MANY_REQUESTS,

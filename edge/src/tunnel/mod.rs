@@ -386,7 +386,7 @@ pub async fn open_stream_on(
     let (mut send, recv) = tokio::time::timeout(OPEN_TIMEOUT, link.conn.open_bi())
         .await
         .map_err(|_| {
-            metrics.refused(crate::metrics::Refusal::OpenTimeout);
+            metrics.refused(crate::metrics::Refused::OpenTimeout);
             OpenError::Busy
         })?
         .map_err(|e| OpenError::Lost(e.to_string()))?;
