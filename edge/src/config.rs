@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use burrow_proto::Name;
-use burrow_proto::confkit::{Cidr, ConfigError, HumanDuration, Source, Spanned};
+use burrow_proto::confkit::{
+    Cidr, ConfigError, HumanDuration, NONZERO, Source, Spanned, duration, duration_or,
+};
 use burrow_proto::identity::Fingerprint;
 use burrow_proto::listener::Limits;
 use serde::Deserialize;
@@ -48,8 +50,7 @@ pub const DEFAULT_STREAMS_PER_IP: usize = 100;
 pub const DEFAULT_HELD_PER_CLIENT: usize = 32;
 /// Requests held per service while it wakes, all clients together, by default.
 pub const DEFAULT_HELD_PER_SERVICE: usize = 512;
-/// Durations in the config are capped here: longer is a typo.
-pub const MAX_CONFIG_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
+pub use burrow_proto::confkit::MAX_CONFIG_DURATION;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -92,12 +93,12 @@ struct EdgeSection {
     tunnel: Option<SocketAddr>,
     admin: Option<SocketAddr>,
     /// How long a client may take for its TLS handshake and request head.
-    header_timeout: Option<HumanDuration>,
+    header_timeout: Option<Spanned<HumanDuration>>,
     /// The edge's own DNS name: with ACME it gets a certificate too, which
     /// the tunnel presents so agents can check the edge by name.
     hostname: Option<Spanned<String>>,
     /// How long open streams may run on after SIGTERM.
-    grace: Option<HumanDuration>,
+    grace: Option<Spanned<HumanDuration>>,
     /// Worker threads; more than one only pays with many busy clients.
     threads: Option<Spanned<usize>>,
 }
@@ -118,7 +119,7 @@ struct TlsSection {
     directory: Option<String>,
     directory_ca: Option<PathBuf>,
     /// First retry delay after a failed order; doubles up to a day.
-    retry_min: Option<HumanDuration>,
+    retry_min: Option<Spanned<HumanDuration>>,
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
 }
@@ -173,16 +174,17 @@ struct RouteEntry {
     /// Replaces the Host header sent to the service (Ollama checks it).
     host_header: Option<String>,
     /// Ends a request's stream when no byte moved either way for this long.
-    idle_timeout: Option<HumanDuration>,
+    idle_timeout: Option<Spanned<HumanDuration>>,
     /// Answers 504 when the service sends no response headers for this long.
-    response_timeout: Option<HumanDuration>,
+    response_timeout: Option<Spanned<HumanDuration>>,
     wake: Option<WakeEntry>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct WakeEntry {
-    hold: Option<HumanDuration>,
+    /// Zero is allowed: waking requests get 503 at once.
+    hold: Option<Spanned<HumanDuration>>,
     page: Option<bool>,
 }
 
@@ -417,7 +419,13 @@ fn convert(src: &Source, file: File) -> Result<EdgeConfig, ConfigError> {
                     email,
                     directory,
                     directory_ca: t.directory_ca.map(|p| src.resolve(&p)),
-                    retry_min: t.retry_min.map_or(DEFAULT_ACME_RETRY, |d| d.0),
+                    retry_min: duration_or(
+                        src,
+                        t.retry_min.as_ref(),
+                        "tls.retry_min",
+                        NONZERO,
+                        DEFAULT_ACME_RETRY,
+                    )?,
                 })
             }
         },
@@ -569,10 +577,24 @@ fn convert(src: &Source, file: File) -> Result<EdgeConfig, ConfigError> {
             },
             public_paths: r.public_paths.clone(),
             host_header: r.host_header.clone(),
-            idle_timeout: r.idle_timeout.map(|d| d.0),
-            response_timeout: r.response_timeout.map(|d| d.0),
+            idle_timeout: r
+                .idle_timeout
+                .as_ref()
+                .map(|d| duration(src, d, &format!("route[{i}].idle_timeout"), NONZERO))
+                .transpose()?,
+            response_timeout: r
+                .response_timeout
+                .as_ref()
+                .map(|d| duration(src, d, &format!("route[{i}].response_timeout"), NONZERO))
+                .transpose()?,
             wake: WakeConfig {
-                hold: wake.and_then(|w| w.hold).map_or(DEFAULT_WAKE_HOLD, |d| d.0),
+                hold: duration_or(
+                    src,
+                    wake.and_then(|w| w.hold.as_ref()),
+                    &format!("route[{i}].wake.hold"),
+                    Duration::ZERO,
+                    DEFAULT_WAKE_HOLD,
+                )?,
                 page: wake.and_then(|w| w.page).unwrap_or(true),
             },
         });
@@ -612,6 +634,21 @@ fn convert(src: &Source, file: File) -> Result<EdgeConfig, ConfigError> {
         }
         None => None,
     };
+    let header_timeout = duration_or(
+        src,
+        file.edge.header_timeout.as_ref(),
+        "edge.header_timeout",
+        NONZERO,
+        DEFAULT_HEADER_TIMEOUT,
+    )?;
+    // Zero is allowed: streams are cut at once on SIGTERM.
+    let grace = duration_or(
+        src,
+        file.edge.grace.as_ref(),
+        "edge.grace",
+        Duration::ZERO,
+        DEFAULT_GRACE,
+    )?;
     let limits = convert_limits(src, file.limits.unwrap_or_default())?;
     let default_addr = |s: &str| s.parse::<SocketAddr>().expect("default addresses parse");
     Ok(EdgeConfig {
@@ -627,12 +664,9 @@ fn convert(src: &Source, file: File) -> Result<EdgeConfig, ConfigError> {
             .tunnel
             .unwrap_or_else(|| default_addr(DEFAULT_TUNNEL)),
         admin: file.edge.admin,
-        header_timeout: file
-            .edge
-            .header_timeout
-            .map_or(DEFAULT_HEADER_TIMEOUT, |d| d.0),
+        header_timeout,
         hostname,
-        grace: file.edge.grace.map_or(DEFAULT_GRACE, |d| d.0),
+        grace,
         threads: burrow_proto::confkit::threads(src, file.edge.threads.as_ref(), "edge.threads")?,
         tls,
         access,
@@ -665,19 +699,13 @@ where
 
 fn convert_limits(src: &Source, l: LimitsSection) -> Result<LimitsConfig, ConfigError> {
     let d = LimitsConfig::default();
-    let idle_timeout = match l.idle_timeout {
-        None => d.idle_timeout,
-        Some(v) => {
-            let t = v.get_ref().0;
-            if t.is_zero() || t > MAX_CONFIG_DURATION {
-                return Err(src.error_at(
-                    v.span(),
-                    "limits.idle_timeout: between 1s and 7 days".to_owned(),
-                ));
-            }
-            t
-        }
-    };
+    let idle_timeout = duration_or(
+        src,
+        l.idle_timeout.as_ref(),
+        "limits.idle_timeout",
+        NONZERO,
+        d.idle_timeout,
+    )?;
     Ok(LimitsConfig {
         connections: bounded(src, l.connections, "connections", d.connections, 1_000_000)?,
         connections_per_ip: bounded(
@@ -822,6 +850,61 @@ mod tests {
         let err = parse(&with("idle_timeout = \"0s\"")).unwrap_err();
         assert_eq!(err.position, Some((9, 16)), "{err}");
         assert!(parse(&with("per_ip = 3")).is_err());
+    }
+
+    /// A config with every duration key set to `value` except `key`,
+    /// which gets `bad`; the error must name `key` and point at `bad`.
+    fn duration_case(key: &str, bad: &str) -> String {
+        let v = |k: &str| if k == key { bad } else { "30s" };
+        format!(
+            "[edge]\nstate_dir = \"/tmp/s\"\nheader_timeout = \"{}\"\ngrace = \"{}\"\n\n\
+             [tls]\nmode = \"acme\"\nemail = \"a@example.com\"\nretry_min = \"{}\"\n\n\
+             [limits]\nidle_timeout = \"{}\"\n\n\
+             [[agent]]\nname = \"home\"\nkey = \"{KEY}\"\n\n\
+             [[route]]\nhost = \"a.example.com\"\nagent = \"home\"\nservice = \"s\"\nauth = \"none\"\n\
+             idle_timeout = \"{}\"\nresponse_timeout = \"{}\"\n[route.wake]\nhold = \"{}\"\n",
+            v("edge.header_timeout"),
+            v("edge.grace"),
+            v("tls.retry_min"),
+            v("limits.idle_timeout"),
+            v("route[0].idle_timeout"),
+            v("route[0].response_timeout"),
+            v("route[0].wake.hold"),
+        )
+    }
+
+    const DURATION_KEYS: [(&str, bool); 7] = [
+        // (key, zero allowed)
+        ("edge.header_timeout", false),
+        ("edge.grace", true),
+        ("tls.retry_min", false),
+        ("limits.idle_timeout", false),
+        ("route[0].idle_timeout", false),
+        ("route[0].response_timeout", false),
+        ("route[0].wake.hold", true),
+    ];
+
+    #[test]
+    fn every_duration_is_bounded_and_errors_point_at_the_value() {
+        let c = parse(&duration_case("", "")).unwrap();
+        assert_eq!(c.routes[0].response_timeout, Some(Duration::from_secs(30)));
+        for (key, zero_ok) in DURATION_KEYS {
+            for bad in ["99999999999d", "8days", "0s"] {
+                let text = duration_case(key, bad);
+                let result = parse(&text);
+                if bad == "0s" && zero_ok {
+                    assert!(result.is_ok(), "{key} = 0s: {result:?}");
+                    continue;
+                }
+                let err = result.unwrap_err();
+                let offset = text.find(&format!("\"{bad}\"")).unwrap();
+                let src = Source::new("edge.toml", text.as_str());
+                assert_eq!(err.position, Some(src.position(offset)), "{key}: {err}");
+                assert!(err.message.starts_with(&format!("{key}: ")), "{err}");
+                assert!(err.message.ends_with("7 days"), "{err}");
+            }
+            assert!(parse(&duration_case(key, "7d")).is_ok(), "{key} = 7d");
+        }
     }
 
     #[test]
