@@ -18,6 +18,7 @@ use burrow_proto::listener::Limits;
 use serde::Deserialize;
 
 use crate::access::IpRules;
+use crate::access::auth::PasswordHash;
 
 /// Where the edge listens by default.
 pub const DEFAULT_HTTPS: &str = "0.0.0.0:443";
@@ -309,7 +310,7 @@ pub struct AgentConfig {
 #[derive(Clone)]
 pub struct UserConfig {
     pub name: String,
-    pub password_hash: String,
+    pub password_hash: PasswordHash,
 }
 
 impl std::fmt::Debug for UserConfig {
@@ -482,18 +483,25 @@ fn convert(src: &Source, file: File) -> Result<EdgeConfig, ConfigError> {
             ));
         }
         let hash = u.password.get_ref();
-        if !hash.starts_with("$argon2id$") {
-            // Never echo the value: it may be a plaintext password.
+        // Never echo the value: it may be a plaintext password.
+        let password_hash = if hash.starts_with("$argon2id$") {
+            PasswordHash::parse(hash).map_err(|e| {
+                src.error_at(
+                    u.password.span(),
+                    format!("user[{i}].password: {e}; make one with `burrow hash-password`"),
+                )
+            })?
+        } else {
             return Err(src.error_at(
                 u.password.span(),
                 format!(
                     "user[{i}].password: not an argon2id hash; make one with `burrow hash-password`"
                 ),
             ));
-        }
+        };
         users.push(UserConfig {
             name,
-            password_hash: hash.clone(),
+            password_hash,
         });
     }
 
@@ -816,6 +824,34 @@ mod tests {
         let err = parse(&text).unwrap_err();
         assert!(err.message.contains("not an argon2id hash"), "{err}");
         assert!(!err.to_string().contains("hunter2"));
+    }
+
+    #[test]
+    fn cut_short_hash_is_refused_at_the_value_without_echo() {
+        let good = crate::access::auth::hash_password(b"pw").unwrap();
+        let (head, hash) = good.rsplit_once('$').unwrap();
+        for bad in [
+            "$argon2id$v=19$m=19456,t=2,p=1$c2FsdA".to_owned(),
+            format!("{head}${}", &hash[..40]),
+        ] {
+            let text = format!(
+                "{}\n[[user]]\nname = \"alice\"\npassword = \"{bad}\"\n",
+                base()
+            );
+            let err = parse(&text).unwrap_err();
+            assert_eq!(err.position, Some((10, 12)), "{err}");
+            assert!(
+                err.message
+                    .starts_with("user[0].password: not a usable argon2id hash: "),
+                "{err}"
+            );
+            assert!(!err.to_string().contains(&bad[31..]), "{err}");
+        }
+        let text = format!(
+            "{}\n[[user]]\nname = \"alice\"\npassword = \"{good}\"\n",
+            base()
+        );
+        assert_eq!(parse(&text).unwrap().users[0].password_hash.as_str(), good);
     }
 
     #[test]
