@@ -173,7 +173,7 @@ struct RouteEntry {
     #[serde(default)]
     public_paths: Vec<String>,
     /// Replaces the Host header sent to the service (Ollama checks it).
-    host_header: Option<String>,
+    host_header: Option<Spanned<String>>,
     /// Ends a request's stream when no byte moved either way for this long.
     idle_timeout: Option<Spanned<HumanDuration>>,
     /// Answers 504 when the service sends no response headers for this long.
@@ -331,7 +331,7 @@ pub struct RouteConfig {
     pub users: Vec<String>,
     pub rules: IpRules,
     pub public_paths: Vec<String>,
-    pub host_header: Option<String>,
+    pub host_header: Option<HostHeader>,
     pub idle_timeout: Option<Duration>,
     pub response_timeout: Option<Duration>,
     pub wake: WakeConfig,
@@ -365,6 +365,105 @@ impl EdgeConfig {
 fn name_at(src: &Source, value: &Spanned<String>, key: &str) -> Result<Name, ConfigError> {
     Name::new(value.get_ref().clone())
         .map_err(|e| src.error_at(value.span(), format!("{key}: {e}")))
+}
+
+/// A host name a route (or `edge.hostname`) answers for: ASCII, lowercase,
+/// without port. Internationalised names are written in punycode.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Hostname(String);
+
+impl Hostname {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let name = s.to_ascii_lowercase();
+        if name.starts_with("*.") {
+            return Err(format!(
+                "{s:?}: wildcards are not supported; give each host its own route"
+            ));
+        }
+        if !name.is_ascii() {
+            return Err(format!(
+                "{s:?} is not ASCII; write an internationalised name in punycode (xn--...)"
+            ));
+        }
+        if name.contains(':') {
+            return Err(format!("{s:?}: a host name without port"));
+        }
+        if !valid_hostname(&name) {
+            return Err(format!(
+                "{s:?} is not a host name (dot-separated labels of letters, digits and '-')"
+            ));
+        }
+        Ok(Self(name))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn into_string(self) -> String {
+        self.0
+    }
+}
+
+/// A route's `host_header`: the Host the service is sent instead of the
+/// client's. `host` or `host:port` (IPv6 in brackets), no userinfo, usable
+/// as a header value; checked at load so no request fails on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostHeader(String);
+
+impl HostHeader {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        const FORM: &str = "write host or host:port, e.g. \"localhost:11434\"";
+        if s.is_empty() {
+            return Err(format!("empty; {FORM}"));
+        }
+        if http::HeaderValue::from_str(s).is_err() || s.chars().any(char::is_whitespace) {
+            return Err(format!("{s:?} has spaces or control characters; {FORM}"));
+        }
+        if s.contains('@') {
+            return Err(format!("{s:?} has userinfo ('@'); {FORM}"));
+        }
+        let authority: http::uri::Authority = s
+            .parse()
+            .map_err(|_| format!("{s:?} is not a host[:port]; {FORM}"))?;
+        let host = authority.host();
+        let host_ok = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+            Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+            None => {
+                host.parse::<std::net::Ipv4Addr>().is_ok()
+                    || valid_hostname(&host.to_ascii_lowercase())
+            }
+        };
+        if !host_ok {
+            return Err(format!(
+                "{s:?}: {host:?} is not a host name or address; {FORM}"
+            ));
+        }
+        let port_ok = match s.strip_prefix(host) {
+            Some("") => true,
+            Some(p) => p
+                .strip_prefix(':')
+                .and_then(|p| p.parse::<u16>().ok())
+                .is_some_and(|p| p != 0),
+            None => false,
+        };
+        if !port_ok {
+            return Err(format!("{s:?}: the port must be 1 to 65535; {FORM}"));
+        }
+        Ok(Self(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Reads as the header's text (the proxy builds the Host header from it).
+impl std::ops::Deref for HostHeader {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
 }
 
 /// Lowercase host names of 1 to 253 bytes, dot-separated labels of
@@ -518,13 +617,9 @@ fn convert(src: &Source, file: File) -> Result<EdgeConfig, ConfigError> {
     let mut hosts = HashSet::new();
     for (i, entry) in file.route.iter().enumerate() {
         let r = entry.get_ref();
-        let host = r.host.get_ref().to_ascii_lowercase();
-        if !valid_hostname(&host) {
-            return Err(src.error_at(
-                r.host.span(),
-                format!("route[{i}].host: {host:?} is not a host name"),
-            ));
-        }
+        let host = Hostname::parse(r.host.get_ref())
+            .map_err(|e| src.error_at(r.host.span(), format!("route[{i}].host: {e}")))?
+            .into_string();
         if !hosts.insert(host.clone()) {
             return Err(src.error_at(
                 r.host.span(),
@@ -572,6 +667,13 @@ fn convert(src: &Source, file: File) -> Result<EdgeConfig, ConfigError> {
                 ));
             }
         }
+        let host_header = match &r.host_header {
+            None => None,
+            Some(h) => Some(
+                HostHeader::parse(h.get_ref())
+                    .map_err(|e| src.error_at(h.span(), format!("route[{i}].host_header: {e}")))?,
+            ),
+        };
         let wake = r.wake.as_ref();
         routes.push(RouteConfig {
             host,
@@ -584,7 +686,7 @@ fn convert(src: &Source, file: File) -> Result<EdgeConfig, ConfigError> {
                 deny: r.deny.clone(),
             },
             public_paths: r.public_paths.clone(),
-            host_header: r.host_header.clone(),
+            host_header,
             idle_timeout: r
                 .idle_timeout
                 .as_ref()
@@ -630,16 +732,11 @@ fn convert(src: &Source, file: File) -> Result<EdgeConfig, ConfigError> {
     }
 
     let hostname = match &file.edge.hostname {
-        Some(h) => {
-            let name = h.get_ref().to_ascii_lowercase();
-            if !valid_hostname(&name) {
-                return Err(src.error_at(
-                    h.span(),
-                    format!("edge.hostname: {name:?} is not a host name"),
-                ));
-            }
-            Some(name)
-        }
+        Some(h) => Some(
+            Hostname::parse(h.get_ref())
+                .map_err(|e| src.error_at(h.span(), format!("edge.hostname: {e}")))?
+                .into_string(),
+        ),
         None => None,
     };
     let header_timeout = duration_or(
@@ -950,5 +1047,71 @@ mod tests {
         assert!(!valid_hostname("chat..example.com"));
         assert!(!valid_hostname("-x.example.com"));
         assert!(!valid_hostname("chat.example.com:443"));
+        assert_eq!(
+            Hostname::parse("Chat.Example.COM").unwrap().as_str(),
+            "chat.example.com"
+        );
+        for (bad, why) in [
+            ("*.example.com", "wildcards"),
+            ("bücher.example", "punycode"),
+            ("chat.example.com:443", "without port"),
+            ("chat.example.com.", "not a host name"),
+            ("a b", "not a host name"),
+            ("", "not a host name"),
+        ] {
+            let err = Hostname::parse(bad).unwrap_err();
+            assert!(err.contains(why), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn host_headers_are_authorities_checked_at_load() {
+        for good in [
+            "localhost:11434",
+            "localhost",
+            "Ollama.LAN",
+            "127.0.0.1:8080",
+            "[::1]:11434",
+            "[::1]",
+        ] {
+            assert_eq!(
+                HostHeader::parse(good).map(|h| h.to_string()),
+                Ok(good.into())
+            );
+        }
+        for bad in [
+            "",
+            "bad host\r\n",
+            "a b",
+            "x@y",
+            "user:pw@host",
+            "host:",
+            "host:0",
+            "host:99999",
+            "host:http",
+            "host/path",
+            "::1",
+            "[zz]",
+            "a..b",
+            "-a",
+            "\u{e9}t\u{e9}",
+        ] {
+            assert!(HostHeader::parse(bad).is_err(), "{bad:?} passed");
+        }
+        let text = format!(
+            "{}\n[[route]]\nhost = \"a.example.com\"\nagent = \"home\"\nservice = \"s\"\nauth = \"none\"\nhost_header = \"x@y\"\n",
+            base()
+        );
+        let err = parse(&text).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "edge.toml:13:15: route[0].host_header: \"x@y\" has userinfo ('@'); write host or host:port, e.g. \"localhost:11434\""
+        );
+        let err = parse(&text.replace("host_header = \"x@y\"", "host_header = \"bad host\\r\\n\""))
+            .unwrap_err();
+        assert_eq!(err.position, Some((13, 15)), "{err}");
+        let err = parse(&text.replace("\"a.example.com\"", "\"*.example.com\"")).unwrap_err();
+        assert_eq!(err.position, Some((9, 8)), "{err}");
+        assert!(err.message.starts_with("route[0].host: "), "{err}");
     }
 }
