@@ -19,6 +19,7 @@ use serde::Deserialize;
 
 use crate::access::IpRules;
 use crate::access::auth::PasswordHash;
+use crate::access::pattern::PublicPath;
 
 /// Where the edge listens by default.
 pub const DEFAULT_HTTPS: &str = "0.0.0.0:443";
@@ -171,7 +172,7 @@ struct RouteEntry {
     #[serde(default)]
     deny: Vec<Cidr>,
     #[serde(default)]
-    public_paths: Vec<String>,
+    public_paths: Vec<Spanned<String>>,
     /// Replaces the Host header sent to the service (Ollama checks it).
     host_header: Option<Spanned<String>>,
     /// Ends a request's stream when no byte moved either way for this long.
@@ -330,7 +331,7 @@ pub struct RouteConfig {
     pub auth: AuthMode,
     pub users: Vec<String>,
     pub rules: IpRules,
-    pub public_paths: Vec<String>,
+    pub public_paths: Vec<PublicPath>,
     pub host_header: Option<HostHeader>,
     pub idle_timeout: Option<Duration>,
     pub response_timeout: Option<Duration>,
@@ -659,13 +660,11 @@ fn convert(src: &Source, file: File) -> Result<EdgeConfig, ConfigError> {
             }
             _ => {}
         }
+        let mut public_paths = Vec::new();
         for (j, p) in r.public_paths.iter().enumerate() {
-            if !p.starts_with('/') {
-                return Err(src.error_at(
-                    entry.span(),
-                    format!("route[{i}].public_paths[{j}]: {p:?} must start with '/'"),
-                ));
-            }
+            public_paths.push(PublicPath::parse(p.get_ref()).map_err(|e| {
+                src.error_at(p.span(), format!("route[{i}].public_paths[{j}]: {e}"))
+            })?);
         }
         let host_header = match &r.host_header {
             None => None,
@@ -685,7 +684,7 @@ fn convert(src: &Source, file: File) -> Result<EdgeConfig, ConfigError> {
                 allow: r.allow.clone(),
                 deny: r.deny.clone(),
             },
-            public_paths: r.public_paths.clone(),
+            public_paths,
             host_header,
             idle_timeout: r
                 .idle_timeout
@@ -1037,6 +1036,36 @@ mod tests {
                 assert!(err.message.ends_with("7 days"), "{err}");
             }
             assert!(parse(&duration_case(key, "7d")).is_ok(), "{key} = 7d");
+        }
+    }
+
+    #[test]
+    fn public_paths_are_parsed_and_errors_point_at_the_element() {
+        let route = |paths: &str| {
+            format!(
+                "{}\n[[route]]\nhost = \"a.example.com\"\nagent = \"home\"\nservice = \"s\"\nauth = \"none\"\npublic_paths = [{paths}]\n",
+                base()
+            )
+        };
+        let c = parse(&route("\"/manifest.json\", \"/static/*\"")).unwrap();
+        let paths = &c.routes[0].public_paths;
+        assert_eq!(paths[1].as_str(), "/static/*");
+        assert!(paths[1].matches("/static/js/app.js"));
+        // Column 35: the opening quote of the second element.
+        for (bad, why) in [
+            ("/static/**", "'**' is not supported"),
+            ("/*.js", "'*' may only be the last"),
+            ("/caf%C3%A9", "percent-decoded"),
+            ("manifest.json", "must start with '/'"),
+        ] {
+            let err = parse(&route(&format!("\"/manifest.json\", \"{bad}\""))).unwrap_err();
+            assert_eq!(err.position, Some((13, 35)), "{err}");
+            assert!(
+                err.message
+                    .starts_with(&format!("route[0].public_paths[1]: {bad:?}: ")),
+                "{err}"
+            );
+            assert!(err.message.contains(why), "{err}");
         }
     }
 

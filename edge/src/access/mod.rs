@@ -6,6 +6,7 @@ pub mod auth;
 pub mod gate;
 pub mod ip;
 pub mod login;
+pub mod pattern;
 pub mod session;
 pub mod throttle;
 
