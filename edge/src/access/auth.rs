@@ -53,7 +53,13 @@ pub struct PasswordHash(PasswordHashString);
 impl PasswordHash {
     pub fn parse(phc: &str) -> Result<Self, BadHash> {
         // The parser's own errors name fields, never the input.
-        let parsed = Phc::new(phc).map_err(|e| BadHash(e.to_string()))?;
+        let parsed = Phc::new(phc).map_err(|e| match e {
+            argon2::password_hash::Error::B64Encoding(_) => BadHash(
+                "the salt or hash is not whole base64, as if the string was cut short or garbled"
+                    .into(),
+            ),
+            e => BadHash(e.to_string()),
+        })?;
         if parsed.algorithm != Algorithm::Argon2id.ident() {
             // The identifier is not secret: it is what tells the hash apart.
             return Err(BadHash(format!(
@@ -293,6 +299,7 @@ mod tests {
             (good.replace("t=2", "t=1000"), "passes"),
             (good.replace("p=1", "p=1,x=2"), ""),
             (good.replace("$argon2id$", "$argon2id$$"), ""),
+            (good[..good.len() - 4].to_owned(), "not whole base64"),
         ];
         for (phc, why) in cases {
             let err = PasswordHash::parse(&phc)
