@@ -112,6 +112,162 @@ fn truncated_and_mistyped_configs_fail_with_positions() {
     assert!(err.contains("cannot read"), "{err}");
 }
 
+/// `text` with the first `from` replaced by `to`, and the 1-based line and
+/// column where it was (where an error about the new value must point).
+fn replace_at(text: &str, from: &str, to: &str) -> (String, usize, usize) {
+    let offset = text
+        .find(from)
+        .unwrap_or_else(|| panic!("{from:?} not in the example"));
+    let line = text[..offset].matches('\n').count() + 1;
+    let col = offset - text[..offset].rfind('\n').map_or(0, |i| i + 1) + 1;
+    (text.replacen(from, to, 1), line, col)
+}
+
+fn example(name: &str) -> String {
+    std::fs::read_to_string(format!("{}/configs/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+}
+
+/// Values that parse but would fail (or silently do nothing) at runtime:
+/// each is refused by `check` with exit 78, its file:line:col and its key.
+#[test]
+fn values_that_would_fail_later_fail_check_at_their_position() {
+    let w = World::new();
+    let edge = example("edge.example.toml");
+    let agent = example("agent.example.toml");
+    let hash = "\"$argon2id$v=19$m=19456,t=2,p=1$a7NMe3BoQ3cPkekqu7hDFA$ZUYR6OMzxFxDPEkWCgLnWv6c4m9Pbe7PRGlfgT1ntjM\"";
+    let cut_hash = &format!("{}\"", &hash[..hash.len() - 4]);
+    let cases: Vec<(&str, &str, &str, &str, &str)> = vec![
+        // (file, from, to, key in the message, part of the reason)
+        (
+            "edge",
+            hash,
+            "\"$argon2id$v=19$m=19456,t=2,p=1$c2FsdA\"",
+            "user[0].password",
+            "salt",
+        ),
+        ("edge", hash, cut_hash, "user[0].password", "cut short"),
+        (
+            "edge",
+            "\"localhost:11434\"",
+            "\"bad host\\r\\n\"",
+            "route[1].host_header",
+            "control",
+        ),
+        (
+            "edge",
+            "\"localhost:11434\"",
+            "\"a b\"",
+            "route[1].host_header",
+            "spaces",
+        ),
+        (
+            "edge",
+            "\"localhost:11434\"",
+            "\"x@y\"",
+            "route[1].host_header",
+            "userinfo",
+        ),
+        (
+            "edge",
+            "\"localhost:11434\"",
+            "\"\"",
+            "route[1].host_header",
+            "empty",
+        ),
+        (
+            "edge",
+            "hold = \"180s\"",
+            "hold = \"99999999999d\"",
+            "route[1].wake.hold",
+            "7 days",
+        ),
+        (
+            "edge",
+            "idle_timeout = \"60s\"",
+            "idle_timeout = \"99999999999d\"",
+            "limits.idle_timeout",
+            "7 days",
+        ),
+        (
+            "edge",
+            "idle_timeout = \"60s\"",
+            "idle_timeout = \"0s\"",
+            "limits.idle_timeout",
+            "7 days",
+        ),
+        (
+            "edge",
+            "\"/static/*\"",
+            "\"/static/**\"",
+            "route[0].public_paths[1]",
+            "'**'",
+        ),
+        (
+            "edge",
+            "\"/static/*\"",
+            "\"/*.js\"",
+            "route[0].public_paths[1]",
+            "last character",
+        ),
+        (
+            "edge",
+            "\"/static/*\"",
+            "\"/a%20b\"",
+            "route[0].public_paths[1]",
+            "percent-decoded",
+        ),
+        (
+            "agent",
+            "# probe_interval = \"5s\"",
+            "probe_interval = \"99999999999d\"",
+            "service[0].probe_interval",
+            "7 days",
+        ),
+    ];
+    for (i, (file, from, to, key, why)) in cases.into_iter().enumerate() {
+        let base = if file == "edge" { &edge } else { &agent };
+        let (text, line, mut col) = replace_at(base, from, to);
+        if let Some(value) = to.find(" = ") {
+            col += value + 3; // the error points at the value, not the key
+        }
+        let path = w.write(&format!("{file}{i}.toml"), &text);
+        let (code, _, err) = run(&["check", "--config", path.to_str().unwrap()]);
+        assert_eq!(code, 78, "{to}: {err}");
+        let expected = format!("{}:{line}:{col}: {key}: ", path.display());
+        assert!(
+            err.starts_with(&expected),
+            "expected {expected:?}, got {err:?}"
+        );
+        assert!(err.contains(why), "{to}: {err}");
+        if key.ends_with("password") {
+            assert!(
+                !err.contains("a7NMe3BoQ3cPkekqu7hDFA"),
+                "the salt leaked: {err}"
+            );
+            assert!(!err.contains("c2FsdA"), "the salt leaked: {err}");
+        }
+    }
+
+    // An agent announces at most 128 services: the 129th entry is refused.
+    let services: String = (0..129)
+        .map(|i| {
+            format!(
+                "[[service]]\nname = \"s{i}\"\nurl = \"tcp://127.0.0.1:{}\"\n",
+                i + 1
+            )
+        })
+        .collect();
+    let head = "[agent]\nname = \"home\"\nedge = \"edge.example.com:443\"\nkey = \"agent.key\"\n";
+    let path = w.write("many.toml", &format!("{head}{services}"));
+    let (code, _, err) = run(&["check", "--config", path.to_str().unwrap()]);
+    assert_eq!(code, 78, "{err}");
+    let expected = format!("{}:{}:1: service[128]: ", path.display(), 5 + 3 * 128);
+    assert!(
+        err.starts_with(&expected),
+        "expected {expected:?}, got {err:?}"
+    );
+}
+
 #[test]
 fn keygen_prints_a_fingerprint_and_never_overwrites() {
     let w = World::new();

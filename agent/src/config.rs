@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use burrow_proto::Name;
-use burrow_proto::confkit::{ConfigError, HumanDuration, Source, Spanned};
+use burrow_proto::confkit::{ConfigError, HumanDuration, Source, Spanned, duration_or};
+use burrow_proto::frame::MAX_SERVICES;
 use burrow_proto::identity::Fingerprint;
 use serde::Deserialize;
 
@@ -205,6 +206,13 @@ fn convert(src: &Source, file: File) -> Result<AgentConfig, ConfigError> {
 
     let mut services = Vec::new();
     let mut names = HashSet::new();
+    if let Some(extra) = file.service.get(MAX_SERVICES) {
+        // The service list the agent announces holds at most this many.
+        return Err(src.error_at(
+            extra.span(),
+            format!("service[{MAX_SERVICES}]: an agent has at most {MAX_SERVICES} services"),
+        ));
+    }
     for (i, entry) in file.service.iter().enumerate() {
         let s = entry.get_ref();
         let name = Name::new(s.name.get_ref().clone())
@@ -287,19 +295,13 @@ fn convert(src: &Source, file: File) -> Result<AgentConfig, ConfigError> {
                 })
             }
         };
-        let probe_interval = match &s.probe_interval {
-            None => DEFAULT_PROBE_INTERVAL,
-            Some(d) if d.get_ref().0 < MIN_PROBE_INTERVAL => {
-                return Err(src.error_at(
-                    d.span(),
-                    format!(
-                        "service[{i}].probe_interval: at least {}",
-                        humantime::format_duration(MIN_PROBE_INTERVAL)
-                    ),
-                ));
-            }
-            Some(d) => d.get_ref().0,
-        };
+        let probe_interval = duration_or(
+            src,
+            s.probe_interval.as_ref(),
+            &format!("service[{i}].probe_interval"),
+            MIN_PROBE_INTERVAL,
+            DEFAULT_PROBE_INTERVAL,
+        )?;
         services.push(ServiceConfig {
             name,
             scheme,
@@ -404,7 +406,18 @@ mod tests {
             "{BASE}\n[[service]]\nname = \"x\"\nurl = \"tcp://a:1\"\nprobe_interval = \"1ms\"\n"
         ))
         .unwrap_err();
-        assert!(err.message.contains("probe_interval: at least"), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "/etc/burrow/agent.toml:9:18: service[0].probe_interval: between 100ms and 7 days"
+        );
+        for huge in ["99999999999d", "8d"] {
+            let err = parse(&format!(
+                "{BASE}\n[[service]]\nname = \"x\"\nurl = \"tcp://a:1\"\nprobe_interval = \"{huge}\"\n"
+            ))
+            .unwrap_err();
+            assert_eq!(err.position, Some((9, 18)), "{err}");
+            assert!(err.message.ends_with("between 100ms and 7 days"), "{err}");
+        }
         assert_eq!(parse_broadcast("[fe80::1]"), Some("[fe80::1]:9".into()));
         assert_eq!(parse_broadcast("10.0.0.255:7"), Some("10.0.0.255:7".into()));
         assert_eq!(parse_broadcast("nope:port"), None);
@@ -425,6 +438,29 @@ mod tests {
         ))
         .unwrap_err();
         assert!(err.message.contains("no [[service]] named nope"), "{err}");
+    }
+
+    #[test]
+    fn more_services_than_the_protocol_carries_is_an_error_at_the_first_extra() {
+        let services = |n: usize| {
+            (0..n)
+                .map(|i| {
+                    format!(
+                        "[[service]]\nname = \"s{i}\"\nurl = \"tcp://a:{}\"\n",
+                        i + 1
+                    )
+                })
+                .collect::<String>()
+        };
+        let c = parse(&format!("{BASE}{}", services(MAX_SERVICES))).unwrap();
+        assert_eq!(c.services.len(), MAX_SERVICES);
+        let err = parse(&format!("{BASE}{}", services(MAX_SERVICES + 1))).unwrap_err();
+        // BASE is 4 lines; each service 3; the first extra is entry 128.
+        assert_eq!(err.position, Some((5 + 3 * MAX_SERVICES, 1)), "{err}");
+        assert_eq!(
+            err.message,
+            format!("service[{MAX_SERVICES}]: an agent has at most {MAX_SERVICES} services")
+        );
     }
 
     #[test]

@@ -10,12 +10,16 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use burrow_proto::Name;
-use burrow_proto::confkit::{Cidr, ConfigError, HumanDuration, Source, Spanned};
+use burrow_proto::confkit::{
+    Cidr, ConfigError, HumanDuration, NONZERO, Source, Spanned, duration, duration_or,
+};
 use burrow_proto::identity::Fingerprint;
 use burrow_proto::listener::Limits;
 use serde::Deserialize;
 
 use crate::access::IpRules;
+use crate::access::auth::PasswordHash;
+use crate::access::pattern::PublicPath;
 
 /// Where the edge listens by default.
 pub const DEFAULT_HTTPS: &str = "0.0.0.0:443";
@@ -48,8 +52,7 @@ pub const DEFAULT_STREAMS_PER_IP: usize = 100;
 pub const DEFAULT_HELD_PER_CLIENT: usize = 32;
 /// Requests held per service while it wakes, all clients together, by default.
 pub const DEFAULT_HELD_PER_SERVICE: usize = 512;
-/// Durations in the config are capped here: longer is a typo.
-pub const MAX_CONFIG_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
+pub use burrow_proto::confkit::MAX_CONFIG_DURATION;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -92,12 +95,12 @@ struct EdgeSection {
     tunnel: Option<SocketAddr>,
     admin: Option<SocketAddr>,
     /// How long a client may take for its TLS handshake and request head.
-    header_timeout: Option<HumanDuration>,
+    header_timeout: Option<Spanned<HumanDuration>>,
     /// The edge's own DNS name: with ACME it gets a certificate too, which
     /// the tunnel presents so agents can check the edge by name.
     hostname: Option<Spanned<String>>,
     /// How long open streams may run on after SIGTERM.
-    grace: Option<HumanDuration>,
+    grace: Option<Spanned<HumanDuration>>,
     /// Worker threads; more than one only pays with many busy clients.
     threads: Option<Spanned<usize>>,
 }
@@ -118,7 +121,7 @@ struct TlsSection {
     directory: Option<String>,
     directory_ca: Option<PathBuf>,
     /// First retry delay after a failed order; doubles up to a day.
-    retry_min: Option<HumanDuration>,
+    retry_min: Option<Spanned<HumanDuration>>,
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
 }
@@ -169,20 +172,21 @@ struct RouteEntry {
     #[serde(default)]
     deny: Vec<Cidr>,
     #[serde(default)]
-    public_paths: Vec<String>,
+    public_paths: Vec<Spanned<String>>,
     /// Replaces the Host header sent to the service (Ollama checks it).
-    host_header: Option<String>,
+    host_header: Option<Spanned<String>>,
     /// Ends a request's stream when no byte moved either way for this long.
-    idle_timeout: Option<HumanDuration>,
+    idle_timeout: Option<Spanned<HumanDuration>>,
     /// Answers 504 when the service sends no response headers for this long.
-    response_timeout: Option<HumanDuration>,
+    response_timeout: Option<Spanned<HumanDuration>>,
     wake: Option<WakeEntry>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct WakeEntry {
-    hold: Option<HumanDuration>,
+    /// Zero is allowed: waking requests get 503 at once.
+    hold: Option<Spanned<HumanDuration>>,
     page: Option<bool>,
 }
 
@@ -307,7 +311,7 @@ pub struct AgentConfig {
 #[derive(Clone)]
 pub struct UserConfig {
     pub name: String,
-    pub password_hash: String,
+    pub password_hash: PasswordHash,
 }
 
 impl std::fmt::Debug for UserConfig {
@@ -327,8 +331,8 @@ pub struct RouteConfig {
     pub auth: AuthMode,
     pub users: Vec<String>,
     pub rules: IpRules,
-    pub public_paths: Vec<String>,
-    pub host_header: Option<String>,
+    pub public_paths: Vec<PublicPath>,
+    pub host_header: Option<HostHeader>,
     pub idle_timeout: Option<Duration>,
     pub response_timeout: Option<Duration>,
     pub wake: WakeConfig,
@@ -362,6 +366,105 @@ impl EdgeConfig {
 fn name_at(src: &Source, value: &Spanned<String>, key: &str) -> Result<Name, ConfigError> {
     Name::new(value.get_ref().clone())
         .map_err(|e| src.error_at(value.span(), format!("{key}: {e}")))
+}
+
+/// A host name a route (or `edge.hostname`) answers for: ASCII, lowercase,
+/// without port. Internationalised names are written in punycode.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Hostname(String);
+
+impl Hostname {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let name = s.to_ascii_lowercase();
+        if name.starts_with("*.") {
+            return Err(format!(
+                "{s:?}: wildcards are not supported; give each host its own route"
+            ));
+        }
+        if !name.is_ascii() {
+            return Err(format!(
+                "{s:?} is not ASCII; write an internationalised name in punycode (xn--...)"
+            ));
+        }
+        if name.contains(':') {
+            return Err(format!("{s:?}: a host name without port"));
+        }
+        if !valid_hostname(&name) {
+            return Err(format!(
+                "{s:?} is not a host name (dot-separated labels of letters, digits and '-')"
+            ));
+        }
+        Ok(Self(name))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn into_string(self) -> String {
+        self.0
+    }
+}
+
+/// A route's `host_header`: the Host the service is sent instead of the
+/// client's. `host` or `host:port` (IPv6 in brackets), no userinfo, usable
+/// as a header value; checked at load so no request fails on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostHeader(String);
+
+impl HostHeader {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        const FORM: &str = "write host or host:port, e.g. \"localhost:11434\"";
+        if s.is_empty() {
+            return Err(format!("empty; {FORM}"));
+        }
+        if http::HeaderValue::from_str(s).is_err() || s.chars().any(char::is_whitespace) {
+            return Err(format!("{s:?} has spaces or control characters; {FORM}"));
+        }
+        if s.contains('@') {
+            return Err(format!("{s:?} has userinfo ('@'); {FORM}"));
+        }
+        let authority: http::uri::Authority = s
+            .parse()
+            .map_err(|_| format!("{s:?} is not a host[:port]; {FORM}"))?;
+        let host = authority.host();
+        let host_ok = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+            Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+            None => {
+                host.parse::<std::net::Ipv4Addr>().is_ok()
+                    || valid_hostname(&host.to_ascii_lowercase())
+            }
+        };
+        if !host_ok {
+            return Err(format!(
+                "{s:?}: {host:?} is not a host name or address; {FORM}"
+            ));
+        }
+        let port_ok = match s.strip_prefix(host) {
+            Some("") => true,
+            Some(p) => p
+                .strip_prefix(':')
+                .and_then(|p| p.parse::<u16>().ok())
+                .is_some_and(|p| p != 0),
+            None => false,
+        };
+        if !port_ok {
+            return Err(format!("{s:?}: the port must be 1 to 65535; {FORM}"));
+        }
+        Ok(Self(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Reads as the header's text (the proxy builds the Host header from it).
+impl std::ops::Deref for HostHeader {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
 }
 
 /// Lowercase host names of 1 to 253 bytes, dot-separated labels of
@@ -417,7 +520,13 @@ fn convert(src: &Source, file: File) -> Result<EdgeConfig, ConfigError> {
                     email,
                     directory,
                     directory_ca: t.directory_ca.map(|p| src.resolve(&p)),
-                    retry_min: t.retry_min.map_or(DEFAULT_ACME_RETRY, |d| d.0),
+                    retry_min: duration_or(
+                        src,
+                        t.retry_min.as_ref(),
+                        "tls.retry_min",
+                        NONZERO,
+                        DEFAULT_ACME_RETRY,
+                    )?,
                 })
             }
         },
@@ -474,18 +583,25 @@ fn convert(src: &Source, file: File) -> Result<EdgeConfig, ConfigError> {
             ));
         }
         let hash = u.password.get_ref();
-        if !hash.starts_with("$argon2id$") {
-            // Never echo the value: it may be a plaintext password.
+        // Never echo the value: it may be a plaintext password.
+        let password_hash = if hash.starts_with("$argon2id$") {
+            PasswordHash::parse(hash).map_err(|e| {
+                src.error_at(
+                    u.password.span(),
+                    format!("user[{i}].password: {e}; make one with `burrow hash-password`"),
+                )
+            })?
+        } else {
             return Err(src.error_at(
                 u.password.span(),
                 format!(
                     "user[{i}].password: not an argon2id hash; make one with `burrow hash-password`"
                 ),
             ));
-        }
+        };
         users.push(UserConfig {
             name,
-            password_hash: hash.clone(),
+            password_hash,
         });
     }
 
@@ -502,13 +618,9 @@ fn convert(src: &Source, file: File) -> Result<EdgeConfig, ConfigError> {
     let mut hosts = HashSet::new();
     for (i, entry) in file.route.iter().enumerate() {
         let r = entry.get_ref();
-        let host = r.host.get_ref().to_ascii_lowercase();
-        if !valid_hostname(&host) {
-            return Err(src.error_at(
-                r.host.span(),
-                format!("route[{i}].host: {host:?} is not a host name"),
-            ));
-        }
+        let host = Hostname::parse(r.host.get_ref())
+            .map_err(|e| src.error_at(r.host.span(), format!("route[{i}].host: {e}")))?
+            .into_string();
         if !hosts.insert(host.clone()) {
             return Err(src.error_at(
                 r.host.span(),
@@ -548,14 +660,19 @@ fn convert(src: &Source, file: File) -> Result<EdgeConfig, ConfigError> {
             }
             _ => {}
         }
+        let mut public_paths = Vec::new();
         for (j, p) in r.public_paths.iter().enumerate() {
-            if !p.starts_with('/') {
-                return Err(src.error_at(
-                    entry.span(),
-                    format!("route[{i}].public_paths[{j}]: {p:?} must start with '/'"),
-                ));
-            }
+            public_paths.push(PublicPath::parse(p.get_ref()).map_err(|e| {
+                src.error_at(p.span(), format!("route[{i}].public_paths[{j}]: {e}"))
+            })?);
         }
+        let host_header = match &r.host_header {
+            None => None,
+            Some(h) => Some(
+                HostHeader::parse(h.get_ref())
+                    .map_err(|e| src.error_at(h.span(), format!("route[{i}].host_header: {e}")))?,
+            ),
+        };
         let wake = r.wake.as_ref();
         routes.push(RouteConfig {
             host,
@@ -567,12 +684,26 @@ fn convert(src: &Source, file: File) -> Result<EdgeConfig, ConfigError> {
                 allow: r.allow.clone(),
                 deny: r.deny.clone(),
             },
-            public_paths: r.public_paths.clone(),
-            host_header: r.host_header.clone(),
-            idle_timeout: r.idle_timeout.map(|d| d.0),
-            response_timeout: r.response_timeout.map(|d| d.0),
+            public_paths,
+            host_header,
+            idle_timeout: r
+                .idle_timeout
+                .as_ref()
+                .map(|d| duration(src, d, &format!("route[{i}].idle_timeout"), NONZERO))
+                .transpose()?,
+            response_timeout: r
+                .response_timeout
+                .as_ref()
+                .map(|d| duration(src, d, &format!("route[{i}].response_timeout"), NONZERO))
+                .transpose()?,
             wake: WakeConfig {
-                hold: wake.and_then(|w| w.hold).map_or(DEFAULT_WAKE_HOLD, |d| d.0),
+                hold: duration_or(
+                    src,
+                    wake.and_then(|w| w.hold.as_ref()),
+                    &format!("route[{i}].wake.hold"),
+                    Duration::ZERO,
+                    DEFAULT_WAKE_HOLD,
+                )?,
                 page: wake.and_then(|w| w.page).unwrap_or(true),
             },
         });
@@ -600,18 +731,28 @@ fn convert(src: &Source, file: File) -> Result<EdgeConfig, ConfigError> {
     }
 
     let hostname = match &file.edge.hostname {
-        Some(h) => {
-            let name = h.get_ref().to_ascii_lowercase();
-            if !valid_hostname(&name) {
-                return Err(src.error_at(
-                    h.span(),
-                    format!("edge.hostname: {name:?} is not a host name"),
-                ));
-            }
-            Some(name)
-        }
+        Some(h) => Some(
+            Hostname::parse(h.get_ref())
+                .map_err(|e| src.error_at(h.span(), format!("edge.hostname: {e}")))?
+                .into_string(),
+        ),
         None => None,
     };
+    let header_timeout = duration_or(
+        src,
+        file.edge.header_timeout.as_ref(),
+        "edge.header_timeout",
+        NONZERO,
+        DEFAULT_HEADER_TIMEOUT,
+    )?;
+    // Zero is allowed: streams are cut at once on SIGTERM.
+    let grace = duration_or(
+        src,
+        file.edge.grace.as_ref(),
+        "edge.grace",
+        Duration::ZERO,
+        DEFAULT_GRACE,
+    )?;
     let limits = convert_limits(src, file.limits.unwrap_or_default())?;
     let default_addr = |s: &str| s.parse::<SocketAddr>().expect("default addresses parse");
     Ok(EdgeConfig {
@@ -627,12 +768,9 @@ fn convert(src: &Source, file: File) -> Result<EdgeConfig, ConfigError> {
             .tunnel
             .unwrap_or_else(|| default_addr(DEFAULT_TUNNEL)),
         admin: file.edge.admin,
-        header_timeout: file
-            .edge
-            .header_timeout
-            .map_or(DEFAULT_HEADER_TIMEOUT, |d| d.0),
+        header_timeout,
         hostname,
-        grace: file.edge.grace.map_or(DEFAULT_GRACE, |d| d.0),
+        grace,
         threads: burrow_proto::confkit::threads(src, file.edge.threads.as_ref(), "edge.threads")?,
         tls,
         access,
@@ -665,19 +803,13 @@ where
 
 fn convert_limits(src: &Source, l: LimitsSection) -> Result<LimitsConfig, ConfigError> {
     let d = LimitsConfig::default();
-    let idle_timeout = match l.idle_timeout {
-        None => d.idle_timeout,
-        Some(v) => {
-            let t = v.get_ref().0;
-            if t.is_zero() || t > MAX_CONFIG_DURATION {
-                return Err(src.error_at(
-                    v.span(),
-                    "limits.idle_timeout: between 1s and 7 days".to_owned(),
-                ));
-            }
-            t
-        }
-    };
+    let idle_timeout = duration_or(
+        src,
+        l.idle_timeout.as_ref(),
+        "limits.idle_timeout",
+        NONZERO,
+        d.idle_timeout,
+    )?;
     Ok(LimitsConfig {
         connections: bounded(src, l.connections, "connections", d.connections, 1_000_000)?,
         connections_per_ip: bounded(
@@ -791,6 +923,34 @@ mod tests {
     }
 
     #[test]
+    fn cut_short_hash_is_refused_at_the_value_without_echo() {
+        let good = crate::access::auth::hash_password(b"pw").unwrap();
+        let (head, hash) = good.rsplit_once('$').unwrap();
+        for bad in [
+            "$argon2id$v=19$m=19456,t=2,p=1$c2FsdA".to_owned(),
+            format!("{head}${}", &hash[..40]),
+        ] {
+            let text = format!(
+                "{}\n[[user]]\nname = \"alice\"\npassword = \"{bad}\"\n",
+                base()
+            );
+            let err = parse(&text).unwrap_err();
+            assert_eq!(err.position, Some((10, 12)), "{err}");
+            assert!(
+                err.message
+                    .starts_with("user[0].password: not a usable argon2id hash: "),
+                "{err}"
+            );
+            assert!(!err.to_string().contains(&bad[31..]), "{err}");
+        }
+        let text = format!(
+            "{}\n[[user]]\nname = \"alice\"\npassword = \"{good}\"\n",
+            base()
+        );
+        assert_eq!(parse(&text).unwrap().users[0].password_hash.as_str(), good);
+    }
+
+    #[test]
     fn misspelt_key_is_refused_with_position() {
         let err = parse("[edge]\nstate_dir = \"/s\"\ntunel = \"0.0.0.0:1\"\n").unwrap_err();
         assert_eq!(err.position, Some((3, 1)), "{err}");
@@ -824,6 +984,91 @@ mod tests {
         assert!(parse(&with("per_ip = 3")).is_err());
     }
 
+    /// A config with every duration key set to `value` except `key`,
+    /// which gets `bad`; the error must name `key` and point at `bad`.
+    fn duration_case(key: &str, bad: &str) -> String {
+        let v = |k: &str| if k == key { bad } else { "30s" };
+        format!(
+            "[edge]\nstate_dir = \"/tmp/s\"\nheader_timeout = \"{}\"\ngrace = \"{}\"\n\n\
+             [tls]\nmode = \"acme\"\nemail = \"a@example.com\"\nretry_min = \"{}\"\n\n\
+             [limits]\nidle_timeout = \"{}\"\n\n\
+             [[agent]]\nname = \"home\"\nkey = \"{KEY}\"\n\n\
+             [[route]]\nhost = \"a.example.com\"\nagent = \"home\"\nservice = \"s\"\nauth = \"none\"\n\
+             idle_timeout = \"{}\"\nresponse_timeout = \"{}\"\n[route.wake]\nhold = \"{}\"\n",
+            v("edge.header_timeout"),
+            v("edge.grace"),
+            v("tls.retry_min"),
+            v("limits.idle_timeout"),
+            v("route[0].idle_timeout"),
+            v("route[0].response_timeout"),
+            v("route[0].wake.hold"),
+        )
+    }
+
+    const DURATION_KEYS: [(&str, bool); 7] = [
+        // (key, zero allowed)
+        ("edge.header_timeout", false),
+        ("edge.grace", true),
+        ("tls.retry_min", false),
+        ("limits.idle_timeout", false),
+        ("route[0].idle_timeout", false),
+        ("route[0].response_timeout", false),
+        ("route[0].wake.hold", true),
+    ];
+
+    #[test]
+    fn every_duration_is_bounded_and_errors_point_at_the_value() {
+        let c = parse(&duration_case("", "")).unwrap();
+        assert_eq!(c.routes[0].response_timeout, Some(Duration::from_secs(30)));
+        for (key, zero_ok) in DURATION_KEYS {
+            for bad in ["99999999999d", "8days", "0s"] {
+                let text = duration_case(key, bad);
+                let result = parse(&text);
+                if bad == "0s" && zero_ok {
+                    assert!(result.is_ok(), "{key} = 0s: {result:?}");
+                    continue;
+                }
+                let err = result.unwrap_err();
+                let offset = text.find(&format!("\"{bad}\"")).unwrap();
+                let src = Source::new("edge.toml", text.as_str());
+                assert_eq!(err.position, Some(src.position(offset)), "{key}: {err}");
+                assert!(err.message.starts_with(&format!("{key}: ")), "{err}");
+                assert!(err.message.ends_with("7 days"), "{err}");
+            }
+            assert!(parse(&duration_case(key, "7d")).is_ok(), "{key} = 7d");
+        }
+    }
+
+    #[test]
+    fn public_paths_are_parsed_and_errors_point_at_the_element() {
+        let route = |paths: &str| {
+            format!(
+                "{}\n[[route]]\nhost = \"a.example.com\"\nagent = \"home\"\nservice = \"s\"\nauth = \"none\"\npublic_paths = [{paths}]\n",
+                base()
+            )
+        };
+        let c = parse(&route("\"/manifest.json\", \"/static/*\"")).unwrap();
+        let paths = &c.routes[0].public_paths;
+        assert_eq!(paths[1].as_str(), "/static/*");
+        assert!(paths[1].matches("/static/js/app.js"));
+        // Column 35: the opening quote of the second element.
+        for (bad, why) in [
+            ("/static/**", "'**' is not supported"),
+            ("/*.js", "'*' may only be the last"),
+            ("/caf%C3%A9", "percent-decoded"),
+            ("manifest.json", "must start with '/'"),
+        ] {
+            let err = parse(&route(&format!("\"/manifest.json\", \"{bad}\""))).unwrap_err();
+            assert_eq!(err.position, Some((13, 35)), "{err}");
+            assert!(
+                err.message
+                    .starts_with(&format!("route[0].public_paths[1]: {bad:?}: ")),
+                "{err}"
+            );
+            assert!(err.message.contains(why), "{err}");
+        }
+    }
+
     #[test]
     fn hostnames_are_checked() {
         assert!(valid_hostname("chat.example.com"));
@@ -831,5 +1076,71 @@ mod tests {
         assert!(!valid_hostname("chat..example.com"));
         assert!(!valid_hostname("-x.example.com"));
         assert!(!valid_hostname("chat.example.com:443"));
+        assert_eq!(
+            Hostname::parse("Chat.Example.COM").unwrap().as_str(),
+            "chat.example.com"
+        );
+        for (bad, why) in [
+            ("*.example.com", "wildcards"),
+            ("bücher.example", "punycode"),
+            ("chat.example.com:443", "without port"),
+            ("chat.example.com.", "not a host name"),
+            ("a b", "not a host name"),
+            ("", "not a host name"),
+        ] {
+            let err = Hostname::parse(bad).unwrap_err();
+            assert!(err.contains(why), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn host_headers_are_authorities_checked_at_load() {
+        for good in [
+            "localhost:11434",
+            "localhost",
+            "Ollama.LAN",
+            "127.0.0.1:8080",
+            "[::1]:11434",
+            "[::1]",
+        ] {
+            assert_eq!(
+                HostHeader::parse(good).map(|h| h.to_string()),
+                Ok(good.into())
+            );
+        }
+        for bad in [
+            "",
+            "bad host\r\n",
+            "a b",
+            "x@y",
+            "user:pw@host",
+            "host:",
+            "host:0",
+            "host:99999",
+            "host:http",
+            "host/path",
+            "::1",
+            "[zz]",
+            "a..b",
+            "-a",
+            "\u{e9}t\u{e9}",
+        ] {
+            assert!(HostHeader::parse(bad).is_err(), "{bad:?} passed");
+        }
+        let text = format!(
+            "{}\n[[route]]\nhost = \"a.example.com\"\nagent = \"home\"\nservice = \"s\"\nauth = \"none\"\nhost_header = \"x@y\"\n",
+            base()
+        );
+        let err = parse(&text).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "edge.toml:13:15: route[0].host_header: \"x@y\" has userinfo ('@'); write host or host:port, e.g. \"localhost:11434\""
+        );
+        let err = parse(&text.replace("host_header = \"x@y\"", "host_header = \"bad host\\r\\n\""))
+            .unwrap_err();
+        assert_eq!(err.position, Some((13, 15)), "{err}");
+        let err = parse(&text.replace("\"a.example.com\"", "\"*.example.com\"")).unwrap_err();
+        assert_eq!(err.position, Some((9, 8)), "{err}");
+        assert!(err.message.starts_with("route[0].host: "), "{err}");
     }
 }

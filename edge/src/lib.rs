@@ -29,7 +29,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use access::IpRules;
-use access::auth::{self, Verifier};
+use access::auth::Verifier;
 use access::gate::Gate;
 use access::session::SessionKeys;
 pub use config::EdgeConfig;
@@ -498,7 +498,7 @@ fn build_gate(config: &EdgeConfig) -> Result<Option<Arc<Gate>>, EdgeError> {
     let hashes = config
         .users
         .iter()
-        .filter_map(|u| Some((u.name.clone(), auth::parse_hash(&u.password_hash).ok()?)))
+        .map(|u| (u.name.clone(), u.password_hash.phc().clone()))
         .collect();
     Ok(Some(Arc::new(Gate::new(
         &config.users,

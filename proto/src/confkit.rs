@@ -135,6 +135,49 @@ pub fn threads(
     }
 }
 
+/// Durations in a config are capped here: longer is a typo, and a runtime
+/// that adds one to an `Instant` must not overflow.
+pub const MAX_CONFIG_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
+/// The least a duration may be where zero makes no sense (a timeout that
+/// fires at once, a retry that never waits).
+pub const NONZERO: Duration = Duration::from_millis(1);
+
+/// The duration at `key` (spanned, so errors point at the value): it must
+/// lie between `min` and [`MAX_CONFIG_DURATION`]. Every duration key of
+/// both configs goes through here.
+pub fn duration(
+    src: &Source,
+    value: &Spanned<HumanDuration>,
+    key: &str,
+    min: Duration,
+) -> Result<Duration, ConfigError> {
+    let d = value.get_ref().0;
+    if (min..=MAX_CONFIG_DURATION).contains(&d) {
+        return Ok(d);
+    }
+    let max = format!("{} days", MAX_CONFIG_DURATION.as_secs() / 86_400);
+    let message = if min.is_zero() {
+        format!("{key}: at most {max}")
+    } else {
+        format!(
+            "{key}: between {} and {max}",
+            humantime::format_duration(min)
+        )
+    };
+    Err(src.error_at(value.span(), message))
+}
+
+/// [`duration`] for an optional key, `default` when it is absent.
+pub fn duration_or(
+    src: &Source,
+    value: Option<&Spanned<HumanDuration>>,
+    key: &str,
+    min: Duration,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    value.map_or(Ok(default), |v| duration(src, v, key, min))
+}
+
 /// A duration written with units: `"500ms"`, `"30s"`, `"3m"`, `"1h 30m"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct HumanDuration(pub Duration);
@@ -243,6 +286,33 @@ mod tests {
         let src = Source::new("x.toml", "name = \"a\nwait = ");
         let err = src.parse::<Sample>().unwrap_err();
         assert!(err.position.is_some(), "{err}");
+    }
+
+    #[test]
+    fn durations_are_bounded_at_the_value() {
+        #[derive(Deserialize)]
+        struct D {
+            wait: Spanned<HumanDuration>,
+        }
+        let check = |text: &str, min: Duration| {
+            let src = Source::new("x.toml", text);
+            let d: D = src.parse().unwrap();
+            duration(&src, &d.wait, "a.wait", min).map_err(|e| e.to_string())
+        };
+        assert_eq!(check("wait = \"7d\"", NONZERO), Ok(MAX_CONFIG_DURATION));
+        assert_eq!(
+            check("wait = \"99999999999d\"", NONZERO),
+            Err("x.toml:1:8: a.wait: between 1ms and 7 days".to_owned())
+        );
+        assert_eq!(
+            check("wait = \"0s\"", NONZERO),
+            Err("x.toml:1:8: a.wait: between 1ms and 7 days".to_owned())
+        );
+        assert_eq!(check("wait = \"0s\"", Duration::ZERO), Ok(Duration::ZERO));
+        assert_eq!(
+            check("wait = \"8d\"", Duration::ZERO),
+            Err("x.toml:1:8: a.wait: at most 7 days".to_owned())
+        );
     }
 
     #[test]

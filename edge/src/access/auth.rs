@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use argon2::password_hash::{
-    PasswordHash, PasswordHashString, PasswordHasher, PasswordVerifier, SaltString,
+    PasswordHash as Phc, PasswordHashString, PasswordHasher, PasswordVerifier, SaltString,
 };
 use argon2::{Algorithm, Argon2};
 use ring::rand::{SecureRandom, SystemRandom};
@@ -30,21 +30,117 @@ pub const CACHE_MAX: usize = 4096;
 /// so a spray of made-up names cannot crowd out the real users.
 pub const UNKNOWN_QUEUE: usize = HASH_QUEUE / 4;
 
+/// Hash outputs accepted, in bytes. `burrow hash-password` and the usual
+/// tools (PHP, argon2-cffi, libsodium) write 32; any other length is most
+/// likely a hash cut short when it was copied, which no password matches.
+pub const HASH_OUTPUT_LENGTHS: [usize; 3] = [16, 32, 64];
+/// The shortest salt argon2 accepts, in bytes.
+pub const MIN_SALT: usize = argon2::MIN_SALT_LEN;
+/// The most memory one check may take, in KiB (1 GiB): more would make each
+/// login a way to exhaust the edge's memory.
+pub const MAX_HASH_MEMORY_KIB: u32 = 1 << 20;
+/// The most passes one check may take.
+pub const MAX_HASH_PASSES: u32 = 64;
+
+/// Why a configured hash is refused. Its `Display` never shows the hash:
+/// the value may be a password written where a hash belongs.
 #[derive(Debug, thiserror::Error)]
-#[error("not an argon2id PHC string: {0}")]
+#[error("not a usable argon2id hash: {0}")]
 pub struct BadHash(String);
 
-/// Parses and checks a PHC string from the config: it must be argon2id.
-pub fn parse_hash(phc: &str) -> Result<PasswordHashString, BadHash> {
-    let parsed = PasswordHash::new(phc).map_err(|e| BadHash(e.to_string()))?;
-    if parsed.algorithm != Algorithm::Argon2id.ident() {
-        return Err(BadHash(format!(
-            "algorithm is {}, expected argon2id",
-            parsed.algorithm
-        )));
+/// An argon2id PHC string that a password can match: known parameters
+/// within bounds, a salt and a full-length hash. `Debug` does not show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PasswordHash(PasswordHashString);
+
+impl PasswordHash {
+    pub fn parse(phc: &str) -> Result<Self, BadHash> {
+        // The parser's own errors name fields, never the input.
+        let parsed = Phc::new(phc).map_err(|e| match e {
+            argon2::password_hash::Error::B64Encoding(_) => BadHash(
+                "the salt or hash is not whole base64, as if the string was cut short or garbled"
+                    .into(),
+            ),
+            e => BadHash(e.to_string()),
+        })?;
+        if parsed.algorithm != Algorithm::Argon2id.ident() {
+            // The identifier is not secret: it is what tells the hash apart.
+            return Err(BadHash(format!(
+                "algorithm is {}, expected argon2id",
+                parsed.algorithm
+            )));
+        }
+        if let Some(v) = parsed.version {
+            argon2::Version::try_from(v).map_err(|_| BadHash(format!("unknown version {v}")))?;
+        }
+        let params = argon2::Params::try_from(&parsed).map_err(|e| BadHash(e.to_string()))?;
+        if params.m_cost() > MAX_HASH_MEMORY_KIB {
+            return Err(BadHash(format!(
+                "m = {} KiB is more than {MAX_HASH_MEMORY_KIB} KiB per check",
+                params.m_cost()
+            )));
+        }
+        if params.t_cost() > MAX_HASH_PASSES {
+            return Err(BadHash(format!(
+                "t = {} is more than {MAX_HASH_PASSES} passes per check",
+                params.t_cost()
+            )));
+        }
+        let Some(salt) = parsed.salt else {
+            return Err(BadHash("the salt is missing".into()));
+        };
+        let mut buf = [0u8; argon2::password_hash::Salt::MAX_LENGTH];
+        let salt_len = salt
+            .decode_b64(&mut buf)
+            .map_err(|e| BadHash(format!("salt: {e}")))?
+            .len();
+        if salt_len < MIN_SALT {
+            return Err(BadHash(format!(
+                "the salt is {salt_len} bytes, at least {MIN_SALT} are needed"
+            )));
+        }
+        let Some(output) = &parsed.hash else {
+            return Err(BadHash(
+                "the hash part after the salt is missing, as if the string was cut short".into(),
+            ));
+        };
+        if !HASH_OUTPUT_LENGTHS.contains(&output.len()) {
+            return Err(BadHash(format!(
+                "the hash part is {} bytes, not 32 (or 16 or 64), as if the string was cut short",
+                output.len()
+            )));
+        }
+        Ok(Self(parsed.serialize()))
     }
-    argon2::Params::try_from(&parsed).map_err(|e| BadHash(e.to_string()))?;
-    Ok(parsed.serialize())
+
+    /// The PHC string, as the config wrote it (normalised).
+    pub fn as_str(&self) -> &str {
+        self.0.as_str()
+    }
+
+    /// The parsed hash, for [`Verifier`].
+    pub fn phc(&self) -> &PasswordHashString {
+        &self.0
+    }
+}
+
+/// Reads as the PHC string, for code that takes `&str` (session tags).
+impl std::ops::Deref for PasswordHash {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::fmt::Debug for PasswordHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PasswordHash(..)")
+    }
+}
+
+/// Parses and checks a PHC string from the config (see [`PasswordHash`]).
+pub fn parse_hash(phc: &str) -> Result<PasswordHashString, BadHash> {
+    PasswordHash::parse(phc).map(|h| h.0)
 }
 
 /// Hashes a password with argon2id at the default (OWASP) cost:
@@ -245,6 +341,40 @@ mod tests {
         let argon2i = cheap("pw").replace("$argon2id$", "$argon2i$");
         assert!(parse_hash(&argon2i).is_err());
         assert!(parse_hash(&hash_password(b"x").unwrap()).is_ok());
+    }
+
+    #[test]
+    fn cut_short_or_garbled_hashes_are_refused_without_echo() {
+        let good = hash_password(b"x").unwrap();
+        let (head, hash) = good.rsplit_once('$').unwrap();
+        assert_eq!(hash.len(), 43, "32 bytes in unpadded base64");
+        let cases = [
+            ("$argon2id$v=19$m=19456,t=2,p=1$c2FsdA".to_owned(), "salt"),
+            (head.to_owned(), "hash part"),
+            (format!("{head}$"), ""),
+            (format!("{head}${}", &hash[..40]), "30 bytes"),
+            (good.replace("$v=19$", "$v=7$"), "version"),
+            (good.replace("m=19456", "m=4"), ""),
+            (good.replace("m=19456", "m=99999999"), "KiB"),
+            (good.replace("t=2", "t=1000"), "passes"),
+            (good.replace("p=1", "p=1,x=2"), ""),
+            (good.replace("$argon2id$", "$argon2id$$"), ""),
+            (good[..good.len() - 4].to_owned(), "not whole base64"),
+        ];
+        for (phc, why) in cases {
+            let err = PasswordHash::parse(&phc)
+                .map(|_| ())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(why), "{phc}: {err}");
+            // The salt and the hash are what must not be shown.
+            for part in phc.split('$').skip(4).filter(|p| p.len() > 4) {
+                assert!(!err.contains(part), "{phc}: the error echoes it: {err}");
+            }
+        }
+        let h = PasswordHash::parse(&good).unwrap();
+        assert_eq!(h.as_str(), good);
+        assert_eq!(format!("{h:?}"), "PasswordHash(..)");
     }
 
     #[tokio::test]

@@ -21,6 +21,7 @@ use tracing::{info, warn};
 
 use super::auth::{Verdict, Verifier};
 use super::login::{self, LOGIN_PATH, LOGOUT_PATH, MAX_FORM};
+use super::pattern::PublicPath;
 use super::session::{self, SessionKeys, password_tag};
 use super::throttle::{Attempt, MAX_USER_NAME, Throttle};
 use crate::config::{RouteConfig, UserConfig};
@@ -103,11 +104,8 @@ fn wants_html(req: &Request<Incoming>) -> bool {
             .any(|v| v.contains("text/html"))
 }
 
-fn is_public(path: &str, patterns: &[String]) -> bool {
-    patterns.iter().any(|p| match p.strip_suffix('*') {
-        Some(prefix) => path.starts_with(prefix),
-        None => path == p,
-    })
+fn is_public(path: &str, patterns: &[PublicPath]) -> bool {
+    patterns.iter().any(|p| p.matches(path))
 }
 
 /// The user and password of a Basic Authorization header.
@@ -445,7 +443,7 @@ mod tests {
 
     #[test]
     fn public_paths_are_exact_or_prefix_patterns() {
-        let p = vec!["/manifest.json".to_owned(), "/static/*".to_owned()];
+        let p = ["/manifest.json", "/static/*"].map(|s| PublicPath::parse(s).unwrap());
         assert!(is_public("/manifest.json", &p));
         assert!(!is_public("/manifest.json.bak", &p));
         assert!(!is_public("/manifest", &p));

@@ -7,6 +7,7 @@ pub mod gate;
 pub mod ip;
 pub mod login;
 pub mod path;
+pub mod pattern;
 pub mod session;
 pub mod throttle;
 
