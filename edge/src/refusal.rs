@@ -34,6 +34,9 @@ pub enum Refusal {
     Internal(&'static str),
     /// 502: the home server or the service is not reachable.
     BadGateway(&'static str),
+    /// 503 with Retry-After: the waiting page for a browser navigation to
+    /// a service that is waking.
+    Waking { host: String },
     /// 503 with Retry-After: busy or waking; try again shortly.
     Unavailable {
         message: &'static str,

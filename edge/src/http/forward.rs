@@ -25,32 +25,30 @@ use super::rewrite::{is_upgrade, strip_hop_by_hop, upstream_request};
 use super::route::RequestHost;
 use super::upgrade::forward_upgrade;
 use super::wake::{self, WakeRight};
-use super::{Body, HttpState, error_response};
+use super::{Body, HttpState, refuse};
 use crate::config::RouteConfig;
 use crate::metrics::Refused;
+use crate::refusal::Refusal;
 use crate::tunnel::registry::HoldRefused;
 use crate::tunnel::{AgentLink, OpenError, open_stream_on};
 
-/// One place that turns tunnel failures into statuses. Bodies stay short
-/// and generic; the details go to the log.
-fn open_error_status(e: &OpenError) -> (StatusCode, &'static str) {
+/// What a tunnel failure is refused as. Bodies stay short and generic; the
+/// details go to the log.
+fn open_refusal(e: &OpenError) -> Refusal {
     match e {
-        OpenError::AgentOffline(_) => (StatusCode::BAD_GATEWAY, "the home server is offline"),
-        OpenError::Busy => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the home server is busy; try again shortly",
-        ),
-        OpenError::ReplyTimeout => (
-            StatusCode::GATEWAY_TIMEOUT,
-            "the home server did not answer",
-        ),
+        OpenError::AgentOffline(_) => Refusal::BadGateway("the home server is offline"),
+        OpenError::Busy => Refusal::Unavailable {
+            message: "the home server is busy; try again shortly",
+            retry_after: wake::RETRY_AFTER,
+        },
+        OpenError::ReplyTimeout => Refusal::GatewayTimeout("the home server did not answer"),
         OpenError::Service {
             status: StreamStatus::TimedOut,
             ..
-        } => (StatusCode::GATEWAY_TIMEOUT, "the service did not answer"),
-        OpenError::Service { .. } => (StatusCode::BAD_GATEWAY, "the service is not reachable"),
+        } => Refusal::GatewayTimeout("the service did not answer"),
+        OpenError::Service { .. } => Refusal::BadGateway("the service is not reachable"),
         OpenError::Lost(_) | OpenError::BadReply(_) => {
-            (StatusCode::BAD_GATEWAY, "the home server connection failed")
+            Refusal::BadGateway("the home server connection failed")
         }
     }
 }
@@ -64,12 +62,8 @@ pub(super) struct Unreachable {
 
 /// The answer for a stream that could not be opened.
 fn open_failure(e: &OpenError, route: &RouteConfig) -> Response<Body> {
-    let (status, body) = open_error_status(e);
     warn!(host = %route.host, agent = %route.agent, service = %route.service, error = %e, "cannot reach service");
-    if status == StatusCode::SERVICE_UNAVAILABLE {
-        return wake::unavailable(body);
-    }
-    error_response(status, body)
+    refuse::response(open_refusal(e))
 }
 
 /// Forwards at once when the service is ready; otherwise (or when the
@@ -88,7 +82,7 @@ pub(super) async fn dispatch(
     let navigation = !upgrade && wake::is_navigation(&req);
     let req = match upstream_request(req, route, host, client, upgrade) {
         Ok(r) => r,
-        Err(why) => return error_response(StatusCode::BAD_REQUEST, why),
+        Err(why) => return refuse::response(Refusal::BadRequest(why)),
     };
     let registry = &state.registry;
     let mut after_failure = false;
@@ -116,7 +110,9 @@ pub(super) async fn dispatch(
     }
     registry.request_wake(&route.agent, &route.service);
     if navigation && route.wake.page {
-        return wake::waiting_page(route);
+        return refuse::response(Refusal::Waking {
+            host: route.host.clone(),
+        });
     }
     hold(
         req,
@@ -291,10 +287,9 @@ async fn forward(
         };
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             warn!(host = %route.host, "service switched protocols without an upgrade request");
-            return Ok(error_response(
-                StatusCode::BAD_GATEWAY,
+            return Ok(refuse::response(Refusal::BadGateway(
                 "the service failed to respond",
-            ));
+            )));
         }
         let mut response = response;
         strip_hop_by_hop(response.headers_mut());
@@ -404,16 +399,15 @@ pub(super) async fn await_response<T, E>(
 /// `response_timeout`.
 pub(super) fn too_late(route: &RouteConfig, t: std::time::Duration) -> Response<Body> {
     warn!(host = %route.host, timeout = ?t, "service sent no response headers in time");
-    error_response(
-        StatusCode::GATEWAY_TIMEOUT,
+    refuse::response(Refusal::GatewayTimeout(
         "the service did not answer in time",
-    )
+    ))
 }
 
 /// The answer when the service connection failed before a response head.
 pub(super) fn failed_to_respond(route: &RouteConfig, e: &hyper::Error) -> Response<Body> {
     warn!(host = %route.host, error = %e, "service failed before responding");
-    error_response(StatusCode::BAD_GATEWAY, "the service failed to respond")
+    refuse::response(Refusal::BadGateway("the service failed to respond"))
 }
 
 /// A copy of a safe, bodyless request (RFC 9110 9.2.2), to send again if
@@ -435,7 +429,7 @@ fn replay_copy(req: &Request<UpstreamBody>) -> Option<Request<UpstreamBody>> {
 }
 
 pub(super) fn connection_failed() -> Response<Body> {
-    error_response(StatusCode::BAD_GATEWAY, "the service connection failed")
+    refuse::response(Refusal::BadGateway("the service connection failed"))
 }
 
 /// Opens a stream the agent connects to the service and starts an HTTP/1.1

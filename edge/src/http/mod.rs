@@ -353,11 +353,16 @@ pub async fn serve_https(
                     debug!(%peer, "answered a tls-alpn-01 validation");
                     return;
                 }
+                // The name the client asked TLS for: a request for a host
+                // whose certificate this connection does not carry is
+                // misdirected (421).
+                let sni: Option<Arc<str>> = tls.get_ref().1.server_name().map(Arc::from);
                 let activity = Activity::new();
                 let per_request = activity.clone();
                 let streams_per_ip = limits.streams_per_ip;
                 let service = service_fn(move |mut req: Request<Incoming>| {
                     let state = state.borrow().clone();
+                    let sni = sni.clone();
                     let busy = per_request.busy();
                     let in_flight = clients.try_stream(key, streams_per_ip).map(|p| {
                         let ticket = StreamTicket(Arc::new(p));
@@ -373,15 +378,11 @@ pub async fn serve_https(
                         let Some(in_flight) = in_flight else {
                             state.metrics.refused(Refused::StreamsPerIp);
                             debug!(%peer, limit = streams_per_ip, "too many requests in flight from one client");
-                            let mut r = error_response(
-                                StatusCode::TOO_MANY_REQUESTS,
-                                "too many requests in flight",
-                            );
-                            r.headers_mut()
-                                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
-                            return Ok::<_, Infallible>(r);
+                            return Ok::<_, Infallible>(refuse::response(
+                                crate::refusal::Refusal::TooManyStreams,
+                            ));
                         };
-                        Ok(route::handle(req, state, peer, in_flight).await)
+                        Ok(route::handle(req, state, peer, sni, in_flight).await)
                     }
                 });
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
@@ -474,7 +475,7 @@ fn redirect<B>(req: &Request<B>, https_port: u16) -> Response<Body> {
         .and_then(|h| h.to_str().ok())
         .and_then(|h| h.parse::<http::uri::Authority>().ok());
     let Some(host) = host else {
-        return error_response(StatusCode::BAD_REQUEST, "missing Host header");
+        return refuse::response(crate::refusal::Refusal::BadRequest("missing Host header"));
     };
     let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
     let location = if https_port == 443 {
@@ -488,7 +489,7 @@ fn redirect<B>(req: &Request<B>, https_port: u16) -> Response<Body> {
             resp.headers_mut().insert(header::LOCATION, v);
             resp
         }
-        Err(_) => error_response(StatusCode::BAD_REQUEST, "invalid request"),
+        Err(_) => refuse::response(crate::refusal::Refusal::BadRequest("invalid request")),
     }
 }
 

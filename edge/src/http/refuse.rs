@@ -35,7 +35,7 @@ pub fn status(refusal: &Refusal) -> StatusCode {
         Refusal::TooManyLogins { .. } | Refusal::TooManyStreams => StatusCode::TOO_MANY_REQUESTS,
         Refusal::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         Refusal::BadGateway(_) => StatusCode::BAD_GATEWAY,
-        Refusal::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        Refusal::Unavailable { .. } | Refusal::Waking { .. } => StatusCode::SERVICE_UNAVAILABLE,
         Refusal::GatewayTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
     }
 }
@@ -57,6 +57,9 @@ pub fn response(refusal: Refusal) -> Response<Body> {
             message,
             retry_after: wait,
         } => retry_after(error_response(status, message), wait),
+        Refusal::Waking { host } => {
+            retry_after(super::wake::waiting_page(&host), super::wake::RETRY_AFTER)
+        }
         Refusal::NotFound => error_response(status, "no such site here"),
         Refusal::Misdirected => error_response(status, "this connection is for another site"),
         Refusal::BadRequest(m)

@@ -44,6 +44,7 @@ pub(super) async fn handle(
     req: Request<Incoming>,
     state: Arc<HttpState>,
     peer: SocketAddr,
+    sni: Option<Arc<str>>,
     in_flight: InFlight,
 ) -> Response<Body> {
     let started = Instant::now();
@@ -56,7 +57,7 @@ pub(super) async fn handle(
         status: 0,
         started,
     };
-    let resp = route_request(req, &state, peer, &mut entry).await;
+    let resp = route_request(req, &state, peer, sni.as_deref(), &mut entry).await;
     state.metrics.response(resp.status().as_u16());
     entry.status = resp.status().as_u16();
     resp.map(|body| {
@@ -74,6 +75,7 @@ async fn route_request(
     req: Request<Incoming>,
     state: &HttpState,
     peer: SocketAddr,
+    sni: Option<&str>,
     entry: &mut AccessEntry,
 ) -> Response<Body> {
     // ACME validations bypass IP rules and auth; nothing else does.
@@ -92,6 +94,15 @@ async fn route_request(
         debug!(%peer, host = %host.name, "no route for host");
         return refuse::response(Refusal::NotFound);
     };
+    // HTTP/2 lets a browser reuse a connection for another name the
+    // certificate covers; a name it does not cover was misdirected here.
+    if let Some(sni) = sni
+        && !sni.eq_ignore_ascii_case(&host.name)
+        && !state.certs.same_certificate(sni, &host.name)
+    {
+        debug!(%peer, sni, host = %host.name, "request for a host this connection's certificate does not cover");
+        return refuse::response(Refusal::Misdirected);
+    }
     let ip = client_ip(peer, req.headers(), &state.trusted_proxies);
     entry.client = ip;
     if let Decision::Deny(reason) = state.access.check(ip).and(route.rules.check(ip)) {

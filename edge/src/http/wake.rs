@@ -16,9 +16,10 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use tokio::time::Instant;
 
-use super::{Body, error_response};
+use super::Body;
 use crate::access::login::escape;
 use crate::config::RouteConfig;
+use crate::refusal::Refusal;
 use crate::tunnel::registry::WAKE_REQUEST_REPEAT;
 use crate::tunnel::{OpenError, Registry};
 
@@ -73,25 +74,22 @@ pub fn is_navigation<B>(req: &Request<B>) -> bool {
             .any(|v| v.contains("text/html"))
 }
 
-fn retry_after(mut r: Response<Body>) -> Response<Body> {
-    r.headers_mut()
-        .insert(header::RETRY_AFTER, RETRY_AFTER.as_secs().into());
-    r
-}
-
 /// 503 with Retry-After: the service is not ready.
-pub fn unavailable(message: &str) -> Response<Body> {
-    retry_after(error_response(StatusCode::SERVICE_UNAVAILABLE, message))
+pub fn unavailable(message: &'static str) -> Response<Body> {
+    super::refuse::response(Refusal::Unavailable {
+        message,
+        retry_after: RETRY_AFTER,
+    })
 }
 
 /// The page a browser gets while the service wakes (503, so nothing caches
-/// or indexes it as the app).
-pub fn waiting_page(route: &RouteConfig) -> Response<Body> {
+/// or indexes it as the app); rendered for [`Refusal::Waking`].
+pub(super) fn waiting_page(host: &str) -> Response<Body> {
     let mut html = String::from(
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
 <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">",
     );
-    let host = escape(&route.host);
+    let host = escape(host);
     let _ = write!(
         html,
         "<title>Waking {host}</title>\
@@ -115,7 +113,7 @@ setTimeout(poll,{poll})}}\
 poll();</script></body></html>",
         poll = PAGE_POLL.as_millis(),
     );
-    retry_after(super::html_response(StatusCode::SERVICE_UNAVAILABLE, html))
+    super::html_response(StatusCode::SERVICE_UNAVAILABLE, html)
 }
 
 /// The waiting page's view of the route's service, as JSON:
@@ -276,28 +274,12 @@ mod tests {
         assert!(!worth_waking(&OpenError::ReplyTimeout));
     }
 
-    fn route(host: &str) -> RouteConfig {
-        RouteConfig {
-            host: host.into(),
-            agent: Name::new("home").unwrap(),
-            service: Name::new("ollama").unwrap(),
-            auth: crate::config::AuthMode::None,
-            users: vec![],
-            rules: Default::default(),
-            public_paths: vec![],
-            host_header: None,
-            idle_timeout: None,
-            response_timeout: None,
-            wake: crate::config::WakeConfig {
-                hold: Duration::from_secs(180),
-                page: true,
-            },
-        }
-    }
 
     #[tokio::test]
     async fn the_waiting_page_escapes_the_host_and_polls_the_status_path() {
-        let r = waiting_page(&route("a<b>.example"));
+        let r = super::super::refuse::response(Refusal::Waking {
+            host: "a<b>.example".into(),
+        });
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(r.headers()[header::RETRY_AFTER], "10");
         assert_eq!(r.headers()[header::CACHE_CONTROL], "no-store");

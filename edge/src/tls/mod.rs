@@ -134,6 +134,15 @@ impl CertStore {
         sni.and_then(|s| map.get(&s.to_ascii_lowercase()).cloned())
     }
 
+    /// Whether names `a` and `b` are served with one certificate (so a
+    /// connection made for one may carry requests for the other).
+    pub fn same_certificate(&self, a: &str, b: &str) -> bool {
+        match (self.by_name(Some(a)), self.by_name(Some(b))) {
+            (Some(x), Some(y)) => Arc::ptr_eq(&x, &y),
+            _ => false,
+        }
+    }
+
     /// The resolver for the HTTPS listener.
     pub fn https_resolver(self: &Arc<Self>) -> Arc<dyn ResolvesServerCert> {
         Arc::new(HttpsResolver(self.clone()))
@@ -288,4 +297,25 @@ pub fn self_signed(state_dir: &Path, names: &[String]) -> Result<Arc<CertifiedKe
         vec![cert.der().clone()],
         PrivateKeyDer::Pkcs8(key.serialize_der().into()),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_share_a_certificate_only_when_one_was_installed_for_both() {
+        let identity = temporary(&["identity.burrow".to_owned()]).unwrap();
+        let store = CertStore::new(identity);
+        let both = ["a.example".to_owned(), "b.example".to_owned()];
+        store.install(&both, temporary(&both).unwrap());
+        store.install(
+            &["c.example".to_owned()],
+            temporary(&["c.example".to_owned()]).unwrap(),
+        );
+        assert!(store.same_certificate("a.example", "B.example"));
+        assert!(!store.same_certificate("a.example", "c.example"));
+        assert!(!store.same_certificate("a.example", "unknown.example"));
+        assert!(store.get("unknown.example").is_none());
+    }
 }
