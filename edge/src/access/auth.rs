@@ -14,7 +14,7 @@ use argon2::password_hash::{
 };
 use argon2::{Algorithm, Argon2};
 use ring::rand::{SecureRandom, SystemRandom};
-use tokio::sync::{OnceCell, Semaphore};
+use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
 
 /// argon2 checks running at once (each takes a core for tens of ms).
@@ -174,7 +174,7 @@ pub struct Verifier {
     cache: Mutex<HashMap<[u8; 32], Instant>>,
     /// Checks running now by credential: the same credential sent again
     /// meanwhile waits for that answer instead of hashing again.
-    inflight: Mutex<HashMap<[u8; 32], Arc<OnceCell<Verdict>>>>,
+    inflight: Mutex<HashMap<[u8; 32], watch::Receiver<Option<Verdict>>>>,
     running: Arc<Semaphore>,
     queued: Arc<Semaphore>,
     unknown_queued: Arc<Semaphore>,
@@ -186,6 +186,23 @@ impl std::fmt::Debug for Verifier {
         f.debug_struct("Verifier")
             .field("users", &self.users.len())
             .finish_non_exhaustive()
+    }
+}
+
+/// A running check's place in [`Verifier::inflight`], removed when the
+/// check ends or is dropped.
+struct InflightEntry<'a> {
+    map: &'a Mutex<HashMap<[u8; 32], watch::Receiver<Option<Verdict>>>>,
+    id: [u8; 32],
+    rx: watch::Receiver<Option<Verdict>>,
+}
+
+impl Drop for InflightEntry<'_> {
+    fn drop(&mut self) {
+        let mut map = self.map.lock().expect("inflight lock not poisoned");
+        if map.get(&self.id).is_some_and(|r| r.same_channel(&self.rx)) {
+            map.remove(&self.id);
+        }
     }
 }
 
@@ -237,9 +254,11 @@ impl Verifier {
     }
 
     /// Checks a credential. A remembered success answers at once; a check
-    /// of the same credential already running is waited for; otherwise
-    /// `admit` decides whether this check may run (the throttle), and what
-    /// it returns comes back beside the verdict. `Err` is `admit`'s refusal.
+    /// of the same credential already running is waited for (and shares
+    /// its verdict; if that check is abandoned, the waiter starts over);
+    /// otherwise `admit` decides whether this check may run (the
+    /// throttle), and what it returns comes back beside the verdict. `Err`
+    /// is `admit`'s refusal.
     pub async fn verify_with<P, E>(
         &self,
         user: &str,
@@ -247,54 +266,76 @@ impl Verifier {
         admit: impl FnOnce() -> Result<P, E>,
     ) -> Result<(Verdict, Option<P>), E> {
         let id = self.cache_id(user, password);
-        let now = Instant::now();
-        {
-            let cache = self.cache.lock().expect("cache lock not poisoned");
-            if cache.get(&id).is_some_and(|&until| until > now) {
-                return Ok((Verdict::Valid, None));
-            }
-        }
-        let (cell, admitted) = {
-            let mut inflight = self.inflight.lock().expect("inflight lock not poisoned");
-            match inflight.get(&id) {
-                Some(cell) => (cell.clone(), None),
-                None => {
-                    let admitted = admit()?;
-                    let cell = Arc::new(OnceCell::new());
-                    inflight.insert(id, cell.clone());
-                    (cell, Some(admitted))
+        let mut admit = Some(admit);
+        loop {
+            let now = Instant::now();
+            {
+                let cache = self.cache.lock().expect("cache lock not poisoned");
+                if cache.get(&id).is_some_and(|&until| until > now) {
+                    return Ok((Verdict::Valid, None));
                 }
             }
-        };
-        let verdict = *cell.get_or_init(|| self.run(user, password, id)).await;
-        if admitted.is_some() {
-            let mut inflight = self.inflight.lock().expect("inflight lock not poisoned");
-            if inflight.get(&id).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
-                inflight.remove(&id);
+            let running = {
+                let mut inflight = self.inflight.lock().expect("inflight lock not poisoned");
+                match inflight.get(&id) {
+                    Some(rx) => Err(rx.clone()),
+                    None => {
+                        let admit = admit.take().expect("admitted once: a leader returns");
+                        let admitted = admit()?;
+                        let (tx, rx) = watch::channel(None);
+                        inflight.insert(id, rx.clone());
+                        Ok((tx, rx, admitted))
+                    }
+                }
+            };
+            match running {
+                Ok((tx, rx, admitted)) => {
+                    // Removes the entry however this ends, a dropped
+                    // request included, so a credential is never stuck.
+                    let _entry = InflightEntry {
+                        map: &self.inflight,
+                        id,
+                        rx,
+                    };
+                    let verdict = self.run(user, password, id).await;
+                    tx.send_replace(Some(verdict));
+                    return Ok((verdict, Some(admitted)));
+                }
+                Err(mut rx) => {
+                    if let Ok(v) = rx.wait_for(Option::is_some).await {
+                        return Ok(((*v).unwrap_or(Verdict::Busy), None));
+                    }
+                    // The check was abandoned: start over, as a leader if
+                    // no one else is checking, so it is admitted (and
+                    // counted) like any other.
+                }
             }
         }
-        Ok((verdict, admitted))
     }
 
     async fn run(&self, user: &str, password: &[u8], id: [u8; 32]) -> Verdict {
         let known = self.users.get(user);
-        let Ok(_queued) = self.queued.clone().try_acquire_owned() else {
+        let Ok(queued) = self.queued.clone().try_acquire_owned() else {
             return Verdict::Busy;
         };
-        let _unknown = match known {
+        let unknown = match known {
             Some(_) => None,
             None => match self.unknown_queued.clone().try_acquire_owned() {
                 Ok(p) => Some(p),
                 Err(_) => return Verdict::Busy,
             },
         };
-        let Ok(_running) = self.running.clone().acquire_owned().await else {
+        let Ok(running) = self.running.clone().acquire_owned().await else {
             return Verdict::Busy;
         };
         let hash = known.unwrap_or(&self.dummy).clone();
         let password = password.to_vec();
         self.argon2_runs.fetch_add(1, Ordering::Relaxed);
         let ok = tokio::task::spawn_blocking(move || {
+            // The slots are held until the hash is done, even when the
+            // request that asked is gone: abandoned checks still use a
+            // core, so they still count.
+            let _slots = (queued, unknown, running);
             Argon2::default()
                 .verify_password(&password, &hash.password_hash())
                 .is_ok()
@@ -416,6 +457,38 @@ mod tests {
             1,
             "one check, one admission"
         );
+        assert!(v.inflight.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_waiter_on_an_abandoned_check_starts_over_and_is_admitted() {
+        use std::future::Future;
+        use std::task::Poll;
+        let users = HashMap::from([("alice".to_owned(), parse_hash(&cheap("right")).unwrap())]);
+        let v = Verifier::new(users);
+        let admitted = std::sync::atomic::AtomicU32::new(0);
+        let admit = || {
+            admitted.fetch_add(1, Ordering::Relaxed);
+            Ok::<(), ()>(())
+        };
+        let mut leader = Box::pin(v.verify_with("alice", b"wrong", admit));
+        let mut waiter = Box::pin(v.verify_with("alice", b"wrong", admit));
+        // One poll each: the leader starts hashing, the waiter waits on it.
+        let leader_pending =
+            std::future::poll_fn(|cx| Poll::Ready(leader.as_mut().poll(cx).is_pending())).await;
+        let waiter_pending =
+            std::future::poll_fn(|cx| Poll::Ready(waiter.as_mut().poll(cx).is_pending())).await;
+        assert!(leader_pending && waiter_pending);
+        assert_eq!(admitted.load(Ordering::Relaxed), 1);
+        // The client of the running check goes away.
+        drop(leader);
+        let (verdict, admission) = waiter.await.unwrap();
+        assert_eq!(verdict, Verdict::Invalid);
+        assert!(
+            admission.is_some(),
+            "the waiter ran the check itself, admitted"
+        );
+        assert_eq!(admitted.load(Ordering::Relaxed), 2);
         assert!(v.inflight.lock().unwrap().is_empty());
     }
 }

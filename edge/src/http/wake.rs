@@ -274,7 +274,6 @@ mod tests {
         assert!(!worth_waking(&OpenError::ReplyTimeout));
     }
 
-
     #[tokio::test]
     async fn the_waiting_page_escapes_the_host_and_polls_the_status_path() {
         let r = super::super::refuse::response(Refusal::Waking {
