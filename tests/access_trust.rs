@@ -348,6 +348,24 @@ async fn no_edge_credential_reaches_the_service_on_any_path() {
     assert_eq!(seen.headers.get("authorization"), None, "{seen:?}");
     assert_eq!(seen.headers["cookie"], vec!["a=1; b=2".to_owned()]);
 
+    // Two Authorization headers, one of them Basic: neither reaches the
+    // service (which one is the app's cannot be told).
+    let r = c
+        .send_request(
+            get_req("/static/two.js")
+                .header(AUTHORIZATION, "Bearer app-token-2")
+                .header(AUTHORIZATION, &password_header)
+                .header("proxy-authorization", &password_header)
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let seen = app.last();
+    assert_eq!(seen.headers.get("authorization"), None, "{seen:?}");
+    assert_eq!(seen.headers.get("proxy-authorization"), None, "{seen:?}");
+
     // A protected path with the session: the app's Bearer token passes,
     // our cookies do not.
     let r = c
@@ -777,13 +795,22 @@ async fn no_password_cookie_or_key_in_any_log_line_at_trace() {
         ("a wrong password", "not-the-password-9d2".to_owned()),
         ("the Basic credential", right[6..].to_owned()),
         ("the wrong Basic credential", wrong[6..].to_owned()),
+        // Whole values: their signatures are the secret part.
         (
             "the session cookie",
-            session.split_once('=').unwrap().1[..40].to_owned(),
+            session.split_once('=').unwrap().1.to_owned(),
         ),
         (
             "the device cookie",
-            device.split_once('=').unwrap().1[..40].to_owned(),
+            device.split_once('=').unwrap().1.to_owned(),
+        ),
+        (
+            "the session signature",
+            session.rsplit_once('.').unwrap().1.to_owned(),
+        ),
+        (
+            "the device signature",
+            device.rsplit_once('.').unwrap().1.to_owned(),
         ),
         ("the session key (hex)", hex),
         ("the session key (base64)", b64),

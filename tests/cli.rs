@@ -214,7 +214,7 @@ fn values_that_would_fail_later_fail_check_at_their_position() {
             "\"/static/*\"",
             "\"/a%20b\"",
             "route[0].public_paths[1]",
-            "percent-decoded",
+            "escapes are not supported",
         ),
         (
             "agent",

@@ -1055,7 +1055,7 @@ mod tests {
         for (bad, why) in [
             ("/static/**", "'**' is not supported"),
             ("/*.js", "'*' may only be the last"),
-            ("/caf%C3%A9", "percent-decoded"),
+            ("/caf%C3%A9", "escapes are not supported"),
             ("manifest.json", "must start with '/'"),
         ] {
             let err = parse(&route(&format!("\"/manifest.json\", \"{bad}\""))).unwrap_err();

@@ -231,7 +231,10 @@ impl Gate {
         let d = self
             .sessions
             .verify_device(session::find_device_cookie(headers)?, &route.host)?;
-        (d.user == user).then_some(d.id)
+        // Bound to the password it signed in with: a new password (or
+        // `logout-all`) ends the exemption too.
+        let current = self.users.get(user)?.tag;
+        (d.user == user && d.password_tag == current).then_some(d.id)
     }
 
     /// Checks a user name and password for `route`, throttled.
@@ -246,8 +249,11 @@ impl Gate {
         let key = ClientKey::of(client);
         if user.len() > MAX_USER_NAME {
             // Refused unseen: nothing about the name is kept or logged.
-            warn!(%client, user_len = user.len(), host = %route.host, "failed login: user name too long");
             let attempt = Attempt::anonymous(key);
+            if let Err(wait) = self.throttle.check(&attempt) {
+                return PasswordCheck::Refuse(Refusal::TooManyLogins { retry_after: wait });
+            }
+            warn!(%client, user_len = user.len(), host = %route.host, "failed login: user name too long");
             self.throttle.failure(&attempt);
             return match self.throttle.check(&attempt) {
                 Err(wait) => PasswordCheck::Refuse(Refusal::TooManyLogins { retry_after: wait }),
@@ -255,10 +261,13 @@ impl Gate {
             };
         }
         let known = self.users.get(user).map(|u| u.name.clone());
+        // A name that is not configured is logged as such: it is often a
+        // password typed into the wrong field.
+        let shown = known.as_deref().unwrap_or("<unknown>");
         let device = self.device(headers, user, route);
-        let attempt = Attempt::new(key, known, device);
+        let attempt = Attempt::new(key, known.clone(), device);
         if let Err(wait) = self.throttle.check(&attempt) {
-            info!(%client, user, retry_after = ?wait, "login throttled");
+            info!(%client, user = shown, retry_after = ?wait, "login throttled");
             return PasswordCheck::Refuse(Refusal::TooManyLogins { retry_after: wait });
         }
         let checked = self
@@ -268,7 +277,7 @@ impl Gate {
         let (verdict, pending) = match checked {
             Ok(c) => c,
             Err(wait) => {
-                info!(%client, user, "login throttled: checks already running");
+                info!(%client, user = shown, "login throttled: checks already running");
                 return PasswordCheck::Refuse(Refusal::TooManyLogins { retry_after: wait });
             }
         };
@@ -280,17 +289,24 @@ impl Gate {
                 }
                 let mut cookies: Vec<HeaderValue> =
                     self.session_cookie(user, route).into_iter().collect();
-                if device.is_none() {
-                    cookies.extend(self.sessions.device_cookie(user, &route.host));
+                if device.is_none()
+                    && let Some(tag) = self.users.get(user).map(|u| u.tag)
+                {
+                    cookies.extend(self.sessions.device_cookie(user, &route.host, tag));
                 }
                 PasswordCheck::Valid(cookies)
             }
-            Verdict::Busy => PasswordCheck::Refuse(Refusal::Unavailable {
-                message: "busy checking logins; try again",
-                retry_after: LOGIN_BUSY_RETRY,
-            }),
+            Verdict::Busy => {
+                if let Some(p) = pending {
+                    p.released();
+                }
+                PasswordCheck::Refuse(Refusal::Unavailable {
+                    message: "busy checking logins; try again",
+                    retry_after: LOGIN_BUSY_RETRY,
+                })
+            }
             Verdict::Valid | Verdict::Invalid => {
-                warn!(%client, user, host = %route.host, known_device = device.is_some(), "failed login");
+                warn!(%client, user = shown, host = %route.host, known_device = device.is_some(), "failed login");
                 // The same credential sent while its check ran shares that
                 // check's verdict and its one failure.
                 if let Some(p) = pending {

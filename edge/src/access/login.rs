@@ -29,10 +29,12 @@ pub(crate) fn escape(s: &str) -> String {
 
 /// Only local paths are followed after login (no open redirects).
 pub fn safe_next(next: &str) -> &str {
+    // Browsers drop tabs and newlines from URLs, so "/\t/evil.example"
+    // would become "//evil.example": no control characters at all.
     if next.starts_with('/')
         && !next.starts_with("//")
         && !next.starts_with("/\\")
-        && !next.contains(['\r', '\n'])
+        && !next.chars().any(char::is_control)
     {
         next
     } else {
@@ -121,6 +123,8 @@ mod tests {
         assert_eq!(safe_next("//evil.example/"), "/");
         assert_eq!(safe_next("https://evil.example/"), "/");
         assert_eq!(safe_next("/ok"), "/ok");
+        assert_eq!(safe_next("/\t/evil.example"), "/");
+        assert_eq!(safe_next("/\r\n/x"), "/");
         assert!(!page("h", "\"><script>", Some("<b>")).contains("<script>"));
     }
 }

@@ -106,6 +106,16 @@ fn normalise_escapes(raw: &str, strict: Strictness) -> Result<String, PathError>
     Ok(out)
 }
 
+/// Whether a normalised path holds `%25` followed by the escape of `/`,
+/// `\\`, `.` or NUL: one decoding more (some services decode twice) and
+/// it is a separator or a dot segment the edge never saw.
+fn double_encoded_separator(escaped: &str) -> bool {
+    escaped.match_indices("%25").any(|(i, _)| {
+        let hex = escaped.get(i + 3..i + 5).unwrap_or("");
+        matches!(u8::from_str_radix(hex, 16), Ok(b'/' | b'\\' | b'.' | 0))
+    })
+}
+
 /// RFC 3986 5.2.4 on an absolute path whose escapes are normalised.
 fn remove_dot_segments(path: &str, strict: Strictness) -> Result<String, PathError> {
     let mut kept: Vec<&str> = Vec::new();
@@ -148,7 +158,18 @@ pub fn canonical(raw: &str, strict: Strictness) -> Result<String, PathError> {
     if !raw.starts_with('/') {
         return Err(PathError::Malformed);
     }
+    // Most paths have no escape, backslash or dot segment: already canonical.
+    if !raw.contains("/.")
+        && !raw
+            .bytes()
+            .any(|b| matches!(b, b'%' | b'\\') || !(0x21..=0x7e).contains(&b))
+    {
+        return Ok(raw.to_owned());
+    }
     let escaped = normalise_escapes(raw, strict)?;
+    if strict == Strictness::Protected && double_encoded_separator(&escaped) {
+        return Err(PathError::AmbiguousSeparator);
+    }
     remove_dot_segments(&escaped, strict)
 }
 
@@ -203,6 +224,9 @@ mod tests {
             "/static/..%5capi",
             "/static\\..\\api",
             "/a%00b",
+            "/static/..%252F..%252Fapi",
+            "/static/%252e%252e/api",
+            "/static/%25%32%66api",
         ] {
             assert_eq!(p(raw), Err(PathError::AmbiguousSeparator), "{raw}");
             assert!(canonical(raw, Strictness::Open).is_ok(), "{raw}");

@@ -59,7 +59,7 @@ impl PublicPath {
         if let Some(why) = s.chars().find_map(|c| match c {
             '?' => Some("'?' is not supported (the query is never part of the path)"),
             '#' => Some("'#' is not supported (a fragment is never sent)"),
-            '%' => Some("'%' never matches: paths are percent-decoded before matching"),
+            '%' => Some("'%' escapes are not supported in a public path; cover such names with a prefix ending in '*'"),
             '\\' => Some("'\\' is not a path separator"),
             c if c.is_whitespace() => Some("whitespace is not allowed"),
             c if c.is_control() => Some("control characters are not allowed"),
@@ -101,7 +101,7 @@ impl PublicPath {
         })
     }
 
-    /// Whether `canonical_path` (percent-decoded, without dot or empty
+    /// Whether `canonical_path` ([`super::path::canonical`], without dot
     /// segments, without query) is public under this pattern.
     pub fn matches(&self, canonical_path: &str) -> bool {
         match self.kind {
@@ -181,7 +181,7 @@ mod tests {
             ("/a/*/b", "'*' may only be the last"),
             ("/a?b", "'?'"),
             ("/a#b", "'#'"),
-            ("/caf%C3%A9", "percent-decoded"),
+            ("/caf%C3%A9", "escapes are not supported"),
             ("/a\\b", "'\\'"),
             ("/a b", "whitespace"),
             ("/a\tb", "whitespace"),

@@ -15,7 +15,8 @@
 //!
 //! The device cookie marks a browser that signed in as a user before
 //! (OWASP's device cookies): the login throttle judges it by its own
-//! failures. Value: `hex(user).hex(host).hex(id).expiry.hex(mac)`.
+//! failures. Value: `hex(user).hex(host).hex(id).expiry.generation.hex(tag).hex(mac)`;
+//! like a session, it ends with a new password or `burrow logout-all`.
 //!
 //! Sessions and device tokens are signed with separate keys derived from
 //! the one secret in `state_dir/session.key`.
@@ -73,6 +74,8 @@ pub struct Session {
 pub struct Device {
     pub user: String,
     pub id: [u8; 16],
+    /// The password hash it signed in with (see [`password_tag`]).
+    pub password_tag: [u8; 8],
 }
 
 fn hex(b: &[u8]) -> String {
@@ -164,11 +167,14 @@ impl Generation {
             return cached.value;
         }
         match read_generation(path) {
+            // Never backwards: a deleted or rewritten file does not bring
+            // revoked sessions back.
             Ok(g) => {
+                let value = g.max(cached.value);
                 *cached = Cached {
                     stamp,
                     read_at: Some(now),
-                    value: g,
+                    value,
                 };
             }
             // Unreadable or garbled: keep the last one we read, which is
@@ -336,15 +342,17 @@ impl SessionKeys {
 
     /// The Set-Cookie header that marks this browser as one `user` signed
     /// in from.
-    pub fn device_cookie(&self, user: &str, host: &str) -> Option<HeaderValue> {
+    pub fn device_cookie(&self, user: &str, host: &str, tag: [u8; 8]) -> Option<HeaderValue> {
         let mut id = [0u8; 16];
         SystemRandom::new().fill(&mut id).ok()?;
         let payload = format!(
-            "{}.{}.{}.{}",
+            "{}.{}.{}.{}.{}.{}",
             hex(user.as_bytes()),
             hex(host.as_bytes()),
             hex(&id),
-            unix_now().saturating_add(DEVICE_TTL.as_secs())
+            unix_now().saturating_add(DEVICE_TTL.as_secs()),
+            self.generation.current(),
+            hex(&tag),
         );
         let v = format!(
             "{DEVICE_COOKIE_NAME}={}; Path=/; Max-Age={}; HttpOnly; Secure; SameSite=Strict",
@@ -354,7 +362,8 @@ impl SessionKeys {
         HeaderValue::from_str(&v).ok()
     }
 
-    /// The device token in `value` if it is ours, for `host` and unexpired.
+    /// The device token in `value` if it is ours, for `host`, unexpired
+    /// and not revoked.
     pub fn verify_device(&self, value: &str, host: &str) -> Option<Device> {
         let payload = signed(&self.device, value)?;
         let mut parts = payload.split('.');
@@ -362,10 +371,20 @@ impl SessionKeys {
         let cookie_host = unhex(parts.next()?)?;
         let id: [u8; 16] = unhex(parts.next()?)?.try_into().ok()?;
         let expiry: u64 = parts.next()?.parse().ok()?;
-        if parts.next().is_some() || cookie_host != host.as_bytes() || expiry <= unix_now() {
+        let generation: u64 = parts.next()?.parse().ok()?;
+        let password_tag: [u8; 8] = unhex(parts.next()?)?.try_into().ok()?;
+        if parts.next().is_some()
+            || cookie_host != host.as_bytes()
+            || expiry <= unix_now()
+            || generation != self.generation.current()
+        {
             return None;
         }
-        Some(Device { user, id })
+        Some(Device {
+            user,
+            id,
+            password_tag,
+        })
     }
 }
 
@@ -375,62 +394,88 @@ pub fn clear_cookie() -> HeaderValue {
     HeaderValue::from_static("__Host-burrow=; Path=/; Max-Age=0; HttpOnly; Secure; SameSite=Lax")
 }
 
-fn cookie_pairs(headers: &http::HeaderMap) -> impl Iterator<Item = (&str, &str)> {
+/// The cookies of every Cookie header, as bytes (a cookie the app set may
+/// not be UTF-8; it must neither hide ours nor be lost). `;` separates
+/// cookies; `,` too, as a front proxy that joins headers the HTTP way
+/// would write it.
+fn cookie_items(headers: &http::HeaderMap) -> impl Iterator<Item = &[u8]> {
     headers
         .get_all(http::header::COOKIE)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|c| c.trim().split_once('='))
+        .flat_map(|v| v.as_bytes().split(|b| *b == b';' || *b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|c| !c.is_empty())
+}
+
+fn split_pair(item: &[u8]) -> (&[u8], &[u8]) {
+    match item.iter().position(|b| *b == b'=') {
+        Some(i) => (item[..i].trim_ascii(), &item[i + 1..]),
+        None => (item, &[]),
+    }
+}
+
+fn find_named<'a>(headers: &'a http::HeaderMap, name: &str) -> Option<&'a str> {
+    cookie_items(headers)
+        .map(split_pair)
+        .find(|(k, _)| *k == name.as_bytes())
+        .and_then(|(_, v)| std::str::from_utf8(v).ok())
 }
 
 /// The session cookie's value among a request's Cookie headers.
 pub fn find_cookie(headers: &http::HeaderMap) -> Option<&str> {
-    cookie_pairs(headers)
-        .find(|(k, _)| *k == COOKIE_NAME)
-        .map(|(_, v)| v)
+    find_named(headers, COOKIE_NAME)
 }
 
 /// The device cookie's value among a request's Cookie headers.
 pub fn find_device_cookie(headers: &http::HeaderMap) -> Option<&str> {
-    cookie_pairs(headers)
-        .find(|(k, _)| *k == DEVICE_COOKIE_NAME)
-        .map(|(_, v)| v)
+    find_named(headers, DEVICE_COOKIE_NAME)
+}
+
+/// Whether a cookie is one of ours, in any letter case.
+fn ours(item: &[u8]) -> bool {
+    let (name, _) = split_pair(item.trim_ascii());
+    name.eq_ignore_ascii_case(COOKIE_NAME.as_bytes())
+        || name.eq_ignore_ascii_case(DEVICE_COOKIE_NAME.as_bytes())
 }
 
 /// Removes our cookies from the Cookie headers and joins what is left into
 /// one header (HTTP/2 sends cookies as separate crumbs; an HTTP/1.1
-/// service expects one line, RFC 9113 8.2.3). The app's cookies stay.
+/// service expects one line, RFC 9113 8.2.3). The app's cookies stay, byte
+/// for byte.
 pub fn strip_cookie(headers: &mut http::HeaderMap) {
     let mut all = headers.get_all(http::header::COOKIE).iter();
-    let Some(first) = all.next() else {
+    let Some(_) = all.next() else {
         return;
     };
     let single = all.next().is_none();
-    let ours = |c: &str| {
-        c.split_once('=')
-            .is_some_and(|(k, _)| k == COOKIE_NAME || k == DEVICE_COOKIE_NAME)
-    };
-    if single
-        && first
-            .to_str()
-            .is_ok_and(|v| !v.split(';').any(|c| ours(c.trim())))
-    {
+    if single && !cookie_items(headers).any(ours) {
         return;
     }
-    let kept: Vec<&str> = headers
-        .get_all(http::header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .map(str::trim)
-        .filter(|c| !c.is_empty() && !ours(c))
-        .collect();
-    let joined = (!kept.is_empty())
-        .then(|| HeaderValue::from_str(&kept.join("; ")).ok())
+    let mut joined: Vec<u8> = Vec::new();
+    for value in headers.get_all(http::header::COOKIE) {
+        for item in value.as_bytes().split(|b| *b == b';') {
+            let item = item.trim_ascii();
+            // A `,`-joined item keeps its other parts (an app's value may
+            // hold a comma); only ours go.
+            let kept: Vec<&[u8]> = item
+                .split(|b| *b == b',')
+                .filter(|part| !ours(part))
+                .collect();
+            let kept = kept.join(&b","[..]);
+            if kept.trim_ascii().is_empty() {
+                continue;
+            }
+            if !joined.is_empty() {
+                joined.extend_from_slice(b"; ");
+            }
+            joined.extend_from_slice(kept.trim_ascii());
+        }
+    }
+    let value = (!joined.is_empty())
+        .then(|| HeaderValue::from_bytes(&joined).ok())
         .flatten();
     headers.remove(http::header::COOKIE);
-    if let Some(v) = joined {
+    if let Some(v) = value {
         headers.insert(http::header::COOKIE, v);
     }
 }
@@ -491,11 +536,21 @@ mod tests {
         let keys = SessionKeys::load_or_create(&dir).unwrap();
         let v = keys.issue("alice", "h", [0; 8]);
         assert!(keys.verify(&v, "h").is_some());
+        let device = keys.device_cookie("alice", "h", [0; 8]).unwrap();
+        let device = device.to_str().unwrap().split(';').next().unwrap();
+        let device = device.split_once('=').unwrap().1.to_owned();
+        assert!(keys.verify_device(&device, "h").is_some());
         assert_eq!(revoke_all(&dir).unwrap(), 1);
         assert_eq!(keys.verify(&v, "h"), None, "revoked without a restart");
+        assert_eq!(keys.verify_device(&device, "h"), None, "devices too");
+        // Deleting the file does not bring revoked sessions back.
+        std::fs::remove_file(dir.join(GENERATION_FILE)).unwrap();
+        assert_eq!(keys.verify(&v, "h"), None);
+        revoke_all(&dir).unwrap();
         let fresh = keys.issue("alice", "h", [0; 8]);
         assert!(keys.verify(&fresh, "h").is_some());
         // A restart reads the generation back.
+        let fresh = keys.issue("alice", "h", [0; 8]);
         let again = SessionKeys::load_or_create(&dir).unwrap();
         assert!(again.verify(&fresh, "h").is_some());
         assert_eq!(again.verify(&v, "h"), None);
@@ -505,7 +560,9 @@ mod tests {
     #[test]
     fn device_tokens_verify_for_their_user_and_host() {
         let keys = SessionKeys::from_bytes(&[7; 32]);
-        let set = keys.device_cookie("bob", "chat.example.com").unwrap();
+        let set = keys
+            .device_cookie("bob", "chat.example.com", [3; 8])
+            .unwrap();
         let set = set.to_str().unwrap();
         for attr in ["HttpOnly", "Secure", "SameSite=Strict", "Path=/"] {
             assert!(set.contains(attr), "{set}");
@@ -517,7 +574,7 @@ mod tests {
             .strip_prefix("__Host-burrow-device=")
             .unwrap();
         let d = keys.verify_device(value, "chat.example.com").unwrap();
-        assert_eq!(d.user, "bob");
+        assert_eq!((d.user.as_str(), d.password_tag), ("bob", [3; 8]));
         assert_eq!(keys.verify_device(value, "other.example.com"), None);
         assert_eq!(keys.verify(value, "chat.example.com"), None);
     }
@@ -552,6 +609,23 @@ mod tests {
         strip_cookie(&mut crumbs);
         assert_eq!(crumbs.get_all(http::header::COOKIE).iter().count(), 1);
         assert_eq!(crumbs[http::header::COOKIE], "a=1; b=2");
+        // Bytes that are not UTF-8 neither hide our cookie nor get lost;
+        // other letter cases and ','-joined headers are ours too.
+        let mut odd = http::HeaderMap::new();
+        odd.append(
+            http::header::COOKIE,
+            HeaderValue::from_bytes(b"name=caf\xe9; __Host-burrow=s1").unwrap(),
+        );
+        odd.append(
+            http::header::COOKIE,
+            HeaderValue::from_static("list=a,b, __HOST-BURROW-DEVICE=d; x=1"),
+        );
+        assert_eq!(find_cookie(&odd), Some("s1"));
+        strip_cookie(&mut odd);
+        assert_eq!(
+            odd[http::header::COOKIE].as_bytes(),
+            b"name=caf\xe9; list=a,b; x=1"
+        );
         let set = SessionKeys::from_bytes(&[1; 32]).set_cookie("u", "h", [0; 8]);
         let set = set.to_str().unwrap();
         for attr in ["HttpOnly", "Secure", "SameSite=Lax", "Path=/", "Max-Age="] {

@@ -31,9 +31,10 @@ pub const USER_FREE_FAILURES: u32 = 20;
 /// The first lock; each further failure doubles it.
 pub const BASE_LOCK: Duration = Duration::from_secs(1);
 pub const MAX_LOCK: Duration = Duration::from_secs(15 * 60);
-/// Counters kept at most; idle ones are forgotten first.
+/// Address counters kept at most; beyond them, new addresses share one.
 pub const MAX_ENTRIES: usize = 10_000;
-/// A counter with no failure for this long is forgotten.
+/// A counter with no failure for this long starts over (and an address's
+/// may be forgotten).
 pub const FORGET_AFTER: Duration = Duration::from_secs(3600);
 /// Longer user names are refused before anything about them is stored.
 pub const MAX_USER_NAME: usize = 256;
@@ -48,13 +49,15 @@ enum Key {
     UnknownUsers,
     /// A browser that signed in before, by its token's id.
     Device([u8; 16]),
+    /// New addresses while the table is full of counters it must keep.
+    Overflow,
 }
 
 impl Key {
     fn free_failures(&self) -> u32 {
         match self {
             Self::Addr(_) | Self::Device(_) => ADDR_FREE_FAILURES,
-            Self::User(_) | Self::UnknownUsers => USER_FREE_FAILURES,
+            Self::User(_) | Self::UnknownUsers | Self::Overflow => USER_FREE_FAILURES,
         }
     }
 }
@@ -105,15 +108,89 @@ impl Entry {
             last: now,
         }
     }
+
+    fn locked(&self, now: Instant) -> bool {
+        self.locked_until.is_some_and(|u| u > now)
+    }
+
+    /// A counter quiet for [`FORGET_AFTER`] starts over.
+    fn decay(&mut self, now: Instant) {
+        if self.pending == 0 && !self.locked(now) && now.duration_since(self.last) >= FORGET_AFTER {
+            self.failures = 0;
+        }
+    }
+}
+
+/// The counters, and when the table was last swept.
+#[derive(Debug, Default)]
+struct Table {
+    map: HashMap<Key, Entry>,
+    swept: Option<Instant>,
+}
+
+/// How often a full table is swept for forgettable counters.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+impl Table {
+    /// The key that counts for `key`: itself, unless it is a new address
+    /// and the table is full of counters that must be kept, when all such
+    /// addresses share [`Key::Overflow`]. Only addresses are ever left out:
+    /// user names are as many as the config has, and device ids as many
+    /// as logins that succeeded.
+    fn resolve(&self, key: &Key) -> Key {
+        if matches!(key, Key::Addr(_))
+            && self.map.len() >= MAX_ENTRIES
+            && !self.map.contains_key(key)
+        {
+            Key::Overflow
+        } else {
+            key.clone()
+        }
+    }
+
+    /// Room for a new address when the table is full: forgets idle
+    /// address counters (never a locked one, one with a check running, or
+    /// a user's or device's), at most once a second.
+    fn make_room(&mut self, key: &Key, now: Instant) {
+        if !matches!(key, Key::Addr(_))
+            || self.map.len() < MAX_ENTRIES
+            || self.map.contains_key(key)
+            || self
+                .swept
+                .is_some_and(|t| now.duration_since(t) < SWEEP_EVERY)
+        {
+            return;
+        }
+        self.swept = Some(now);
+        self.map.retain(|k, e| {
+            !matches!(k, Key::Addr(_))
+                || e.pending > 0
+                || e.locked(now)
+                || now.duration_since(e.last) < FORGET_AFTER
+        });
+    }
+
+    fn entry(&mut self, key: &Key, now: Instant) -> (Key, &mut Entry) {
+        self.make_room(key, now);
+        let key = self.resolve(key);
+        let e = self
+            .map
+            .entry(key.clone())
+            .or_insert_with(|| Entry::new(now));
+        e.decay(now);
+        (key, e)
+    }
 }
 
 #[derive(Debug, Default)]
 pub struct Throttle {
-    entries: Mutex<HashMap<Key, Entry>>,
+    table: Mutex<Table>,
 }
 
 /// A check in progress: it counts against the free failures until it is
-/// settled or dropped.
+/// settled. Dropped unsettled (its request went away mid-check), it counts
+/// as a failure: a guess abandoned once the hashing started cost us the
+/// hash all the same.
 #[must_use]
 #[derive(Debug)]
 pub struct Pending<'a> {
@@ -133,59 +210,67 @@ fn lock_for(failures: u32, free: u32) -> Option<Duration> {
     )
 }
 
+fn fail(key: &Key, e: &mut Entry, now: Instant) {
+    e.failures = e.failures.saturating_add(1);
+    e.last = now;
+    if let Some(d) = lock_for(e.failures, key.free_failures()) {
+        e.locked_until = Some(now + d);
+    }
+}
+
 impl Throttle {
     pub fn new() -> Self {
         Self::default()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Entry>> {
-        self.entries.lock().expect("throttle lock not poisoned")
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().expect("throttle lock not poisoned")
     }
 
-    /// `Err(wait)` when any key of `attempt` is locked now.
-    pub fn check(&self, attempt: &Attempt) -> Result<(), Duration> {
-        let now = Instant::now();
-        let entries = self.lock();
+    fn wait(table: &Table, attempt: &Attempt, now: Instant) -> Result<(), Duration> {
         let wait = attempt
             .keys
             .iter()
-            .filter_map(|k| entries.get(k)?.locked_until)
+            .filter_map(|k| table.map.get(&table.resolve(k))?.locked_until)
             .filter(|until| *until > now)
             .map(|until| until - now)
             .max();
         wait.map_or(Ok(()), Err)
     }
 
+    /// `Err(wait)` when any key of `attempt` is locked now.
+    pub fn check(&self, attempt: &Attempt) -> Result<(), Duration> {
+        Self::wait(&self.lock(), attempt, Instant::now())
+    }
+
     /// Starts a password check for `attempt`: `Err(wait)` when a key is
     /// locked, or when the checks already running would use up its free
     /// failures if they failed (then `wait` is [`BASE_LOCK`]).
     pub fn begin(&self, attempt: &Attempt) -> Result<Pending<'_>, Duration> {
-        self.check(attempt)?;
         let now = Instant::now();
-        let mut entries = self.lock();
+        let mut table = self.lock();
+        Self::wait(&table, attempt, now)?;
         // Below the free failures, no more checks run at once than there
         // are failures left; past them (the lock just ran out), one.
         for key in &attempt.keys {
-            if let Some(e) = entries.get(key)
+            let key = table.resolve(key);
+            if let Some(e) = table.map.get(&key)
                 && e.pending > 0
                 && e.failures.saturating_add(e.pending) >= key.free_failures()
             {
                 return Err(BASE_LOCK);
             }
         }
+        let mut keys = Vec::with_capacity(attempt.keys.len());
         for key in &attempt.keys {
-            if !entries.contains_key(key) && entries.len() >= MAX_ENTRIES {
-                Self::evict(&mut entries, now);
-            }
-            let e = entries
-                .entry(key.clone())
-                .or_insert_with(|| Entry::new(now));
+            let (key, e) = table.entry(key, now);
             e.pending += 1;
             e.last = now;
+            keys.push(key);
         }
         Ok(Pending {
             throttle: self,
-            keys: attempt.keys.clone(),
+            keys,
         })
     }
 
@@ -193,37 +278,27 @@ impl Throttle {
     /// long to look at).
     pub fn failure(&self, attempt: &Attempt) {
         let now = Instant::now();
-        let mut entries = self.lock();
+        let mut table = self.lock();
         for key in &attempt.keys {
-            if !entries.contains_key(key) && entries.len() >= MAX_ENTRIES {
-                Self::evict(&mut entries, now);
-            }
-            let e = entries
-                .entry(key.clone())
-                .or_insert_with(|| Entry::new(now));
-            Self::fail(key, e, now);
-        }
-    }
-
-    fn fail(key: &Key, e: &mut Entry, now: Instant) {
-        e.failures = e.failures.saturating_add(1);
-        e.last = now;
-        if let Some(d) = lock_for(e.failures, key.free_failures()) {
-            e.locked_until = Some(now + d);
+            let (key, e) = table.entry(key, now);
+            fail(&key, e, now);
         }
     }
 
     /// A success clears the counters of the attempt's keys, except the
-    /// shared bucket of unknown names.
+    /// shared buckets.
     pub fn success(&self, attempt: &Attempt) {
-        let mut entries = self.lock();
-        for key in &attempt.keys {
-            if *key == Key::UnknownUsers {
+        Self::clear(&mut self.lock(), &attempt.keys);
+    }
+
+    fn clear(table: &mut Table, keys: &[Key]) {
+        for key in keys {
+            if matches!(key, Key::UnknownUsers | Key::Overflow) {
                 continue;
             }
-            if let Some(e) = entries.get_mut(key) {
+            if let Some(e) = table.map.get_mut(key) {
                 if e.pending == 0 {
-                    entries.remove(key);
+                    table.map.remove(key);
                 } else {
                     e.failures = 0;
                     e.locked_until = None;
@@ -236,31 +311,15 @@ impl Throttle {
     pub fn locked_addresses(&self) -> usize {
         let now = Instant::now();
         self.lock()
+            .map
             .iter()
-            .filter(|(k, e)| matches!(k, Key::Addr(_)) && e.locked_until.is_some_and(|u| u > now))
+            .filter(|(k, e)| matches!(k, Key::Addr(_)) && e.locked(now))
             .count()
-    }
-
-    fn evict(entries: &mut HashMap<Key, Entry>, now: Instant) {
-        entries.retain(|_, e| {
-            e.pending > 0
-                || now.duration_since(e.last) < FORGET_AFTER
-                || e.locked_until.is_some_and(|u| u > now)
-        });
-        if entries.len() >= MAX_ENTRIES
-            && let Some(oldest) = entries
-                .iter()
-                .filter(|(_, e)| e.pending == 0)
-                .min_by_key(|(_, e)| e.last)
-                .map(|(k, _)| k.clone())
-        {
-            entries.remove(&oldest);
-        }
     }
 
     /// Counters stored now.
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().map.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -269,50 +328,45 @@ impl Throttle {
 }
 
 impl Pending<'_> {
-    /// The check failed: count it.
-    pub fn failed(mut self) {
+    /// Takes the keys, so Drop sees a settled check; releases their
+    /// pending counts and, if `failed`, counts the failure.
+    fn settle(&mut self, failed: bool) -> (std::sync::MutexGuard<'_, Table>, Vec<Key>) {
         let keys = std::mem::take(&mut self.keys);
         let now = Instant::now();
-        let mut entries = self.throttle.lock();
+        let mut table = self.throttle.lock();
         for key in &keys {
-            if let Some(e) = entries.get_mut(key) {
-                Self::release(e);
-                Throttle::fail(key, e, now);
+            if let Some(e) = table.map.get_mut(key) {
+                e.pending = e.pending.saturating_sub(1);
+                if failed {
+                    fail(key, e, now);
+                }
             }
         }
+        (table, keys)
+    }
+
+    /// The check failed: count it.
+    pub fn failed(mut self) {
+        drop(self.settle(true));
     }
 
     /// The check passed: clear the counters.
     pub fn succeeded(mut self) {
-        let keys = std::mem::take(&mut self.keys);
-        {
-            let mut entries = self.throttle.lock();
-            for key in &keys {
-                if let Some(e) = entries.get_mut(key) {
-                    Self::release(e);
-                }
-            }
-        }
-        self.throttle.success(&Attempt { keys });
+        let (mut table, keys) = self.settle(false);
+        Throttle::clear(&mut table, &keys);
     }
 
-    fn release(e: &mut Entry) {
-        e.pending = e.pending.saturating_sub(1);
+    /// The check was not made (the hashing queue was full): it counts as
+    /// nothing.
+    pub fn released(mut self) {
+        drop(self.settle(false));
     }
 }
 
 impl Drop for Pending<'_> {
-    /// A check that never finished (busy, or its client left) counts as
-    /// nothing. (Settled checks have no keys left.)
     fn drop(&mut self) {
-        if self.keys.is_empty() {
-            return;
-        }
-        let mut entries = self.throttle.lock();
-        for key in &self.keys {
-            if let Some(e) = entries.get_mut(key) {
-                Self::release(e);
-            }
+        if !self.keys.is_empty() {
+            drop(self.settle(true));
         }
     }
 }
@@ -365,16 +419,17 @@ mod tests {
             .map(|_| t.begin(&a).expect("free"))
             .collect();
         assert_eq!(t.begin(&a).err(), Some(BASE_LOCK));
-        // One finishes without a verdict (client gone): a slot frees up.
+        // One was never checked (the hashing queue was full): a slot frees.
         let mut running = running.into_iter();
-        drop(running.next());
+        running.next().unwrap().released();
         let again = t.begin(&a).expect("a slot freed up");
         for p in running {
             p.failed();
         }
         again.failed();
         assert!(t.check(&a).is_ok(), "five failures are free");
-        fail(&t, &a);
+        // A check whose client went away mid-hash counts as a failure.
+        drop(t.begin(&a).unwrap());
         assert!(t.check(&a).is_err(), "six failures lock the address");
     }
 
@@ -420,7 +475,9 @@ mod tests {
         let stranger = attempt("203.0.113.1", "bob");
         assert!(t.check(&stranger).is_err(), "the spray locked bob");
         let device = Attempt::new(client("203.0.113.1"), Some("bob".into()), Some([7; 16]));
-        assert!(t.begin(&device).is_ok(), "bob's own browser is not locked");
+        t.begin(&device)
+            .expect("bob's own browser is not locked")
+            .released();
         for _ in 0..=ADDR_FREE_FAILURES {
             fail(&t, &device);
         }
@@ -428,12 +485,36 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn memory_is_bounded() {
+    async fn memory_is_bounded_and_a_flood_of_addresses_does_not_evict_locks() {
         let t = Throttle::new();
-        for i in 0..(MAX_ENTRIES as u32 + 500) {
-            let ip = std::net::IpAddr::from(i.to_be_bytes());
-            fail(&t, &Attempt::anonymous(ClientKey::of(ip)));
+        // bob is locked, and one address too.
+        let bob = attempt("203.0.113.7", "bob");
+        for i in 0..USER_FREE_FAILURES + 10 {
+            t.failure(&attempt(&format!("198.51.100.{i}"), "bob"));
         }
-        assert!(t.len() <= MAX_ENTRIES);
+        // Ten failures past the free ones: locked for 2^9 s.
+        for _ in 0..ADDR_FREE_FAILURES + 10 {
+            t.failure(&Attempt::anonymous(client("203.0.113.1")));
+        }
+        assert!(t.check(&bob).is_err());
+        // A flood of fresh addresses, each failing once, well past the cap.
+        for i in 0..(MAX_ENTRIES as u32 + 500) {
+            let ip = std::net::IpAddr::from((0x0a00_0000 + i).to_be_bytes());
+            t.failure(&Attempt::anonymous(ClientKey::of(ip)));
+            if i % 4096 == 0 {
+                tokio::time::advance(SWEEP_EVERY).await;
+            }
+        }
+        assert!(t.len() <= MAX_ENTRIES + 2, "{}", t.len());
+        assert!(t.check(&bob).is_err(), "bob's lock survived the flood");
+        assert!(
+            t.check(&Attempt::anonymous(client("203.0.113.1"))).is_err(),
+            "the locked address survived the flood"
+        );
+        // Idle, the counters start over and make room again.
+        tokio::time::advance(FORGET_AFTER + MAX_LOCK).await;
+        assert!(t.check(&bob).is_ok());
+        fail(&t, &Attempt::anonymous(client("192.0.2.99")));
+        assert!(t.len() < 100, "swept: {}", t.len());
     }
 }

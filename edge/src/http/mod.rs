@@ -133,6 +133,16 @@ fn own_response(status: StatusCode, content_type: &'static str, body: String) ->
         header::CACHE_CONTROL,
         header::HeaderValue::from_static("no-store"),
     );
+    // The edge's pages (login, sign-out, waiting) are never framed: a
+    // framed sign-out button could be clicked for the user.
+    h.insert(
+        header::X_FRAME_OPTIONS,
+        header::HeaderValue::from_static("DENY"),
+    );
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        header::HeaderValue::from_static("frame-ancestors 'none'"),
+    );
     r
 }
 
