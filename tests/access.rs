@@ -508,3 +508,58 @@ async fn ip_rules_judge_the_real_client_and_ignore_forged_headers() {
         "1.2.3.4 is judged and allowed; the service answered"
     );
 }
+
+#[tokio::test]
+async fn a_client_behind_the_proxy_cannot_choose_its_address_with_the_other_header() {
+    // Sent by the trusted proxy (127.0.0.1): the client's own Forwarded
+    // passed through, and X-Forwarded-For with the client appended.
+    let via_proxy = |forwarded: &str, xff: &str| {
+        get("chat.test", "/manifest.json")
+            .header("forwarded", forwarded)
+            .header("x-forwarded-for", xff)
+            .body(empty())
+            .unwrap()
+    };
+    let proxy = "[access]\ntrusted_proxies = [\"127.0.0.1/32\"]";
+
+    // The allow rule would admit the forged address only.
+    let (site, _) = auth_site(proxy, "allow = [\"192.168.1.0/24\"]").await;
+    let mut c = site.h1("chat.test").await;
+    let r = c
+        .send_request(via_proxy("for=192.168.1.5", "203.0.113.7"))
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::FORBIDDEN,
+        "the real client 203.0.113.7 is judged, not the forged Forwarded"
+    );
+    let r = c
+        .send_request(via_proxy("for=203.0.113.7", "192.168.1.5"))
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::NOT_FOUND,
+        "a client the proxy names in X-Forwarded-For is allowed; the service answered"
+    );
+
+    // A proxy that writes Forwarded instead: now the client's own
+    // X-Forwarded-For is the forgery, and it is not read.
+    let (site, _) = auth_site(
+        &format!("{proxy}\nclient_ip_header = \"forwarded\""),
+        "allow = [\"192.168.1.0/24\"]",
+    )
+    .await;
+    let mut c = site.h1("chat.test").await;
+    let r = c
+        .send_request(via_proxy("for=203.0.113.7", "192.168.1.5"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let r = c
+        .send_request(via_proxy("for=192.168.1.5", "203.0.113.7"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+}

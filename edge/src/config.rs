@@ -17,9 +17,9 @@ use burrow_proto::identity::Fingerprint;
 use burrow_proto::listener::Limits;
 use serde::Deserialize;
 
-use crate::access::IpRules;
 use crate::access::auth::PasswordHash;
 use crate::access::pattern::PublicPath;
+use crate::access::{ClientIpHeader, IpRules};
 
 /// Where the edge listens by default.
 pub const DEFAULT_HTTPS: &str = "0.0.0.0:443";
@@ -135,6 +135,9 @@ struct AccessSection {
     deny: Vec<Cidr>,
     #[serde(default)]
     trusted_proxies: Vec<Cidr>,
+    /// The one header the trusted proxies write: "x-forwarded-for" or
+    /// "forwarded".
+    client_ip_header: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -299,6 +302,8 @@ pub const LETS_ENCRYPT_STAGING: &str = "https://acme-staging-v02.api.letsencrypt
 pub struct AccessConfig {
     pub rules: IpRules,
     pub trusted_proxies: Vec<Cidr>,
+    /// Read only from `trusted_proxies`; X-Forwarded-For by default.
+    pub client_ip_header: ClientIpHeader,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -533,12 +538,18 @@ fn convert(src: &Source, file: File) -> Result<EdgeConfig, ConfigError> {
     };
 
     let access = file.access.unwrap_or_default();
+    let client_ip_header = match &access.client_ip_header {
+        None => ClientIpHeader::default(),
+        Some(h) => ClientIpHeader::parse(h.get_ref())
+            .map_err(|e| src.error_at(h.span(), format!("access.client_ip_header: {e}")))?,
+    };
     let access = AccessConfig {
         rules: IpRules {
             allow: access.allow,
             deny: access.deny,
         },
         trusted_proxies: access.trusted_proxies,
+        client_ip_header,
     };
 
     let mut agents = Vec::new();
@@ -982,6 +993,28 @@ mod tests {
         let err = parse(&with("idle_timeout = \"0s\"")).unwrap_err();
         assert_eq!(err.position, Some((9, 16)), "{err}");
         assert!(parse(&with("per_ip = 3")).is_err());
+    }
+
+    #[test]
+    fn client_ip_header_defaults_to_x_forwarded_for_and_bad_values_point_at_the_value() {
+        let c = parse(&base()).unwrap();
+        assert_eq!(c.access.client_ip_header, ClientIpHeader::XForwardedFor);
+        let with = |v: &str| {
+            format!(
+                "{}\n[access]\ntrusted_proxies = [\"10.0.0.0/8\"]\nclient_ip_header = {v}\n",
+                base()
+            )
+        };
+        let c = parse(&with("\"forwarded\"")).unwrap();
+        assert_eq!(c.access.client_ip_header, ClientIpHeader::Forwarded);
+        let c = parse(&with("\"x-forwarded-for\"")).unwrap();
+        assert_eq!(c.access.client_ip_header, ClientIpHeader::XForwardedFor);
+        let err = parse(&with("\"x-real-ip\"")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "edge.toml:10:20: access.client_ip_header: \"x-real-ip\": write \"x-forwarded-for\" or \"forwarded\", the header your proxy writes"
+        );
+        assert!(parse(&with("[\"forwarded\", \"x-forwarded-for\"]")).is_err());
     }
 
     /// A config with every duration key set to `value` except `key`,

@@ -56,59 +56,56 @@ impl IpRules {
 /// How many forwarding hops are looked at, at most.
 pub const MAX_FORWARDED_HOPS: usize = 32;
 
+/// The one header a trusted proxy's client address is read from
+/// (`[access] client_ip_header`). Exactly one is read: a proxy appends to
+/// the header it writes and passes every other header through as the
+/// client sent it, so a second header would be the client's to choose.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ClientIpHeader {
+    /// `X-Forwarded-For`: nginx (`$proxy_add_x_forwarded_for`), HAProxy
+    /// (`option forwardfor`), Caddy, Traefik, Cloudflare.
+    #[default]
+    XForwardedFor,
+    /// `Forwarded` (RFC 7239), for proxies that write only that.
+    Forwarded,
+}
+
+impl ClientIpHeader {
+    /// The header name as the config writes it (ASCII case ignored).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if s.eq_ignore_ascii_case("x-forwarded-for") {
+            Ok(Self::XForwardedFor)
+        } else if s.eq_ignore_ascii_case("forwarded") {
+            Ok(Self::Forwarded)
+        } else {
+            Err(format!(
+                "{s:?}: write \"x-forwarded-for\" or \"forwarded\", the header your proxy writes"
+            ))
+        }
+    }
+}
+
 /// The address a request is judged by: the socket peer, unless the peer is
-/// a trusted proxy; then the right-most address in X-Forwarded-For (or
-/// Forwarded) that is not itself a trusted proxy. Headers from anyone else
-/// are ignored, so they cannot be forged.
-pub fn client_ip(peer: SocketAddr, headers: &HeaderMap, trusted: &[Cidr]) -> IpAddr {
+/// a trusted proxy; then the right-most address in `header` that is not
+/// itself a trusted proxy. The other forwarding header is never read, and
+/// headers from untrusted peers are ignored, so neither can be forged.
+/// When `header` is absent or names no usable hop, the proxy's own address.
+pub fn client_ip(
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    trusted: &[Cidr],
+    header: ClientIpHeader,
+) -> IpAddr {
     let peer_ip = peer.ip().to_canonical();
     let is_trusted = |ip: IpAddr| trusted.iter().any(|c| c.contains(ip));
     if !is_trusted(peer_ip) {
         return peer_ip;
     }
-    // The standard header (RFC 7239) wins; X-Forwarded-For is read only
-    // from proxies that send no Forwarded header at all.
-    let mut hops: Vec<IpAddr> = Vec::new();
-    if headers.contains_key("forwarded") {
-        for v in headers.get_all("forwarded") {
-            let Ok(v) = v.to_str() else { return peer_ip };
-            for element in v.split(',') {
-                for pair in element.split(';') {
-                    let Some((k, val)) = pair.trim().split_once('=') else {
-                        continue;
-                    };
-                    if !k.trim().eq_ignore_ascii_case("for") {
-                        continue;
-                    }
-                    let val = val.trim().trim_matches('"');
-                    let val = val
-                        .strip_prefix('[')
-                        .map_or(val, |v| v.split(']').next().unwrap_or(v));
-                    let host = if val.matches(':').count() == 1 {
-                        val.split(':').next().unwrap_or(val)
-                    } else {
-                        val
-                    };
-                    match host.parse::<IpAddr>() {
-                        Ok(ip) => hops.push(ip.to_canonical()),
-                        // An unparsable hop breaks the chain: trust
-                        // nothing beyond it.
-                        Err(_) => hops.clear(),
-                    }
-                }
-            }
-        }
-    } else {
-        for v in headers.get_all("x-forwarded-for") {
-            let Ok(v) = v.to_str() else { return peer_ip };
-            for part in v.split(',') {
-                match part.trim().parse::<IpAddr>() {
-                    Ok(ip) => hops.push(ip.to_canonical()),
-                    Err(_) => hops.clear(),
-                }
-            }
-        }
-    }
+    let hops = match header {
+        ClientIpHeader::XForwardedFor => x_forwarded_for_hops(headers),
+        ClientIpHeader::Forwarded => forwarded_hops(headers),
+    };
+    let Some(hops) = hops else { return peer_ip };
     hops.iter()
         .rev()
         .take(MAX_FORWARDED_HOPS)
@@ -117,6 +114,55 @@ pub fn client_ip(peer: SocketAddr, headers: &HeaderMap, trusted: &[Cidr]) -> IpA
         // Every hop trusted: the left-most one is the best we know.
         .or_else(|| hops.first().copied())
         .unwrap_or(peer_ip)
+}
+
+/// The `for=` addresses of every `Forwarded` element, left to right; only
+/// those after the last unparsable one. `None` if a value is not text.
+fn forwarded_hops(headers: &HeaderMap) -> Option<Vec<IpAddr>> {
+    let mut hops = Vec::new();
+    for v in headers.get_all(http::header::FORWARDED) {
+        for element in v.to_str().ok()?.split(',') {
+            for pair in element.split(';') {
+                let Some((k, val)) = pair.trim().split_once('=') else {
+                    continue;
+                };
+                if !k.trim().eq_ignore_ascii_case("for") {
+                    continue;
+                }
+                let val = val.trim().trim_matches('"');
+                let val = val
+                    .strip_prefix('[')
+                    .map_or(val, |v| v.split(']').next().unwrap_or(v));
+                let host = if val.matches(':').count() == 1 {
+                    val.split(':').next().unwrap_or(val)
+                } else {
+                    val
+                };
+                match host.parse::<IpAddr>() {
+                    Ok(ip) => hops.push(ip.to_canonical()),
+                    // An unparsable hop breaks the chain: trust nothing
+                    // beyond it.
+                    Err(_) => hops.clear(),
+                }
+            }
+        }
+    }
+    Some(hops)
+}
+
+/// The addresses in every `X-Forwarded-For` line, left to right; only
+/// those after the last unparsable one. `None` if a value is not text.
+fn x_forwarded_for_hops(headers: &HeaderMap) -> Option<Vec<IpAddr>> {
+    let mut hops = Vec::new();
+    for v in headers.get_all("x-forwarded-for") {
+        for part in v.to_str().ok()?.split(',') {
+            match part.trim().parse::<IpAddr>() {
+                Ok(ip) => hops.push(ip.to_canonical()),
+                Err(_) => hops.clear(),
+            }
+        }
+    }
+    Some(hops)
 }
 
 #[cfg(test)]
@@ -136,47 +182,95 @@ mod tests {
 
     #[test]
     fn forwarded_headers_count_only_from_trusted_proxies() {
+        use ClientIpHeader::{Forwarded, XForwardedFor};
         let trusted: Vec<Cidr> = vec!["10.0.0.0/8".parse().unwrap()];
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         let xff = headers(&[("x-forwarded-for", "1.1.1.1, 203.0.113.9, 10.0.0.2")]);
         let untrusted_peer: SocketAddr = "198.51.100.1:5000".parse().unwrap();
-        assert_eq!(
-            client_ip(untrusted_peer, &xff, &trusted),
-            "198.51.100.1".parse::<IpAddr>().unwrap()
-        );
+        for header in [XForwardedFor, Forwarded] {
+            assert_eq!(
+                client_ip(untrusted_peer, &xff, &trusted, header),
+                ip("198.51.100.1")
+            );
+        }
         let proxy: SocketAddr = "10.0.0.1:5000".parse().unwrap();
         // Right to left, skipping trusted hops: the forged 1.1.1.1 is not believed.
         assert_eq!(
-            client_ip(proxy, &xff, &trusted),
-            "203.0.113.9".parse::<IpAddr>().unwrap()
+            client_ip(proxy, &xff, &trusted, XForwardedFor),
+            ip("203.0.113.9")
         );
         let fwd = headers(&[(
             "forwarded",
             "for=192.0.2.60;proto=http, for=\"[2001:db8::1]:443\"",
         )]);
         assert_eq!(
-            client_ip(proxy, &fwd, &trusted),
-            "2001:db8::1".parse::<IpAddr>().unwrap()
+            client_ip(proxy, &fwd, &trusted, Forwarded),
+            ip("2001:db8::1")
         );
-        // With both, Forwarded wins: a proxy that sets it may pass a
-        // client's X-Forwarded-For through untouched.
+        // A proxy that appends to X-Forwarded-For passes the client's own
+        // Forwarded through untouched: by default it is never read...
         let both = headers(&[
-            ("x-forwarded-for", "1.1.1.1"),
+            ("forwarded", "for=192.168.1.5"),
+            ("x-forwarded-for", "203.0.113.9"),
+        ]);
+        assert_eq!(
+            client_ip(proxy, &both, &trusted, XForwardedFor),
+            ip("203.0.113.9")
+        );
+        assert_eq!(
+            client_ip(proxy, &fwd, &trusted, XForwardedFor),
+            ip("10.0.0.1"),
+            "only a Forwarded header: the proxy's own address"
+        );
+        // ...and with "forwarded", a client's X-Forwarded-For is never read.
+        let both = headers(&[
+            ("x-forwarded-for", "192.168.1.5"),
             ("forwarded", "for=192.0.2.60"),
         ]);
         assert_eq!(
-            client_ip(proxy, &both, &trusted),
-            "192.0.2.60".parse::<IpAddr>().unwrap()
+            client_ip(proxy, &both, &trusted, Forwarded),
+            ip("192.0.2.60")
         );
+        assert_eq!(
+            client_ip(proxy, &xff, &trusted, Forwarded),
+            ip("10.0.0.1"),
+            "only X-Forwarded-For: the proxy's own address"
+        );
+        // An unparsable hop breaks the chain, in either header.
         let junk = headers(&[("x-forwarded-for", "203.0.113.9, junk")]);
         assert_eq!(
-            client_ip(proxy, &junk, &trusted),
-            "10.0.0.1".parse::<IpAddr>().unwrap()
+            client_ip(proxy, &junk, &trusted, XForwardedFor),
+            ip("10.0.0.1")
         );
+        let junk = headers(&[("forwarded", "for=203.0.113.9, for=_hidden")]);
+        assert_eq!(client_ip(proxy, &junk, &trusted, Forwarded), ip("10.0.0.1"));
         let mapped: SocketAddr = "[::ffff:10.0.0.1]:1".parse().unwrap();
         assert_eq!(
-            client_ip(mapped, &headers(&[]), &trusted),
-            "10.0.0.1".parse::<IpAddr>().unwrap()
+            client_ip(mapped, &headers(&[]), &trusted, XForwardedFor),
+            ip("10.0.0.1")
         );
+    }
+
+    #[test]
+    fn client_ip_header_names_parse() {
+        assert_eq!(ClientIpHeader::default(), ClientIpHeader::XForwardedFor);
+        for (text, header) in [
+            ("x-forwarded-for", ClientIpHeader::XForwardedFor),
+            ("X-Forwarded-For", ClientIpHeader::XForwardedFor),
+            ("forwarded", ClientIpHeader::Forwarded),
+            ("Forwarded", ClientIpHeader::Forwarded),
+        ] {
+            assert_eq!(ClientIpHeader::parse(text), Ok(header));
+        }
+        for bad in [
+            "",
+            "x-real-ip",
+            "both",
+            "x-forwarded-for,forwarded",
+            " forwarded",
+        ] {
+            assert!(ClientIpHeader::parse(bad).is_err(), "{bad:?} passed");
+        }
     }
 
     #[test]

@@ -11,4 +11,4 @@ pub mod pattern;
 pub mod session;
 pub mod throttle;
 
-pub use ip::{Decision, DenyReason, IpRules, client_ip};
+pub use ip::{ClientIpHeader, Decision, DenyReason, IpRules, client_ip};

@@ -38,8 +38,8 @@ use tracing::debug;
 use burrow_proto::confkit::Cidr;
 use burrow_proto::listener::{Front, ListenerStats, StreamPermit};
 
-use crate::access::IpRules;
 use crate::access::gate::Gate;
+use crate::access::{ClientIpHeader, IpRules};
 use crate::config::{EdgeConfig, LimitsConfig, RouteConfig};
 use crate::metrics::{Metrics, Refused};
 use crate::tls::{ACME_TLS_ALPN, CertStore};
@@ -65,6 +65,8 @@ pub struct HttpState {
     routes: HashMap<String, RouteConfig>,
     pub access: IpRules,
     pub trusted_proxies: Vec<Cidr>,
+    /// The header a trusted proxy's client address is read from.
+    pub client_ip_header: ClientIpHeader,
     pub registry: Arc<Registry>,
     /// Present when any user is configured.
     pub gate: Option<Arc<Gate>>,
@@ -100,6 +102,7 @@ impl HttpState {
             routes: routes.iter().map(|r| (r.host.clone(), r.clone())).collect(),
             access: access.rules.clone(),
             trusted_proxies: access.trusted_proxies.clone(),
+            client_ip_header: access.client_ip_header,
             registry,
             gate,
         }

@@ -103,7 +103,12 @@ async fn route_request(
         debug!(%peer, sni, host = %host.name, "request for a host this connection's certificate does not cover");
         return refuse::response(Refusal::Misdirected);
     }
-    let ip = client_ip(peer, req.headers(), &state.trusted_proxies);
+    let ip = client_ip(
+        peer,
+        req.headers(),
+        &state.trusted_proxies,
+        state.client_ip_header,
+    );
     entry.client = ip;
     if let Decision::Deny(reason) = state.access.check(ip).and(route.rules.check(ip)) {
         info!(%peer, client = %ip, host = %route.host, ?reason, "denied by ip rules");
