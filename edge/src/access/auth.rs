@@ -400,7 +400,9 @@ mod tests {
             (good.replace("t=2", "t=1000"), "passes"),
             (good.replace("p=1", "p=1,x=2"), ""),
             (good.replace("$argon2id$", "$argon2id$$"), ""),
-            (good[..good.len() - 4].to_owned(), "not whole base64"),
+            // 43 base64 characters cut to 41 (1 mod 4) never decode, whatever
+            // the random salt and hash; cut to 39 they may (29 bytes).
+            (good[..good.len() - 2].to_owned(), "not whole base64"),
         ];
         for (phc, why) in cases {
             let err = PasswordHash::parse(&phc)
