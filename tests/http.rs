@@ -78,7 +78,7 @@ async fn standard_site() -> (Site, std::sync::Arc<Upstream>) {
         .local_addr()
         .unwrap();
     let site = site(
-        "header_timeout = \"1s\"",
+        "header_timeout = \"1s\"\nagent_wait = \"1s\"",
         ROUTES,
         &[
             ("test", format!("http://{test_addr}")),
@@ -395,7 +395,7 @@ async fn failures_get_clear_statuses_and_never_hang() {
         ("dead.test", "/", StatusCode::BAD_GATEWAY),
         ("nosuch.test", "/", StatusCode::BAD_GATEWAY),
         ("slow.test", "/hang", StatusCode::GATEWAY_TIMEOUT),
-        // The ghost agent never connects: after the grace period, 502.
+        // The ghost agent never connects: after agent_wait (1 s here), 502.
         ("ghost.test", "/", StatusCode::BAD_GATEWAY),
     ];
     for (host, path, status) in cases {
@@ -679,4 +679,82 @@ async fn service_connections_are_reused_and_a_closing_one_loses_no_safe_request(
     assert_eq!(count("/close-post"), 1, "{requests:?}");
     assert_eq!(count("/close-twice"), 2, "{requests:?}");
     assert_eq!(connections(), 4, "{requests:?}");
+}
+
+/// Requests that arrive while their agent is away (edge restarted, agent
+/// redialling) wait for it up to `[edge] agent_wait`, then go through;
+/// with `agent_wait = "0s"` they get 502 at once.
+#[tokio::test]
+async fn a_request_waits_for_its_agent_while_it_is_away() {
+    let (test_addr, _up) = upstream().await;
+    let site = site("", ROUTES, &[("test", format!("http://{test_addr}"))]).await;
+    let registry = site.edge.registry.clone();
+    let home = burrow_proto::Name::new("home").unwrap();
+    // The agent goes away.
+    site.agent.shutdown.cancel();
+    let mut changes = registry.subscribe();
+    tokio::time::timeout(WAIT, changes.wait_for(|_| registry.get(&home).is_none()))
+        .await
+        .expect("the edge sees the agent leave")
+        .unwrap();
+
+    // A request arrives and waits (order of events: it is counted as
+    // waiting before the agent comes back).
+    let mut client = site.h1("test.test").await;
+    let request = tokio::spawn(async move {
+        client
+            .send_request(request("GET", "test.test", "/headers", empty()))
+            .await
+            .unwrap()
+            .status()
+    });
+    tokio::time::timeout(WAIT, async {
+        while registry.waiting() == 0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the request waits for the agent");
+    assert!(!request.is_finished());
+
+    // The agent comes back: the request goes through.
+    let key = site.world.path("home.key");
+    let mut agent = start_agent(agent_config(&format!(
+        "[agent]\nname = \"home\"\nedge = \"{}\"\nedge_key = \"{}\"\nkey = {key:?}\n\n\
+         [[service]]\nname = \"test\"\nurl = \"http://{test_addr}\"\n",
+        site.edge.tunnel, site.edge.fingerprint
+    )));
+    agent.connected().await;
+    let status = tokio::time::timeout(WAIT, request)
+        .await
+        .expect("an answer once the agent is back")
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(registry.waiting(), 0);
+
+    // With agent_wait = 0, an away agent is 502 at once.
+    let quick = site_no_wait(test_addr).await;
+    quick.agent.shutdown.cancel();
+    let registry = quick.edge.registry.clone();
+    let mut changes = registry.subscribe();
+    tokio::time::timeout(WAIT, changes.wait_for(|_| registry.get(&home).is_none()))
+        .await
+        .unwrap()
+        .unwrap();
+    let resp = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        quick.get("test.test", "/headers"),
+    )
+    .await
+    .expect("no wait with agent_wait = 0");
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+}
+
+async fn site_no_wait(test_addr: std::net::SocketAddr) -> Site {
+    site(
+        "agent_wait = \"0s\"",
+        ROUTES,
+        &[("test", format!("http://{test_addr}"))],
+    )
+    .await
 }

@@ -63,6 +63,17 @@ impl AdminState {
         let _ = writeln!(out, "burrow_agents_connected {}", links.len());
         family(
             &mut out,
+            "burrow_requests_waiting_for_agent",
+            "gauge",
+            "Requests waiting now for an agent that is away ([edge] agent_wait).",
+        );
+        let _ = writeln!(
+            out,
+            "burrow_requests_waiting_for_agent {}",
+            self.registry.waiting()
+        );
+        family(
+            &mut out,
             "burrow_service_state",
             "gauge",
             "1 for each service's current state as its agent reports it.",

@@ -53,6 +53,8 @@ pub const DEFAULT_HELD_PER_CLIENT: usize = 32;
 /// Requests held per service while it wakes, all clients together, by default.
 pub const DEFAULT_HELD_PER_SERVICE: usize = 512;
 pub use burrow_proto::confkit::MAX_CONFIG_DURATION;
+/// The longest `[edge] agent_wait`.
+pub const MAX_AGENT_WAIT: Duration = Duration::from_secs(600);
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -101,6 +103,8 @@ struct EdgeSection {
     hostname: Option<Spanned<String>>,
     /// How long open streams may run on after SIGTERM.
     grace: Option<Spanned<HumanDuration>>,
+    /// How long a request whose agent is away waits for it.
+    agent_wait: Option<Spanned<HumanDuration>>,
     /// Worker threads; more than one only pays with many busy clients.
     threads: Option<Spanned<usize>>,
 }
@@ -218,6 +222,8 @@ pub struct EdgeConfig {
     pub header_timeout: Duration,
     pub hostname: Option<String>,
     pub grace: Duration,
+    /// How long a request whose agent is away waits for it, then 502.
+    pub agent_wait: Duration,
     /// Worker threads for the runtime (read before it starts).
     pub threads: usize,
     pub tls: TlsConfig,
@@ -764,6 +770,25 @@ fn convert(src: &Source, file: File) -> Result<EdgeConfig, ConfigError> {
         Duration::ZERO,
         DEFAULT_GRACE,
     )?;
+    // Zero is allowed: 502 at once while the agent is away.
+    let agent_wait = duration_or(
+        src,
+        file.edge.agent_wait.as_ref(),
+        "edge.agent_wait",
+        Duration::ZERO,
+        crate::tunnel::registry::DEFAULT_AGENT_WAIT,
+    )?;
+    if agent_wait > MAX_AGENT_WAIT
+        && let Some(v) = &file.edge.agent_wait
+    {
+        return Err(src.error_at(
+            v.span(),
+            format!(
+                "edge.agent_wait: at most {} (a request holds its connection while it waits)",
+                humantime::format_duration(MAX_AGENT_WAIT)
+            ),
+        ));
+    }
     let limits = convert_limits(src, file.limits.unwrap_or_default())?;
     let default_addr = |s: &str| s.parse::<SocketAddr>().expect("default addresses parse");
     Ok(EdgeConfig {
@@ -782,6 +807,7 @@ fn convert(src: &Source, file: File) -> Result<EdgeConfig, ConfigError> {
         header_timeout,
         hostname,
         grace,
+        agent_wait,
         threads: burrow_proto::confkit::threads(src, file.edge.threads.as_ref(), "edge.threads")?,
         tls,
         access,
@@ -1048,6 +1074,30 @@ mod tests {
         ("route[0].response_timeout", false),
         ("route[0].wake.hold", true),
     ];
+
+    #[test]
+    fn agent_wait_defaults_to_ten_seconds_allows_zero_and_is_capped() {
+        let with = |v: &str| {
+            parse(&format!(
+                "[edge]\nstate_dir = \"/tmp/s\"\n{v}\n\n[[agent]]\nname = \"home\"\nkey = \"{KEY}\"\n"
+            ))
+        };
+        assert_eq!(with("").unwrap().agent_wait, Duration::from_secs(10));
+        assert_eq!(
+            with("agent_wait = \"0s\"").unwrap().agent_wait,
+            Duration::ZERO
+        );
+        assert_eq!(
+            with("agent_wait = \"90s\"").unwrap().agent_wait,
+            Duration::from_secs(90)
+        );
+        let err = with("agent_wait = \"1h\"").unwrap_err();
+        assert_eq!(err.position, Some((3, 14)), "{err}");
+        assert!(
+            err.message.starts_with("edge.agent_wait: at most 10m"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn every_duration_is_bounded_and_errors_point_at_the_value() {

@@ -157,7 +157,11 @@ impl Edge {
             http,
             gate,
             acme,
-            tunnel: Arc::new(Tunnel::new(config.agents.clone())),
+            tunnel: {
+                let tunnel = Tunnel::new(config.agents.clone());
+                tunnel.registry.set_agent_wait(config.agent_wait);
+                Arc::new(tunnel)
+            },
             config: Arc::new(config),
             identity,
             endpoint,
@@ -437,6 +441,7 @@ impl Reloader {
             }
         };
         self.tunnel.set_agents(new.agents.clone());
+        self.tunnel.registry.set_agent_wait(new.agent_wait);
         http_tx.send_replace(Arc::new(http::HttpState::new(
             &new,
             self.tunnel.registry.clone(),

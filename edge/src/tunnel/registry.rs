@@ -14,9 +14,10 @@ use tokio::time::Instant;
 use tracing::{debug, info};
 
 /// How long a request for an agent that is not connected waits for it,
-/// counted from the edge's start or the agent's last disconnect. Agents
-/// retry within a few seconds, so a restart is bridged instead of failing.
-pub const AGENT_GRACE: Duration = Duration::from_secs(5);
+/// from the request's arrival (`[edge] agent_wait`). Agents retry within a
+/// few seconds, so an edge restart or a router redial is bridged instead of
+/// failing.
+pub const DEFAULT_AGENT_WAIT: Duration = Duration::from_secs(10);
 /// After a wake request is sent for a service, more requests within this
 /// time send nothing (the agent deduplicates too; this spares the wire).
 pub const WAKE_REQUEST_REPEAT: Duration = Duration::from_secs(2);
@@ -164,11 +165,24 @@ struct Inner {
     held_by_client: HashMap<ClientKey, usize>,
 }
 
+/// Counts one request in [`Registry::waiting`] while it lives.
+struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// The connected agents, by name.
 #[derive(Debug)]
 pub struct Registry {
     inner: Mutex<Inner>,
     changed: watch::Sender<u64>,
+    /// `[edge] agent_wait`, in milliseconds (set again on reload).
+    agent_wait_ms: std::sync::atomic::AtomicU64,
+    /// Requests waiting now for an agent that is away.
+    waiting: std::sync::atomic::AtomicUsize,
 }
 
 impl Registry {
@@ -182,7 +196,25 @@ impl Registry {
                 held_by_client: HashMap::new(),
             }),
             changed: watch::channel(0).0,
+            agent_wait_ms: std::sync::atomic::AtomicU64::new(
+                u64::try_from(DEFAULT_AGENT_WAIT.as_millis()).unwrap_or(u64::MAX),
+            ),
+            waiting: std::sync::atomic::AtomicUsize::new(0),
         }
+    }
+
+    /// How long a request waits for its agent when the agent is away.
+    pub fn set_agent_wait(&self, wait: Duration) {
+        let ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+        self.agent_wait_ms
+            .store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn agent_wait(&self) -> Duration {
+        Duration::from_millis(
+            self.agent_wait_ms
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -244,8 +276,9 @@ impl Registry {
         self.lock().links.values().cloned().collect()
     }
 
-    /// The agent's session, waiting up to [`AGENT_GRACE`] after its last
-    /// disconnect for it to come back.
+    /// The agent's session; when the agent is away, waits up to
+    /// `agent_wait` from now for it to come back. `None` for an agent the
+    /// config does not list, or one still away at the deadline.
     pub async fn wait_for(&self, name: &Name) -> Option<AgentLink> {
         let mut changes = self.changed.subscribe();
         let deadline = {
@@ -253,8 +286,12 @@ impl Registry {
             if let Some(link) = inner.links.get(name) {
                 return Some(link.clone());
             }
-            inner.offline_since.get(name)?.checked_add(AGENT_GRACE)?
+            inner.offline_since.contains_key(name).then_some(())?;
+            Instant::now() + self.agent_wait()
         };
+        self.waiting
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let _waiting = Waiting(&self.waiting);
         loop {
             match tokio::time::timeout_at(deadline, changes.changed()).await {
                 Ok(Ok(())) => {
@@ -266,6 +303,11 @@ impl Registry {
                 _ => return None,
             }
         }
+    }
+
+    /// Requests waiting now for an agent that is away (for `/metrics`).
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// A receiver that changes whenever an agent connects or leaves, or a
