@@ -85,6 +85,10 @@ struct LimitsSection {
     streams_per_ip: Option<Spanned<usize>>,
     held_per_client: Option<Spanned<usize>>,
     held_per_service: Option<Spanned<usize>>,
+    /// The default request rate limit of routes that set none.
+    rate: Option<Spanned<String>>,
+    burst: Option<Spanned<u32>>,
+    rate_key: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -186,6 +190,12 @@ struct RouteEntry {
     idle_timeout: Option<Spanned<HumanDuration>>,
     /// Answers 504 when the service sends no response headers for this long.
     response_timeout: Option<Spanned<HumanDuration>>,
+    /// Requests per second or minute ("10/s", "600/m"), with `burst`.
+    rate: Option<Spanned<String>>,
+    burst: Option<Spanned<u32>>,
+    rate_key: Option<Spanned<String>>,
+    /// The largest request body ("10MiB"); 413 beyond it.
+    max_body: Option<Spanned<String>>,
     wake: Option<WakeEntry>,
 }
 
@@ -245,6 +255,8 @@ pub struct LimitsConfig {
     pub streams_per_ip: usize,
     pub held_per_client: usize,
     pub held_per_service: usize,
+    /// The rate limit of routes that set none.
+    pub rate: Option<RateLimit>,
 }
 
 impl LimitsConfig {
@@ -278,6 +290,7 @@ impl Default for LimitsConfig {
             streams_per_ip: DEFAULT_STREAMS_PER_IP,
             held_per_client: DEFAULT_HELD_PER_CLIENT,
             held_per_service: DEFAULT_HELD_PER_SERVICE,
+            rate: None,
         }
     }
 }
@@ -346,7 +359,31 @@ pub struct RouteConfig {
     pub host_header: Option<HostHeader>,
     pub idle_timeout: Option<Duration>,
     pub response_timeout: Option<Duration>,
+    /// The request rate limit (the route's own, or `[limits]`'s).
+    pub rate: Option<RateLimit>,
+    /// The largest request body, in bytes.
+    pub max_body: Option<u64>,
     pub wake: WakeConfig,
+}
+
+/// A request rate limit: one request per `interval` on average, `burst`
+/// more at once (nginx's `limit_req ... burst=N nodelay`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub interval: Duration,
+    pub burst: u32,
+    pub key: RateKey,
+}
+
+/// What a rate limit counts by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateKey {
+    /// The client address (IPv6 per /64).
+    Client,
+    /// The signed-in user (the client address for requests without one).
+    User,
+    /// The API key (the client address for requests without one).
+    ApiKey,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -690,6 +727,21 @@ fn convert(src: &Source, file: File) -> Result<EdgeConfig, ConfigError> {
                     .map_err(|e| src.error_at(h.span(), format!("route[{i}].host_header: {e}")))?,
             ),
         };
+        let rate = rate_limit(
+            src,
+            &format!("route[{i}]"),
+            r.rate.as_ref(),
+            r.burst.as_ref(),
+            r.rate_key.as_ref(),
+        )?;
+        let max_body = r
+            .max_body
+            .as_ref()
+            .map(|v| {
+                parse_size(v.get_ref())
+                    .map_err(|why| src.error_at(v.span(), format!("route[{i}].max_body: {why}")))
+            })
+            .transpose()?;
         let wake = r.wake.as_ref();
         routes.push(RouteConfig {
             host,
@@ -713,6 +765,8 @@ fn convert(src: &Source, file: File) -> Result<EdgeConfig, ConfigError> {
                 .as_ref()
                 .map(|d| duration(src, d, &format!("route[{i}].response_timeout"), NONZERO))
                 .transpose()?,
+            rate,
+            max_body,
             wake: WakeConfig {
                 hold: duration_or(
                     src,
@@ -790,6 +844,11 @@ fn convert(src: &Source, file: File) -> Result<EdgeConfig, ConfigError> {
         ));
     }
     let limits = convert_limits(src, file.limits.unwrap_or_default())?;
+    for r in &mut routes {
+        if r.rate.is_none() {
+            r.rate = limits.rate;
+        }
+    }
     let default_addr = |s: &str| s.parse::<SocketAddr>().expect("default addresses parse");
     Ok(EdgeConfig {
         state_dir,
@@ -847,6 +906,13 @@ fn convert_limits(src: &Source, l: LimitsSection) -> Result<LimitsConfig, Config
         NONZERO,
         d.idle_timeout,
     )?;
+    let rate = rate_limit(
+        src,
+        "limits",
+        l.rate.as_ref(),
+        l.burst.as_ref(),
+        l.rate_key.as_ref(),
+    )?;
     Ok(LimitsConfig {
         connections: bounded(src, l.connections, "connections", d.connections, 1_000_000)?,
         connections_per_ip: bounded(
@@ -885,7 +951,110 @@ fn convert_limits(src: &Source, l: LimitsSection) -> Result<LimitsConfig, Config
             d.held_per_service,
             100_000,
         )?,
+        rate,
     })
+}
+
+/// The most requests per second a rate may say.
+const MAX_RATE_PER_SECOND: u64 = 1_000_000;
+/// The largest `burst`.
+const MAX_BURST: u32 = 1_000_000;
+/// The largest `max_body`: 1 TiB.
+const MAX_BODY: u64 = 1 << 40;
+
+/// `rate`, `burst` and `rate_key` of a route (or of `[limits]`) as one
+/// limit; `burst` and `rate_key` without `rate` are errors.
+fn rate_limit(
+    src: &Source,
+    prefix: &str,
+    rate: Option<&Spanned<String>>,
+    burst: Option<&Spanned<u32>>,
+    key: Option<&Spanned<String>>,
+) -> Result<Option<RateLimit>, ConfigError> {
+    let Some(rate) = rate else {
+        if let Some(b) = burst {
+            return Err(src.error_at(b.span(), format!("{prefix}.burst: needs a rate")));
+        }
+        if let Some(k) = key {
+            return Err(src.error_at(k.span(), format!("{prefix}.rate_key: needs a rate")));
+        }
+        return Ok(None);
+    };
+    let interval = parse_rate(rate.get_ref())
+        .map_err(|why| src.error_at(rate.span(), format!("{prefix}.rate: {why}")))?;
+    let burst = match burst {
+        None => 0,
+        Some(b) if *b.get_ref() <= MAX_BURST => *b.get_ref(),
+        Some(b) => {
+            return Err(src.error_at(b.span(), format!("{prefix}.burst: at most {MAX_BURST}")));
+        }
+    };
+    let key = match key.map(|k| (k, k.get_ref().as_str())) {
+        None | Some((_, "client")) => RateKey::Client,
+        Some((_, "user")) => RateKey::User,
+        Some((_, "api_key")) => RateKey::ApiKey,
+        Some((k, other)) => {
+            return Err(src.error_at(
+                k.span(),
+                format!("{prefix}.rate_key: {other:?}: write \"client\", \"user\" or \"api_key\""),
+            ));
+        }
+    };
+    Ok(Some(RateLimit {
+        interval,
+        burst,
+        key,
+    }))
+}
+
+/// `"10/s"`, `"600/m"` (or nginx's `"10r/s"`): the time between requests.
+pub fn parse_rate(text: &str) -> Result<Duration, String> {
+    let hint = "write requests per second or minute, e.g. \"10/s\" or \"600/m\"";
+    let (count, unit) = text
+        .split_once('/')
+        .ok_or_else(|| format!("{text:?}: {hint}"))?;
+    let count = count.trim().trim_end_matches('r');
+    let count: u64 = count
+        .parse()
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("{text:?}: the count must be a whole number above 0; {hint}"))?;
+    let per = match unit.trim() {
+        "s" => Duration::from_secs(1),
+        "m" => Duration::from_secs(60),
+        _ => return Err(format!("{text:?}: {hint}")),
+    };
+    if count / per.as_secs() > MAX_RATE_PER_SECOND {
+        return Err(format!("{text:?}: at most {MAX_RATE_PER_SECOND}/s"));
+    }
+    Ok(per / u32::try_from(count).map_err(|_| format!("{text:?}: too many"))?)
+}
+
+/// `"10MiB"`, `"512KiB"`, `"1G"`, `"1000000"`: bytes. K, M and G are
+/// binary (as nginx's `client_max_body_size`), KB, MB and GB decimal.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let hint = "write a size, e.g. \"10MiB\" or \"512KiB\"";
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits.parse().map_err(|_| format!("{text:?}: {hint}"))?;
+    let multiplier: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "k" | "KiB" => 1 << 10,
+        "M" | "m" | "MiB" => 1 << 20,
+        "G" | "g" | "GiB" => 1 << 30,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        _ => return Err(format!("{text:?}: {hint}")),
+    };
+    match n.checked_mul(multiplier) {
+        Some(b) if b > 0 && b <= MAX_BODY => Ok(b),
+        Some(0) => Err(format!(
+            "{text:?}: must be above 0 (omit max_body for no cap)"
+        )),
+        _ => Err(format!("{text:?}: at most 1 TiB")),
+    }
 }
 
 #[cfg(test)]
@@ -1074,6 +1243,68 @@ mod tests {
         ("route[0].response_timeout", false),
         ("route[0].wake.hold", true),
     ];
+
+    #[test]
+    fn rates_and_sizes_parse_and_bad_ones_point_at_the_value() {
+        assert_eq!(parse_rate("10/s"), Ok(Duration::from_millis(100)));
+        assert_eq!(parse_rate("10r/s"), Ok(Duration::from_millis(100)));
+        assert_eq!(parse_rate("600/m"), Ok(Duration::from_millis(100)));
+        for bad in ["10", "0/s", "-1/s", "10/h", "x/s", "9999999/s"] {
+            assert!(parse_rate(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_size("10MiB"), Ok(10 << 20));
+        assert_eq!(parse_size("10M"), Ok(10 << 20));
+        assert_eq!(parse_size("512KiB"), Ok(512 << 10));
+        assert_eq!(parse_size("1GB"), Ok(1_000_000_000));
+        assert_eq!(parse_size("1000"), Ok(1000));
+        for bad in [
+            "",
+            "0",
+            "0MiB",
+            "10 parsecs",
+            "2TiB",
+            "99999999999999G",
+            "-1",
+        ] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+        let route = |extra: &str| {
+            format!(
+                "{}\n[[route]]\nhost = \"a.example.com\"\nagent = \"home\"\nservice = \"s\"\nauth = \"none\"\n{extra}\n",
+                base()
+            )
+        };
+        let c = parse(&route("rate = \"10/s\"\nburst = 20\nmax_body = \"1MiB\"")).unwrap();
+        assert_eq!(
+            c.routes[0].rate,
+            Some(RateLimit {
+                interval: Duration::from_millis(100),
+                burst: 20,
+                key: RateKey::Client
+            })
+        );
+        assert_eq!(c.routes[0].max_body, Some(1 << 20));
+        let err = parse(&route("burst = 20")).unwrap_err();
+        assert!(
+            err.message.contains("route[0].burst: needs a rate"),
+            "{err}"
+        );
+        let err = parse(&route("rate = \"10/s\"\nrate_key = \"ip\"")).unwrap_err();
+        assert!(
+            err.message.starts_with("route[0].rate_key: \"ip\""),
+            "{err}"
+        );
+        assert!(err.position.is_some());
+        let err = parse(&route("max_body = \"lots\"")).unwrap_err();
+        assert!(err.message.starts_with("route[0].max_body: "), "{err}");
+        // A [limits] rate is the default of routes without their own.
+        let text = format!(
+            "{}\n[limits]\nrate = \"600/m\"\nrate_key = \"user\"\n",
+            route("")
+        );
+        let c = parse(&text).unwrap();
+        assert_eq!(c.routes[0].rate.map(|r| r.key), Some(RateKey::User));
+    }
 
     #[test]
     fn agent_wait_defaults_to_ten_seconds_allows_zero_and_is_capped() {

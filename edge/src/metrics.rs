@@ -30,15 +30,21 @@ pub enum Refused {
     OpenTimeout,
     /// A request body that did not authenticate arrived too slowly.
     SlowBody,
+    /// Over the route's request rate limit.
+    Rate,
+    /// A request body larger than the route's `max_body`.
+    MaxBody,
 }
 
 impl Refused {
-    const ALL: [Refused; 5] = [
+    const ALL: [Refused; 7] = [
         Refused::StreamsPerIp,
         Refused::HeldPerClient,
         Refused::HeldPerService,
         Refused::OpenTimeout,
         Refused::SlowBody,
+        Refused::Rate,
+        Refused::MaxBody,
     ];
 
     fn label(self) -> &'static str {
@@ -48,6 +54,8 @@ impl Refused {
             Refused::HeldPerService => "held_per_service",
             Refused::OpenTimeout => "open_timeout",
             Refused::SlowBody => "slow_body",
+            Refused::Rate => "rate",
+            Refused::MaxBody => "max_body",
         }
     }
 }

@@ -30,6 +30,8 @@ pub enum Refusal {
     TooManyLogins { retry_after: Duration },
     /// 429: too many requests in flight from one client address.
     TooManyStreams,
+    /// 429: over the route's request rate limit.
+    RateLimited { retry_after: Duration },
     /// 500: the edge cannot decide (a broken configuration, fail closed).
     Internal(&'static str),
     /// 502: the home server or the service is not reachable.

@@ -406,6 +406,9 @@ pub(super) fn too_late(route: &RouteConfig, t: std::time::Duration) -> Response<
 
 /// The answer when the service connection failed before a response head.
 pub(super) fn failed_to_respond(route: &RouteConfig, e: &hyper::Error) -> Response<Body> {
+    if super::io::is_body_too_large(e) {
+        return refuse::response(Refusal::PayloadTooLarge("request body too large"));
+    }
     warn!(host = %route.host, error = %e, "service failed before responding");
     refuse::response(Refusal::BadGateway("the service failed to respond"))
 }

@@ -221,6 +221,9 @@ impl Pace {
 pub struct ClientBody {
     inner: hyper::body::Incoming,
     pace: Option<Pace>,
+    /// The route's `max_body`, the bytes read so far, and where a cut is
+    /// counted.
+    limit: Option<(u64, u64, Arc<Metrics>)>,
 }
 
 impl ClientBody {
@@ -231,8 +234,38 @@ impl ClientBody {
                 received: 0,
                 metrics: metrics.clone(),
             });
-        Self { inner, pace }
+        Self {
+            inner,
+            pace,
+            limit: None,
+        }
     }
+
+    /// Fails the body once more than `max` bytes have come (`max_body`).
+    pub fn with_limit(mut self, max: Option<u64>, metrics: &Arc<Metrics>) -> Self {
+        self.limit = max.map(|m| (m, 0, metrics.clone()));
+        self
+    }
+}
+
+/// The error a body longer than the route's `max_body` fails with; the
+/// service sees an aborted request, and the client 413.
+#[derive(Debug, thiserror::Error)]
+#[error("request body over max_body ({max} bytes)")]
+pub struct BodyTooLarge {
+    max: u64,
+}
+
+/// Whether `e` (a failed forward) came from a body over `max_body`.
+pub fn is_body_too_large(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if c.is::<BodyTooLarge>() {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
 }
 
 /// The error a paced body fails with.
@@ -256,6 +289,19 @@ impl hyper::body::Body for ClientBody {
             Poll::Ready(Some(Ok(frame))) => {
                 if let (Some(pace), Some(data)) = (this.pace.as_mut(), frame.data_ref()) {
                     pace.received(data.len());
+                }
+                if let (Some((max, read, metrics)), Some(data)) =
+                    (this.limit.as_mut(), frame.data_ref())
+                {
+                    *read += data.len() as u64;
+                    if *read > *max {
+                        let max = *max;
+                        metrics.refused(Refused::MaxBody);
+                        this.limit = None;
+                        this.pace = None;
+                        tracing::info!(max_body = max, "cutting off a request body over max_body");
+                        return Poll::Ready(Some(Err(BodyTooLarge { max }.into())));
+                    }
                 }
                 Poll::Ready(Some(Ok(frame)))
             }

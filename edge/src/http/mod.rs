@@ -7,6 +7,7 @@ mod forward;
 pub mod handshake;
 pub mod io;
 pub mod pool;
+pub mod ratelimit;
 pub mod refuse;
 mod rewrite;
 mod route;
@@ -78,6 +79,8 @@ pub struct HttpState {
     pub tracker: TaskTracker,
     /// `[limits] held_per_service` and `held_per_client`.
     pub hold_caps: HoldCaps,
+    /// Request rate limiters of the routes that have one, by host.
+    limiters: HashMap<String, ratelimit::RateLimiter>,
 }
 
 impl HttpState {
@@ -100,6 +103,10 @@ impl HttpState {
                 per_client: limits.held_per_client,
             },
             routes: routes.iter().map(|r| (r.host.clone(), r.clone())).collect(),
+            limiters: routes
+                .iter()
+                .filter_map(|r| Some((r.host.clone(), ratelimit::RateLimiter::new(r.rate?))))
+                .collect(),
             access: access.rules.clone(),
             trusted_proxies: access.trusted_proxies.clone(),
             client_ip_header: access.client_ip_header,
@@ -110,6 +117,11 @@ impl HttpState {
 
     pub fn route(&self, host: &str) -> Option<&RouteConfig> {
         self.routes.get(host)
+    }
+
+    /// The rate limiter of the route for `host`, if it has a limit.
+    pub fn limiter(&self, host: &str) -> Option<&ratelimit::RateLimiter> {
+        self.limiters.get(host)
     }
 }
 

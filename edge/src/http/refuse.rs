@@ -32,7 +32,9 @@ pub fn status(refusal: &Refusal) -> StatusCode {
         Refusal::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
         Refusal::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
         Refusal::Misdirected => StatusCode::MISDIRECTED_REQUEST,
-        Refusal::TooManyLogins { .. } | Refusal::TooManyStreams => StatusCode::TOO_MANY_REQUESTS,
+        Refusal::TooManyLogins { .. } | Refusal::TooManyStreams | Refusal::RateLimited { .. } => {
+            StatusCode::TOO_MANY_REQUESTS
+        }
         Refusal::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         Refusal::BadGateway(_) => StatusCode::BAD_GATEWAY,
         Refusal::Unavailable { .. } | Refusal::Waking { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -49,6 +51,9 @@ pub fn response(refusal: Refusal) -> Response<Body> {
             error_response(status, "too many failed logins; try again later"),
             wait,
         ),
+        Refusal::RateLimited { retry_after: wait } => {
+            retry_after(error_response(status, "too many requests; slow down"), wait)
+        }
         Refusal::TooManyStreams => retry_after(
             error_response(status, "too many requests in flight from this address"),
             Duration::from_secs(1),

@@ -119,6 +119,10 @@ pub(super) fn upstream_request(
     let ip = client.ip().to_canonical();
     let value = |s: String| HeaderValue::from_str(&s).map_err(|_| "invalid Host header");
     h.insert("x-forwarded-for", value(ip.to_string())?);
+    // nginx's `proxy_set_header X-Real-IP $remote_addr`: the client as the
+    // edge determined it (behind trusted proxies too); inbound copies were
+    // dropped above with the other forwarding headers.
+    h.insert("x-real-ip", value(ip.to_string())?);
     h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
     h.insert("x-forwarded-host", value(host.authority.clone())?);
     h.insert(

@@ -29,14 +29,17 @@ use tracing::{debug, info};
 use super::access_log::{AccessEntry, LoggedBody};
 use super::forward::dispatch;
 use super::io::{ClientBody, Paced};
+use super::ratelimit::Who;
 use super::refuse;
 use super::wake::{self, WAKE_STATUS_PATH, WakeRight};
 use super::{Body, HttpState, InFlight};
 use crate::access::gate::Admission;
 use crate::access::path::{PathError, Strictness, canonical};
 use crate::access::{Decision, client_ip};
-use crate::config::AuthMode;
+use crate::config::{AuthMode, RateKey};
+use crate::metrics::Refused;
 use crate::refusal::Refusal;
+use burrow_proto::listener::ClientKey;
 
 /// Answers one request; `in_flight` stays counted until the response body
 /// ends or is dropped.
@@ -158,10 +161,29 @@ async fn route_request(
             return refuse::response(Refusal::Internal("authentication unavailable"));
         }
     };
+    if let Some(limiter) = state.limiter(&route.host) {
+        let who = rate_key(limiter.limit().key, ip, entry.user.as_deref());
+        if let Err(wait) = limiter.check(who) {
+            state.metrics.refused(Refused::Rate);
+            if let Some(count) = limiter.log_now() {
+                info!(host = %route.host, client = %ip, user = entry.user.as_deref().unwrap_or("-"), refused_since_last_line = count, "over the route's rate limit; refusing");
+            }
+            return refuse::response(Refusal::RateLimited { retry_after: wait });
+        }
+    }
+    if let Some(max) = route.max_body
+        && declared_length(&req).is_some_and(|n| n > max)
+    {
+        state.metrics.refused(Refused::MaxBody);
+        info!(host = %route.host, client = %ip, max_body = max, "request body larger than max_body; refusing");
+        return refuse::response(Refusal::PayloadTooLarge("request body too large"));
+    }
     let mut resp = if path == WAKE_STATUS_PATH {
         wake::status_response(&state.registry, route, right)
     } else {
-        let req = req.map(|body| ClientBody::new(body, paced, &state.metrics));
+        let req = req.map(|body| {
+            ClientBody::new(body, paced, &state.metrics).with_limit(route.max_body, &state.metrics)
+        });
         dispatch(req, state, route, &host, client, right).await
     };
     for cookie in set_cookies {
@@ -171,6 +193,31 @@ async fn route_request(
         state.metrics.time_to_first_byte(entry.started.elapsed());
     }
     resp
+}
+
+/// Whom a rate limit counts for this request: the signed-in user or the
+/// API key (`key:NAME`) when the limit says so and the request has one,
+/// else the client address.
+fn rate_key(key: RateKey, ip: std::net::IpAddr, user: Option<&str>) -> Who {
+    let named = match (key, user) {
+        (RateKey::User, Some(u)) if !u.starts_with("key:") => Some(u),
+        (RateKey::ApiKey, Some(u)) if u.starts_with("key:") => Some(u),
+        _ => None,
+    };
+    match named {
+        Some(n) => Who::Named(n.to_owned()),
+        None => Who::Client(ClientKey::of(ip)),
+    }
+}
+
+/// The body length a request declares (Content-Length), if any.
+fn declared_length<B>(req: &Request<B>) -> Option<u64> {
+    req.headers()
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
 }
 
 /// `req` with its path in canonical form (the query untouched), and that
