@@ -90,6 +90,8 @@ pub struct AgentConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scheme {
     Http,
+    /// HTTP/2 without TLS (gRPC): the edge speaks it, the agent moves bytes.
+    H2c,
     Tcp,
 }
 
@@ -227,11 +229,13 @@ fn convert(src: &Source, file: File) -> Result<AgentConfig, ConfigError> {
         let bad_url = || {
             src.error_at(
                 s.url.span(),
-                format!("service[{i}].url: write http://host:port or tcp://host:port, got {url:?}"),
+                format!("service[{i}].url: write http://host:port, h2c://host:port (gRPC) or tcp://host:port, got {url:?}"),
             )
         };
         let (scheme, rest, default_port) = if let Some(r) = url.strip_prefix("http://") {
             (Scheme::Http, r, Some(80))
+        } else if let Some(r) = url.strip_prefix("h2c://") {
+            (Scheme::H2c, r, None)
         } else if let Some(r) = url.strip_prefix("tcp://") {
             (Scheme::Tcp, r, None)
         } else {
@@ -246,11 +250,11 @@ fn convert(src: &Source, file: File) -> Result<AgentConfig, ConfigError> {
         }
         let (host, port) = split_host_port(rest, default_port).ok_or_else(bad_url)?;
         let health = match &s.health {
-            Some(h) if scheme == Scheme::Tcp => {
+            Some(h) if scheme != Scheme::Http => {
                 return Err(src.error_at(
                     h.span(),
                     format!(
-                        "service[{i}].health: tcp services are probed by connecting; remove health"
+                        "service[{i}].health: tcp and h2c services are probed by connecting; remove health"
                     ),
                 ));
             }
@@ -352,6 +356,25 @@ mod tests {
 
     const BASE: &str =
         "[agent]\nname = \"home\"\nedge = \"edge.example.com:443\"\nkey = \"agent.key\"\n";
+
+    #[test]
+    fn h2c_services_are_http2_and_probed_by_connecting() {
+        let c = parse(&format!(
+            "{BASE}\n[[service]]\nname = \"grpc\"\nurl = \"h2c://127.0.0.1:9000\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.services[0].scheme, Scheme::H2c);
+        let err = parse(&format!(
+            "{BASE}\n[[service]]\nname = \"grpc\"\nurl = \"h2c://127.0.0.1:9000\"\nhealth = \"/x\"\n"
+        ))
+        .unwrap_err();
+        assert!(err.message.contains("probed by connecting"), "{err}");
+        let err = parse(&format!(
+            "{BASE}\n[[service]]\nname = \"grpc\"\nurl = \"h2c://127.0.0.1\"\n"
+        ))
+        .unwrap_err();
+        assert!(err.message.contains("h2c://host:port"), "{err}");
+    }
 
     #[test]
     fn services_parse_with_defaults() {

@@ -336,6 +336,8 @@ pub struct ServiceView {
     pub name: Name,
     pub state: ServiceState,
     pub wake: WakeMethod,
+    /// What the edge speaks to it.
+    pub upstream: burrow_proto::Upstream,
     /// Wake episodes started since the agent started.
     pub wakes: u64,
     pub last_wake: Option<LastWake>,
@@ -348,7 +350,16 @@ impl ServiceView {
             name: self.name.clone(),
             state: self.state,
             wake: self.wake,
+            upstream: self.upstream,
         }
+    }
+}
+
+/// What the edge speaks to a service, from its URL's scheme.
+pub fn upstream_of(service: &ServiceConfig) -> burrow_proto::Upstream {
+    match service.scheme {
+        crate::config::Scheme::H2c => burrow_proto::Upstream::H2c,
+        crate::config::Scheme::Http | crate::config::Scheme::Tcp => burrow_proto::Upstream::Http1,
     }
 }
 
@@ -391,6 +402,7 @@ impl Monitors {
                 name: s.name.clone(),
                 state: ServiceState::Unknown,
                 wake: wake_method(s),
+                upstream: upstream_of(s),
                 wakes: 0,
                 last_wake: None,
             })
@@ -569,6 +581,7 @@ impl MonitorTask {
                                 name: s.name.clone(),
                                 state: ServiceState::Unknown,
                                 wake: wake_method(s),
+                                upstream: upstream_of(s),
                                 wakes: 0,
                                 last_wake: None,
                             });

@@ -25,8 +25,9 @@ use crate::wire::{
 /// message instead of a confusing decode error.
 ///
 /// Version 2 added the wake method to each service's status and the
-/// edge's [`EdgeToAgent::Wake`] request.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// edge's [`EdgeToAgent::Wake`] request; version 3 the protocol the edge
+/// speaks to each service ([`Upstream`]).
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// The most services one agent may announce.
 pub const MAX_SERVICES: usize = 128;
@@ -175,6 +176,37 @@ pub struct ServiceStatus {
     pub name: Name,
     pub state: ServiceState,
     pub wake: WakeMethod,
+    pub upstream: Upstream,
+}
+
+/// What the edge speaks over a service's streams (the agent only moves
+/// bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Upstream {
+    /// HTTP/1.1 (`http://`), or raw bytes (`tcp://`).
+    #[default]
+    Http1,
+    /// HTTP/2 without TLS, prior knowledge (`h2c://`): gRPC.
+    H2c,
+}
+
+impl Upstream {
+    fn to_u8(self) -> u8 {
+        match self {
+            Self::Http1 => 0,
+            Self::H2c => 1,
+        }
+    }
+
+    fn from_u8(b: u8) -> Result<Self, DecodeError> {
+        match b {
+            0 => Ok(Self::Http1),
+            1 => Ok(Self::H2c),
+            _ => Err(DecodeError::Invalid {
+                field: "service upstream",
+            }),
+        }
+    }
 }
 
 /// The first control frame, agent to edge.
@@ -318,6 +350,7 @@ impl Frame for AgentToEdge {
                     put_name(o, s.name.as_str());
                     o.put_u8(s.state.to_u8());
                     o.put_u8(s.wake.to_u8());
+                    o.put_u8(s.upstream.to_u8());
                 }
             }),
             Self::GoingAway(g) => put_frame(out, ty::AGENT_GOING_AWAY, |o| {
@@ -346,6 +379,7 @@ impl Frame for AgentToEdge {
                             name: Name(r.name("service name")?),
                             state: ServiceState::from_u8(r.u8()?)?,
                             wake: WakeMethod::from_u8(r.u8()?)?,
+                            upstream: Upstream::from_u8(r.u8()?)?,
                         });
                     }
                     Self::Services(list)
@@ -514,14 +548,16 @@ mod tests {
                         name: name("webui"),
                         state: ServiceState::Up,
                         wake: WakeMethod::NotConfigured,
+                        upstream: Upstream::Http1,
                     },
                     ServiceStatus {
                         name: name("ollama"),
                         state: ServiceState::Waking,
                         wake: WakeMethod::MagicPacket,
+                        upstream: Upstream::H2c,
                     },
                 ]),
-                "02001300020577656275690100066f6c6c616d610301",
+                "0200150002057765627569010000066f6c6c616d61030101",
             ),
             (AgentToEdge::Services(vec![]), "0200020000"),
             (

@@ -30,7 +30,7 @@ pub mod quic;
 
 pub use frame::{
     AgentToEdge, EdgeToAgent, Frame, Name, ServiceState, ServiceStatus, StreamKind, StreamOpen,
-    StreamReply, StreamStatus, Wake, WakeMethod,
+    StreamReply, StreamStatus, Upstream, Wake, WakeMethod,
 };
 pub use session::{AgentEvent, AgentSession, EdgeEvent, EdgeSession, FrameBuf, ProtocolError};
 pub use wire::DecodeError;

@@ -387,6 +387,7 @@ mod tests {
             name: name("webui"),
             state: ServiceState::Unknown,
             wake: WakeMethod::NotConfigured,
+            upstream: Default::default(),
         };
         let mut agent = AgentSession::new(name("home"), vec![webui.clone()]);
         let mut edge = EdgeSession::new();
@@ -456,6 +457,7 @@ mod tests {
             name: name(n),
             state: ServiceState::Up,
             wake: crate::frame::WakeMethod::NotConfigured,
+            upstream: Default::default(),
         };
         let mut agent = AgentSession::new(name("home"), vec![status("a"), status("b")]);
         while agent.poll_transmit().is_some() {}

@@ -228,6 +228,13 @@ async fn forward(
         let error = OpenError::AgentOffline(route.agent.clone());
         return Err(Unreachable { req, error });
     };
+    let h2c = state
+        .registry
+        .service(&route.agent, &route.service)
+        .is_some_and(|s| s.upstream == burrow_proto::Upstream::H2c);
+    if h2c {
+        return super::h2c::forward_h2c(req, upgrade, state, route, client, &link, turn).await;
+    }
     if upgrade {
         return forward_upgrade(req, state, route, client, &link, turn).await;
     }

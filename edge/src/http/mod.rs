@@ -4,6 +4,7 @@
 
 mod access_log;
 mod forward;
+mod h2c;
 pub mod handshake;
 pub mod io;
 pub mod pool;

@@ -228,6 +228,7 @@ mod tests {
             name: Name::new("ollama").unwrap(),
             state,
             wake,
+            upstream: Default::default(),
         }
     }
 
