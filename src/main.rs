@@ -67,6 +67,13 @@ enum Command {
     /// Read a password (prompt on a terminal, else one line of stdin) and
     /// print its argon2id hash for [[user]] password.
     HashPassword,
+    /// Make an API key for apps that send `Authorization: Bearer`: print
+    /// the key once, and the [[api_key]] table with its argon2id hash.
+    KeygenApi {
+        /// The key's name, listed in a route's api_keys and logged as key:NAME.
+        #[arg(long, value_parser = api_key_name_arg)]
+        name: burrow_proto::Name,
+    },
     /// Revoke every session cookie issued so far (a running edge refuses
     /// them from its next request on; users sign in again).
     LogoutAll {
@@ -98,6 +105,10 @@ enum Command {
 fn mac_arg(s: &str) -> Result<[u8; 6], String> {
     burrow_agent::config::parse_mac(s)
         .ok_or_else(|| "write six hex pairs, e.g. AA:BB:CC:DD:EE:FF".into())
+}
+
+fn api_key_name_arg(s: &str) -> Result<burrow_proto::Name, String> {
+    burrow_proto::Name::new(s).map_err(|e| e.to_string())
 }
 
 fn broadcast_arg(s: &str) -> Result<String, String> {
@@ -302,6 +313,16 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_FAILURE)
             }
         },
+        Command::KeygenApi { name } => match new_api_key(&name) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("burrow keygen-api: {e}");
+                ExitCode::from(EXIT_FAILURE)
+            }
+        },
         Command::LogoutAll { config } => match EdgeConfig::load(&config) {
             Ok(c) => match burrow_edge::access::session::revoke_all(&c.state_dir) {
                 Ok(generation) => {
@@ -349,6 +370,21 @@ fn main() -> ExitCode {
             runtime().block_on(async move { burrow::demo::run(port, shutdown_on_signals()).await })
         }
     }
+}
+
+/// A new API key named `name`, and the [[api_key]] table that takes it.
+fn new_api_key(name: &burrow_proto::Name) -> Result<String, String> {
+    use burrow_edge::access::{api_key, auth};
+    let key = api_key::generate().map_err(|_| "the OS random source failed")?;
+    let hash = auth::hash_password(key.as_bytes()).map_err(|e| e.to_string())?;
+    Ok(format!(
+        "API key {name} (shown only now; the edge keeps only its hash):\n\
+         {key}\n\n\
+         # Add this to edge.toml, list \"{name}\" in a route's api_keys, and reload:\n\
+         [[api_key]]\n\
+         name = \"{name}\"\n\
+         hash = \"{hash}\"\n"
+    ))
 }
 
 /// The most password bytes read from stdin.

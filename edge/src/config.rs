@@ -67,6 +67,8 @@ struct File {
     #[serde(default)]
     user: Vec<Spanned<UserEntry>>,
     #[serde(default)]
+    api_key: Vec<Spanned<ApiKeyEntry>>,
+    #[serde(default)]
     route: Vec<Spanned<RouteEntry>>,
     #[serde(default)]
     port: Vec<Spanned<PortEntry>>,
@@ -162,6 +164,14 @@ struct UserEntry {
     password: Spanned<String>,
 }
 
+/// `[[api_key]]`: a key for `Authorization: Bearer`, from `burrow keygen-api`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApiKeyEntry {
+    name: Spanned<String>,
+    hash: Spanned<String>,
+}
+
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum AuthMode {
@@ -178,6 +188,9 @@ struct RouteEntry {
     auth: Option<AuthMode>,
     #[serde(default)]
     users: Vec<Spanned<String>>,
+    /// `[[api_key]]` names taken as `Authorization: Bearer` on this route.
+    #[serde(default)]
+    api_keys: Vec<Spanned<String>>,
     #[serde(default)]
     allow: Vec<Cidr>,
     #[serde(default)]
@@ -240,6 +253,7 @@ pub struct EdgeConfig {
     pub access: AccessConfig,
     pub agents: Vec<AgentConfig>,
     pub users: Vec<UserConfig>,
+    pub api_keys: Vec<ApiKeyConfig>,
     pub routes: Vec<RouteConfig>,
     pub ports: Vec<PortConfig>,
     pub limits: LimitsConfig,
@@ -346,6 +360,14 @@ impl std::fmt::Debug for UserConfig {
     }
 }
 
+/// An API key's name and the argon2id hash of the key (`PasswordHash`'s
+/// `Debug` leaves it out).
+#[derive(Debug, Clone)]
+pub struct ApiKeyConfig {
+    pub name: Name,
+    pub hash: PasswordHash,
+}
+
 #[derive(Debug, Clone)]
 pub struct RouteConfig {
     /// Lowercase, without port.
@@ -354,6 +376,8 @@ pub struct RouteConfig {
     pub service: Name,
     pub auth: AuthMode,
     pub users: Vec<String>,
+    /// The `[[api_key]]`s taken as `Authorization: Bearer` (basic routes only).
+    pub api_keys: Vec<Name>,
     pub rules: IpRules,
     pub public_paths: Vec<PublicPath>,
     pub host_header: Option<HostHeader>,
@@ -636,27 +660,36 @@ fn convert(src: &Source, file: File) -> Result<EdgeConfig, ConfigError> {
                 format!("user[{i}].name: user {name} is listed twice"),
             ));
         }
-        let hash = u.password.get_ref();
-        // Never echo the value: it may be a plaintext password.
-        let password_hash = if hash.starts_with("$argon2id$") {
-            PasswordHash::parse(hash).map_err(|e| {
-                src.error_at(
-                    u.password.span(),
-                    format!("user[{i}].password: {e}; make one with `burrow hash-password`"),
-                )
-            })?
-        } else {
-            return Err(src.error_at(
-                u.password.span(),
-                format!(
-                    "user[{i}].password: not an argon2id hash; make one with `burrow hash-password`"
-                ),
-            ));
-        };
+        let password_hash = hash_at(
+            src,
+            &u.password,
+            &format!("user[{i}].password"),
+            "burrow hash-password",
+        )?;
         users.push(UserConfig {
             name,
             password_hash,
         });
+    }
+
+    let mut api_keys = Vec::new();
+    let mut api_key_names = HashSet::new();
+    for (i, entry) in file.api_key.iter().enumerate() {
+        let k = entry.get_ref();
+        let name = name_at(src, &k.name, &format!("api_key[{i}].name"))?;
+        if !api_key_names.insert(name.clone()) {
+            return Err(src.error_at(
+                k.name.span(),
+                format!("api_key[{i}].name: api key {name} is listed twice"),
+            ));
+        }
+        let hash = hash_at(
+            src,
+            &k.hash,
+            &format!("api_key[{i}].hash"),
+            "burrow keygen-api",
+        )?;
+        api_keys.push(ApiKeyConfig { name, hash });
     }
 
     let agent_exists = |value: &Spanned<String>, key: String| -> Result<Name, ConfigError> {
@@ -714,6 +747,21 @@ fn convert(src: &Source, file: File) -> Result<EdgeConfig, ConfigError> {
             }
             _ => {}
         }
+        let mut route_api_keys = Vec::new();
+        for (j, k) in r.api_keys.iter().enumerate() {
+            let key = format!("route[{i}].api_keys[{j}]");
+            if auth != AuthMode::Basic {
+                return Err(src.error_at(
+                    k.span(),
+                    format!("{key}: api keys are taken only on routes with auth = \"basic\""),
+                ));
+            }
+            let name = name_at(src, k, &key)?;
+            if !api_key_names.contains(&name) {
+                return Err(src.error_at(k.span(), format!("{key}: no [[api_key]] named {name}")));
+            }
+            route_api_keys.push(name);
+        }
         let mut public_paths = Vec::new();
         for (j, p) in r.public_paths.iter().enumerate() {
             public_paths.push(PublicPath::parse(p.get_ref()).map_err(|e| {
@@ -749,6 +797,7 @@ fn convert(src: &Source, file: File) -> Result<EdgeConfig, ConfigError> {
             service,
             auth,
             users: route_users,
+            api_keys: route_api_keys,
             rules: IpRules {
                 allow: r.allow.clone(),
                 deny: r.deny.clone(),
@@ -872,10 +921,29 @@ fn convert(src: &Source, file: File) -> Result<EdgeConfig, ConfigError> {
         access,
         agents,
         users,
+        api_keys,
         routes,
         ports,
         limits,
     })
+}
+
+/// An argon2id hash at `value` for `key`, made by `tool`. The value is
+/// never echoed: it may be a plaintext password or key.
+fn hash_at(
+    src: &Source,
+    value: &Spanned<String>,
+    key: &str,
+    tool: &str,
+) -> Result<PasswordHash, ConfigError> {
+    if !value.get_ref().starts_with("$argon2id$") {
+        return Err(src.error_at(
+            value.span(),
+            format!("{key}: not an argon2id hash; make one with `{tool}`"),
+        ));
+    }
+    PasswordHash::parse(value.get_ref())
+        .map_err(|e| src.error_at(value.span(), format!("{key}: {e}; make one with `{tool}`")))
 }
 
 /// `value` if given and within 1..=`max`, else `default`; out of range is
@@ -1154,6 +1222,93 @@ mod tests {
             base()
         );
         assert_eq!(parse(&text).unwrap().users[0].password_hash.as_str(), good);
+    }
+
+    #[test]
+    fn api_keys_are_named_hashes_that_basic_routes_list() {
+        let hash = crate::access::auth::hash_password(b"burrow_x").unwrap();
+        let text = |route_keys: &str, auth: &str, key_hash: &str| {
+            format!(
+                "{}
+[[user]]
+name = \"alice\"
+password = \"{hash}\"
+
+\
+                 [[api_key]]
+name = \"phone\"
+hash = \"{key_hash}\"
+
+\
+                 [[route]]
+host = \"a.example.com\"
+agent = \"home\"
+service = \"s\"
+\
+                 auth = \"{auth}\"
+{}api_keys = [{route_keys}]
+",
+                base(),
+                if auth == "basic" {
+                    "users = [\"alice\"]\n"
+                } else {
+                    ""
+                },
+            )
+        };
+        let c = parse(&text("\"phone\"", "basic", &hash)).unwrap();
+        assert_eq!(c.api_keys[0].name.as_str(), "phone");
+        assert_eq!(c.api_keys[0].hash.as_str(), hash);
+        assert_eq!(c.routes[0].api_keys[0].as_str(), "phone");
+        assert!(!format!("{c:?}").contains(&hash), "Debug shows the hash");
+        assert!(
+            parse(&text("", "basic", &hash)).unwrap().routes[0]
+                .api_keys
+                .is_empty()
+        );
+
+        // `api_keys = [...]` is line 22 (21 without `users`); the
+        // elements start at columns 13 and 22.
+        let err = parse(&text("\"phone\", \"tablet\"", "basic", &hash)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "edge.toml:22:22: route[0].api_keys[1]: no [[api_key]] named tablet"
+        );
+        let err = parse(&text("\"phone\"", "none", &hash)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "edge.toml:21:13: route[0].api_keys[0]: api keys are taken only on routes with auth = \"basic\""
+        );
+        let cut = &hash[..hash.len() - 10];
+        let err = parse(&text("\"phone\"", "basic", cut)).unwrap_err();
+        assert_eq!(err.position, Some((14, 8)), "{err}");
+        assert!(
+            err.message
+                .starts_with("api_key[0].hash: not a usable argon2id hash: "),
+            "{err}"
+        );
+        assert!(
+            err.message.ends_with("make one with `burrow keygen-api`"),
+            "{err}"
+        );
+        assert!(!err.to_string().contains(&cut[40..]), "{err}");
+        let err = parse(&text("\"phone\"", "basic", "burrow_plainkey")).unwrap_err();
+        assert_eq!(err.position, Some((14, 8)), "{err}");
+        assert!(!err.to_string().contains("plainkey"), "{err}");
+        let twice = text("\"phone\"", "basic", &hash).replace(
+            "[[route]]",
+            &format!("[[api_key]]\nname = \"phone\"\nhash = \"{hash}\"\n\n[[route]]"),
+        );
+        let err = parse(&twice).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "edge.toml:17:8: api_key[1].name: api key phone is listed twice"
+        );
+        let bad_name =
+            text("\"phone\"", "basic", &hash).replace("\"phone\"\nhash", "\"my phone\"\nhash");
+        let err = parse(&bad_name).unwrap_err();
+        assert_eq!(err.position, Some((13, 8)), "{err}");
+        assert!(err.message.starts_with("api_key[0].name: "), "{err}");
     }
 
     #[test]

@@ -490,7 +490,8 @@ fn cert_names(config: &EdgeConfig) -> Vec<String> {
     hosts
 }
 
-/// The authentication gate for `config`'s users, if there are any.
+/// The authentication gate for `config`'s users and API keys, if there are
+/// users (routes take API keys only beside them).
 fn build_gate(config: &EdgeConfig) -> Result<Option<Arc<Gate>>, EdgeError> {
     if config.users.is_empty() {
         return Ok(None);
@@ -505,9 +506,16 @@ fn build_gate(config: &EdgeConfig) -> Result<Option<Arc<Gate>>, EdgeError> {
         .iter()
         .map(|u| (u.name.clone(), u.password_hash.phc().clone()))
         .collect();
+    let keys = config
+        .api_keys
+        .iter()
+        .map(|k| (k.name.to_string(), k.hash.phc().clone()))
+        .collect();
+    // A new verifier per config: a key removed from it is forgotten with
+    // the old one, successes remembered for it included.
     Ok(Some(Arc::new(Gate::new(
         &config.users,
         sessions,
-        Verifier::new(hashes),
+        Verifier::new(hashes).with_api_keys(keys),
     ))))
 }

@@ -54,6 +54,8 @@ pub struct Challenge {
     /// The login page (for a browser navigation) rather than a Basic
     /// challenge.
     pub page: bool,
+    /// Beside the Basic challenge, a Bearer one: the route takes API keys.
+    pub bearer: bool,
     /// The site's host, shown on the page.
     pub host: String,
     /// Where to go after signing in (a local path).

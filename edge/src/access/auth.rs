@@ -1,7 +1,8 @@
-//! Password checks: argon2id hashes from the config, verified off the async
-//! threads with bounded concurrency, and a short-lived cache of successes
-//! keyed by a keyed hash of the credential, so a chat session pays argon2
-//! once instead of per request.
+//! Password and API key checks: argon2id hashes from the config, verified
+//! off the async threads with bounded concurrency, and a short-lived cache
+//! of successes keyed by a keyed hash of the credential, so a chat session
+//! pays argon2 once instead of per request. Users and API keys are apart:
+//! a key never passes as a password, nor a password as a key.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -165,16 +166,54 @@ pub enum Verdict {
     Busy,
 }
 
-/// Verifies user credentials against the configured hashes.
+/// The outcome of an API key check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyVerdict {
+    /// The key named this (which may not be one the route takes: a
+    /// remembered key is recognised wherever it is sent).
+    Valid(Arc<str>),
+    Invalid,
+    /// Too many checks in flight; try again shortly.
+    Busy,
+}
+
+/// What a check found: whose credential it is, or nothing.
+type Found = KeyVerdict;
+
+/// The namespaces of the cache: a credential is remembered for one kind
+/// of holder, so an API key can never pass as a user's password or the
+/// other way round.
+#[derive(Debug, Clone, Copy)]
+#[repr(u8)]
+enum Namespace {
+    User = 1,
+    ApiKey = 2,
+    /// A key check running for one set of candidate keys.
+    ApiKeyCheck = 3,
+}
+
+/// A remembered success.
+#[derive(Debug)]
+struct Remembered {
+    until: Instant,
+    /// The user or key it proved.
+    who: Arc<str>,
+}
+
+type Inflight = Mutex<HashMap<[u8; 32], watch::Receiver<Option<Found>>>>;
+
+/// Verifies user credentials and API keys against the configured hashes.
 pub struct Verifier {
     users: HashMap<String, PasswordHashString>,
+    /// API keys by name, a namespace apart from the users.
+    keys: HashMap<String, PasswordHashString>,
     /// Checked for unknown users, so their answers take as long.
     dummy: PasswordHashString,
     cache_key: ring::hmac::Key,
-    cache: Mutex<HashMap<[u8; 32], Instant>>,
+    cache: Mutex<HashMap<[u8; 32], Remembered>>,
     /// Checks running now by credential: the same credential sent again
     /// meanwhile waits for that answer instead of hashing again.
-    inflight: Mutex<HashMap<[u8; 32], watch::Receiver<Option<Verdict>>>>,
+    inflight: Inflight,
     running: Arc<Semaphore>,
     queued: Arc<Semaphore>,
     unknown_queued: Arc<Semaphore>,
@@ -185,6 +224,7 @@ impl std::fmt::Debug for Verifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Verifier")
             .field("users", &self.users.len())
+            .field("keys", &self.keys.len())
             .finish_non_exhaustive()
     }
 }
@@ -192,9 +232,9 @@ impl std::fmt::Debug for Verifier {
 /// A running check's place in [`Verifier::inflight`], removed when the
 /// check ends or is dropped.
 struct InflightEntry<'a> {
-    map: &'a Mutex<HashMap<[u8; 32], watch::Receiver<Option<Verdict>>>>,
+    map: &'a Inflight,
     id: [u8; 32],
-    rx: watch::Receiver<Option<Verdict>>,
+    rx: watch::Receiver<Option<Found>>,
 }
 
 impl Drop for InflightEntry<'_> {
@@ -214,6 +254,7 @@ impl Verifier {
         let dummy = hash_password(&random).expect("hashing a random password");
         Self {
             users,
+            keys: HashMap::new(),
             dummy: parse_hash(&dummy).expect("our own hash parses"),
             cache_key: ring::hmac::Key::generate(ring::hmac::HMAC_SHA256, &rng)
                 .expect("the OS random source works"),
@@ -226,16 +267,26 @@ impl Verifier {
         }
     }
 
+    /// These API keys (name to hash) beside the users.
+    pub fn with_api_keys(mut self, keys: HashMap<String, PasswordHashString>) -> Self {
+        self.keys = keys;
+        self
+    }
+
     /// How many argon2 verifications ran since start.
     pub fn argon2_runs(&self) -> u64 {
         self.argon2_runs.load(Ordering::Relaxed)
     }
 
-    fn cache_id(&self, user: &str, password: &[u8]) -> [u8; 32] {
+    fn cache_id(&self, namespace: Namespace, names: &[&str], secret: &[u8]) -> [u8; 32] {
         let mut ctx = ring::hmac::Context::with_key(&self.cache_key);
-        ctx.update(&(user.len() as u64).to_be_bytes());
-        ctx.update(user.as_bytes());
-        ctx.update(password);
+        ctx.update(&[namespace as u8]);
+        ctx.update(&(names.len() as u64).to_be_bytes());
+        for name in names {
+            ctx.update(&(name.len() as u64).to_be_bytes());
+            ctx.update(name.as_bytes());
+        }
+        ctx.update(secret);
         let mut id = [0u8; 32];
         id.copy_from_slice(ctx.sign().as_ref());
         id
@@ -265,25 +316,64 @@ impl Verifier {
         password: &[u8],
         admit: impl FnOnce() -> Result<P, E>,
     ) -> Result<(Verdict, Option<P>), E> {
-        let id = self.cache_id(user, password);
+        let id = self.cache_id(Namespace::User, &[user], password);
+        let (found, admitted) = self
+            .single_flight(id, id, admit, || self.run_user(user, password))
+            .await?;
+        let verdict = match found {
+            Found::Valid(_) => Verdict::Valid,
+            Found::Invalid => Verdict::Invalid,
+            Found::Busy => Verdict::Busy,
+        };
+        Ok((verdict, admitted))
+    }
+
+    /// Checks an API key, like [`Self::verify_with`]. A remembered key
+    /// answers with its name at once, whichever `names` are given (the
+    /// caller decides whether that key may pass); otherwise the key is
+    /// checked against the hashes of `names` only, one after the other.
+    pub async fn verify_key_with<P, E>(
+        &self,
+        names: &[&str],
+        key: &[u8],
+        admit: impl FnOnce() -> Result<P, E>,
+    ) -> Result<(KeyVerdict, Option<P>), E> {
+        let remembered = self.cache_id(Namespace::ApiKey, &[], key);
+        let checking = self.cache_id(Namespace::ApiKeyCheck, names, key);
+        self.single_flight(remembered, checking, admit, || self.run_key(names, key))
+            .await
+    }
+
+    /// A remembered success under `cache_id`, else the answer of the check
+    /// running under `flight_id`, else `run` (when `admit` lets it).
+    async fn single_flight<P, E, F>(
+        &self,
+        cache_id: [u8; 32],
+        flight_id: [u8; 32],
+        admit: impl FnOnce() -> Result<P, E>,
+        run: impl Fn() -> F,
+    ) -> Result<(Found, Option<P>), E>
+    where
+        F: Future<Output = Found>,
+    {
         let mut admit = Some(admit);
         loop {
             let now = Instant::now();
             {
                 let cache = self.cache.lock().expect("cache lock not poisoned");
-                if cache.get(&id).is_some_and(|&until| until > now) {
-                    return Ok((Verdict::Valid, None));
+                if let Some(r) = cache.get(&cache_id).filter(|r| r.until > now) {
+                    return Ok((Found::Valid(r.who.clone()), None));
                 }
             }
             let running = {
                 let mut inflight = self.inflight.lock().expect("inflight lock not poisoned");
-                match inflight.get(&id) {
+                match inflight.get(&flight_id) {
                     Some(rx) => Err(rx.clone()),
                     None => {
                         let admit = admit.take().expect("admitted once: a leader returns");
                         let admitted = admit()?;
                         let (tx, rx) = watch::channel(None);
-                        inflight.insert(id, rx.clone());
+                        inflight.insert(flight_id, rx.clone());
                         Ok((tx, rx, admitted))
                     }
                 }
@@ -294,16 +384,19 @@ impl Verifier {
                     // request included, so a credential is never stuck.
                     let _entry = InflightEntry {
                         map: &self.inflight,
-                        id,
+                        id: flight_id,
                         rx,
                     };
-                    let verdict = self.run(user, password, id).await;
-                    tx.send_replace(Some(verdict));
-                    return Ok((verdict, Some(admitted)));
+                    let found = run().await;
+                    if let Found::Valid(who) = &found {
+                        self.remember(cache_id, who.clone());
+                    }
+                    tx.send_replace(Some(found.clone()));
+                    return Ok((found, Some(admitted)));
                 }
                 Err(mut rx) => {
                     if let Ok(v) = rx.wait_for(Option::is_some).await {
-                        return Ok(((*v).unwrap_or(Verdict::Busy), None));
+                        return Ok((v.clone().unwrap_or(Found::Busy), None));
                     }
                     // The check was abandoned: start over, as a leader if
                     // no one else is checking, so it is admitted (and
@@ -313,20 +406,36 @@ impl Verifier {
         }
     }
 
-    async fn run(&self, user: &str, password: &[u8], id: [u8; 32]) -> Verdict {
+    fn remember(&self, id: [u8; 32], who: Arc<str>) {
+        let mut cache = self.cache.lock().expect("cache lock not poisoned");
+        if cache.len() >= CACHE_MAX {
+            let now = Instant::now();
+            cache.retain(|_, r| r.until > now);
+            if cache.len() >= CACHE_MAX {
+                // Still full of live entries: forget the one expiring first.
+                if let Some(oldest) = cache.iter().min_by_key(|(_, r)| r.until).map(|(k, _)| *k) {
+                    cache.remove(&oldest);
+                }
+            }
+        }
+        let until = Instant::now() + CACHE_TTL;
+        cache.insert(id, Remembered { until, who });
+    }
+
+    async fn run_user(&self, user: &str, password: &[u8]) -> Found {
         let known = self.users.get(user);
         let Ok(queued) = self.queued.clone().try_acquire_owned() else {
-            return Verdict::Busy;
+            return Found::Busy;
         };
         let unknown = match known {
             Some(_) => None,
             None => match self.unknown_queued.clone().try_acquire_owned() {
                 Ok(p) => Some(p),
-                Err(_) => return Verdict::Busy,
+                Err(_) => return Found::Busy,
             },
         };
         let Ok(running) = self.running.clone().acquire_owned().await else {
-            return Verdict::Busy;
+            return Found::Busy;
         };
         let hash = known.unwrap_or(&self.dummy).clone();
         let password = password.to_vec();
@@ -342,22 +451,48 @@ impl Verifier {
         })
         .await
         .unwrap_or(false);
-        if !(ok && known.is_some()) {
-            return Verdict::Invalid;
+        if ok && known.is_some() {
+            Found::Valid(Arc::from(user))
+        } else {
+            Found::Invalid
         }
-        let mut cache = self.cache.lock().expect("cache lock not poisoned");
-        if cache.len() >= CACHE_MAX {
-            let now = Instant::now();
-            cache.retain(|_, until| *until > now);
-            if cache.len() >= CACHE_MAX {
-                // Still full of live entries: forget the one expiring first.
-                if let Some(oldest) = cache.iter().min_by_key(|(_, t)| **t).map(|(k, _)| *k) {
-                    cache.remove(&oldest);
-                }
-            }
+    }
+
+    /// Checks `key` against each of `names`' hashes in turn, on one slot.
+    async fn run_key(&self, names: &[&str], key: &[u8]) -> Found {
+        let mut candidates: Vec<(Arc<str>, PasswordHashString)> = names
+            .iter()
+            .filter_map(|n| Some((Arc::from(*n), self.keys.get(*n)?.clone())))
+            .collect();
+        let none = candidates.is_empty();
+        if none {
+            // No key to match (the config rules this out): take as long
+            // as if there were one.
+            candidates.push((Arc::from(""), self.dummy.clone()));
         }
-        cache.insert(id, Instant::now() + CACHE_TTL);
-        Verdict::Valid
+        let Ok(queued) = self.queued.clone().try_acquire_owned() else {
+            return Found::Busy;
+        };
+        let Ok(running) = self.running.clone().acquire_owned().await else {
+            return Found::Busy;
+        };
+        let key = key.to_vec();
+        self.argon2_runs
+            .fetch_add(candidates.len() as u64, Ordering::Relaxed);
+        tokio::task::spawn_blocking(move || {
+            let _slots = (queued, running);
+            candidates
+                .into_iter()
+                .find(|(_, hash)| {
+                    Argon2::default()
+                        .verify_password(&key, &hash.password_hash())
+                        .is_ok()
+                })
+                .filter(|_| !none)
+                .map_or(Found::Invalid, |(name, _)| Found::Valid(name))
+        })
+        .await
+        .unwrap_or(Found::Invalid)
     }
 }
 
@@ -434,6 +569,48 @@ mod tests {
         // Unknown users cost a check too, and never pass.
         assert_eq!(v.verify("mallory", b"right").await, Verdict::Invalid);
         assert_eq!(v.argon2_runs(), 4);
+    }
+
+    #[tokio::test]
+    async fn api_keys_are_found_once_then_remembered_and_apart_from_passwords() {
+        let users = HashMap::from([("phone".to_owned(), parse_hash(&cheap("secret")).unwrap())]);
+        let keys = HashMap::from([
+            ("phone".to_owned(), parse_hash(&cheap("key-1")).unwrap()),
+            ("laptop".to_owned(), parse_hash(&cheap("key-2")).unwrap()),
+        ]);
+        let v = Verifier::new(users).with_api_keys(keys);
+        let check = |names: &'static [&'static str], key: &'static str| {
+            let v = &v;
+            async move {
+                v.verify_key_with(names, key.as_bytes(), || Ok::<(), ()>(()))
+                    .await
+                    .unwrap()
+                    .0
+            }
+        };
+        let phone = KeyVerdict::Valid("phone".into());
+        let laptop = KeyVerdict::Valid("laptop".into());
+        // A new key is checked against each candidate: at most two hashes.
+        assert_eq!(check(&["phone", "laptop"], "key-2").await, laptop);
+        assert_eq!(v.argon2_runs(), 2);
+        // Then it is known at once, by name, whichever route asks.
+        assert_eq!(check(&["phone", "laptop"], "key-2").await, laptop);
+        assert_eq!(check(&["phone"], "key-2").await, laptop);
+        assert_eq!(v.argon2_runs(), 2);
+        // Only the candidates are tried.
+        assert_eq!(check(&["laptop"], "key-1").await, KeyVerdict::Invalid);
+        assert_eq!(v.argon2_runs(), 3);
+        assert_eq!(check(&["phone"], "key-1").await, phone);
+        // A user's password is no key, and a key no password, even under
+        // the same name.
+        assert_eq!(check(&["phone"], "secret").await, KeyVerdict::Invalid);
+        assert_eq!(v.verify("phone", b"key-1").await, Verdict::Invalid);
+        assert_eq!(v.verify("phone", b"secret").await, Verdict::Valid);
+        assert_eq!(check(&["phone"], "secret").await, KeyVerdict::Invalid);
+        // Unknown names match nothing.
+        assert_eq!(check(&["tablet"], "key-1").await, phone, "remembered");
+        assert_eq!(check(&["tablet"], "key-3").await, KeyVerdict::Invalid);
+        assert!(v.inflight.lock().unwrap().is_empty());
     }
 
     #[tokio::test]

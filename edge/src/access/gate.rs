@@ -1,11 +1,13 @@
 //! The authentication decision for one request on a route with
 //! `auth = "basic"`: public paths, the login and logout pages, session and
-//! device cookies, basic credentials (throttled, checked off the event
-//! loop). The gate returns a decision; `http::refuse` renders it.
+//! device cookies, API keys as `Authorization: Bearer`, basic credentials
+//! (throttled, checked off the event loop). The gate returns a decision;
+//! `http::refuse` renders it.
 //!
 //! Whatever it decides, a forwarded request carries none of the edge's
-//! credentials: our cookies and a Basic password are removed (public paths
-//! included); the app's own `Authorization: Bearer` passes untouched.
+//! credentials: our cookies, a Basic password and a Bearer token with the
+//! API key prefix are removed (public paths included); the app's own
+//! `Authorization: Bearer` passes untouched.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -19,7 +21,8 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use tracing::{info, warn};
 
-use super::auth::{Verdict, Verifier};
+use super::api_key;
+use super::auth::{KeyVerdict, Verdict, Verifier};
 use super::login::{self, LOGIN_PATH, LOGOUT_PATH, MAX_FORM};
 use super::pattern::PublicPath;
 use super::session::{self, SessionKeys, password_tag};
@@ -75,6 +78,15 @@ enum PasswordCheck {
     Refuse(Refusal),
 }
 
+/// The result of checking an API key.
+enum KeyCheck {
+    /// Right, and taken on this route: the key's name.
+    Valid(Arc<str>),
+    Wrong,
+    /// Not checked or not answerable now (throttled, busy).
+    Refuse(Refusal),
+}
+
 /// What the gate keeps per configured user.
 #[derive(Debug)]
 struct KnownUser {
@@ -124,21 +136,22 @@ fn basic_credentials(req: &Request<Incoming>) -> Option<(String, String)> {
 }
 
 /// Removes the edge's credentials: our cookies (joining the app's cookie
-/// crumbs into one header) and a Basic Authorization header, which on a
-/// route behind the edge's auth is the edge's. Other schemes (the app's
-/// Bearer token) stay.
+/// crumbs into one header) and a Basic Authorization header or a Bearer
+/// token with the API key prefix, which on a route behind the edge's auth
+/// are the edge's. Other Bearer tokens (the app's own) stay.
 pub fn strip_credentials<B>(req: &mut Request<B>) {
     session::strip_cookie(req.headers_mut());
-    let basic = req
+    let ours = req
         .headers()
         .get_all(header::AUTHORIZATION)
         .iter()
         .any(|v| {
-            v.as_bytes()
-                .get(..6)
+            let v = v.as_bytes();
+            v.get(..6)
                 .is_some_and(|s| s.eq_ignore_ascii_case(b"basic "))
+                || api_key::is_bearer_key(v)
         });
-    if basic {
+    if ours {
         req.headers_mut().remove(header::AUTHORIZATION);
     }
 }
@@ -323,6 +336,76 @@ impl Gate {
         }
     }
 
+    /// Checks an API key sent as a Bearer token on `route`, throttled per
+    /// client address. A key seen before is known at once; a new one is
+    /// checked against the hashes of the keys the route takes.
+    async fn check_api_key(&self, token: &str, route: &RouteConfig, client: IpAddr) -> KeyCheck {
+        let attempt = Attempt::anonymous(ClientKey::of(client));
+        let refused = |wait| KeyCheck::Refuse(Refusal::TooManyLogins { retry_after: wait });
+        if !api_key::well_formed(token) {
+            // Not a key `keygen-api` makes: refused unhashed, and counted.
+            if let Err(wait) = self.throttle.check(&attempt) {
+                return refused(wait);
+            }
+            warn!(%client, host = %route.host, token_len = token.len(), "failed api key: not a burrow key");
+            self.throttle.failure(&attempt);
+            return match self.throttle.check(&attempt) {
+                Err(wait) => refused(wait),
+                Ok(()) => KeyCheck::Wrong,
+            };
+        }
+        let names: Vec<&str> = route.api_keys.iter().map(|n| n.as_str()).collect();
+        // A remembered key passes without the throttle: it is proven, and
+        // guesses from the same address must not lock it out.
+        let checked = self
+            .verifier
+            .verify_key_with(&names, token.as_bytes(), || self.throttle.begin(&attempt))
+            .await;
+        let (verdict, pending) = match checked {
+            Ok(c) => c,
+            Err(wait) => {
+                info!(%client, host = %route.host, retry_after = ?wait, "api key throttled");
+                return refused(wait);
+            }
+        };
+        match verdict {
+            KeyVerdict::Valid(name) if names.contains(&&*name) => {
+                match pending {
+                    Some(p) => p.succeeded(),
+                    None => self.throttle.success(&attempt),
+                }
+                KeyCheck::Valid(name)
+            }
+            KeyVerdict::Valid(name) => {
+                // A real key, for other routes: no guess, not counted.
+                if let Some(p) = pending {
+                    p.released();
+                }
+                info!(%client, host = %route.host, key = %name, "api key not taken on this route");
+                KeyCheck::Wrong
+            }
+            KeyVerdict::Busy => {
+                if let Some(p) = pending {
+                    p.released();
+                }
+                KeyCheck::Refuse(Refusal::Unavailable {
+                    message: "busy checking logins; try again",
+                    retry_after: LOGIN_BUSY_RETRY,
+                })
+            }
+            KeyVerdict::Invalid => {
+                warn!(%client, host = %route.host, "failed api key");
+                if let Some(p) = pending {
+                    p.failed();
+                }
+                match self.throttle.check(&attempt) {
+                    Err(wait) => refused(wait),
+                    Ok(()) => KeyCheck::Wrong,
+                }
+            }
+        }
+    }
+
     /// Decides on `req` for `route`; `path` is its canonical path.
     pub async fn admit(
         &self,
@@ -356,6 +439,22 @@ impl Gate {
                 req,
                 user: Some(user),
                 set_cookies,
+            };
+        }
+        if !route.api_keys.is_empty()
+            && let Some(token) = api_key::bearer(req.headers())
+        {
+            return match self.check_api_key(token, route, client).await {
+                KeyCheck::Valid(name) => {
+                    strip_credentials(&mut req);
+                    Admission::Forward {
+                        req,
+                        user: Some(format!("key:{name}")),
+                        set_cookies: Vec::new(),
+                    }
+                }
+                KeyCheck::Wrong => Admission::Refuse(challenge(&req, route, None)),
+                KeyCheck::Refuse(r) => Admission::Refuse(r),
             };
         }
         if let Some((user, password)) = basic_credentials(&req) {
@@ -432,6 +531,7 @@ impl Gate {
             }),
             PasswordCheck::Wrong => Admission::Refuse(Refusal::Unauthorized(Challenge {
                 page: true,
+                bearer: false,
                 host,
                 next: login::safe_next(&next).to_owned(),
                 error: Some("Wrong user or password."),
@@ -441,12 +541,13 @@ impl Gate {
     }
 }
 
-/// 401: the login page for a browser navigation, a Basic challenge for
-/// everyone else.
+/// 401: the login page for a browser navigation, a Basic challenge (and a
+/// Bearer one where the route takes API keys) for everyone else.
 fn challenge(req: &Request<Incoming>, route: &RouteConfig, error: Option<&'static str>) -> Refusal {
     let next = req.uri().path_and_query().map_or("/", |p| p.as_str());
     Refusal::Unauthorized(Challenge {
         page: wants_html(req),
+        bearer: !route.api_keys.is_empty(),
         host: route.host.clone(),
         next: login::safe_next(next).to_owned(),
         error,

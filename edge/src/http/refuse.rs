@@ -77,8 +77,8 @@ pub fn response(refusal: Refusal) -> Response<Body> {
     }
 }
 
-/// 401: the login page for a browser navigation, a Basic challenge for
-/// everyone else.
+/// 401: the login page for a browser navigation, a Basic challenge (and a
+/// Bearer one where API keys are taken) for everyone else.
 fn unauthorized(c: Challenge) -> Response<Body> {
     if c.page {
         return html_response(
@@ -91,6 +91,12 @@ fn unauthorized(c: Challenge) -> Response<Body> {
         header::WWW_AUTHENTICATE,
         HeaderValue::from_static("Basic realm=\"burrow\", charset=\"UTF-8\""),
     );
+    if c.bearer {
+        r.headers_mut().append(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"burrow\""),
+        );
+    }
     r
 }
 
@@ -138,6 +144,7 @@ mod tests {
         let challenge = |page| {
             response(Refusal::Unauthorized(Challenge {
                 page,
+                bearer: false,
                 host: "h".into(),
                 next: "/".into(),
                 error: None,
