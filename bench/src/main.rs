@@ -131,6 +131,10 @@ pub struct Settings {
     /// Idle WebSockets to hold open for the memory figures, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
     pub held: Vec<usize>,
+    /// A request rate limit on burrow's route (e.g. "1000000/s", with a
+    /// burst of as many), to measure what checking one costs.
+    #[arg(long)]
+    pub rate: Option<String>,
 }
 
 /// One column: where to send requests and which processes to watch.
@@ -294,7 +298,13 @@ async fn run(args: Args, nofile: u64) -> Result<(), Error> {
     );
 
     let (relay_procs, relays_addr) = relay::start(&work, upstream)?;
-    let mut burrow = Burrow::start(&burrow_bin, &work.join("burrow"), upstream, &certs)?;
+    let mut burrow = Burrow::start(
+        &burrow_bin,
+        &work.join("burrow"),
+        upstream,
+        &certs,
+        args.settings.rate.as_deref(),
+    )?;
     let burrow_endpoint = Endpoint {
         addr: burrow.https,
         tls: Some(tls.clone()),

@@ -230,8 +230,13 @@ impl Burrow {
         dir: &Path,
         upstream: SocketAddr,
         certs: &CertFiles,
+        rate: Option<&str>,
     ) -> Result<Self, Error> {
         std::fs::create_dir_all(dir.join("state"))?;
+        // A limit that is checked on every request but never reached.
+        let rate = rate.map_or(String::new(), |r| {
+            format!("rate = {r:?}\nburst = 1000000\n")
+        });
         let agent_fp = keygen(burrow, &dir.join("agent.key"))?;
         let edge_fp = keygen(burrow, &dir.join("edge.key"))?;
         let https = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()?));
@@ -240,7 +245,7 @@ impl Burrow {
             "[edge]\nstate_dir = {state:?}\nkey = {key:?}\nhttps = \"{https}\"\ntunnel = \"{tunnel}\"\n\n\
              [tls]\nmode = \"files\"\ncert = {cert:?}\nkey = {tls_key:?}\n\n\
              [[agent]]\nname = \"home\"\nkey = \"{agent_fp}\"\n\n\
-             [[route]]\nhost = \"{HOST}\"\nagent = \"home\"\nservice = \"app\"\nauth = \"none\"\n",
+             [[route]]\nhost = \"{HOST}\"\nagent = \"home\"\nservice = \"app\"\nauth = \"none\"\n{rate}",
             state = dir.join("state"),
             key = dir.join("edge.key"),
             cert = certs.cert,
