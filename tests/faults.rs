@@ -640,6 +640,11 @@ async fn a_5_second_blackout_of_a_busy_link_keeps_the_session_and_its_streams() 
 }
 
 #[tokio::test]
+async fn a_20_second_blackout_of_a_busy_link_keeps_the_session_and_its_streams() {
+    busy_link_survives_a_blackout(Duration::from_secs(20), 0x16_0020).await;
+}
+
+#[tokio::test]
 async fn a_new_source_port_every_5_seconds_keeps_the_session_and_its_streams() {
     const REBINDS: usize = 4;
     const EVERY: Duration = Duration::from_secs(5);
