@@ -4,6 +4,7 @@
 
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod faults;
 pub mod standin;
 pub mod web;
 

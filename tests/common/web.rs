@@ -295,6 +295,20 @@ pub async fn site(extra_edge: &str, routes: &str, services: &[(&str, String)]) -
 /// Like [`site`], with the agent's `[[service]]` and `[[lan]]` tables
 /// written out in `agent_tail`; also gives the agent's extras.
 pub async fn site_toml(extra_edge: &str, routes: &str, agent_tail: &str) -> (Site, AgentExtras) {
+    let (site, extras, ()) = site_via(extra_edge, routes, agent_tail, |tunnel| (tunnel, ())).await;
+    (site, extras)
+}
+
+/// Like [`site_toml`], with something between the agent and the edge:
+/// `link` gets the edge's bound tunnel address and returns the address
+/// the agent dials (a [`super::faults::Relay`]'s) and whatever the test
+/// keeps of it.
+pub async fn site_via<L>(
+    extra_edge: &str,
+    routes: &str,
+    agent_tail: &str,
+    link: impl FnOnce(SocketAddr) -> (SocketAddr, L),
+) -> (Site, AgentExtras, L) {
     let world = World::new();
     let (key, fp) = world.agent_key("home");
     let (_, ghost_fp) = world.agent_key("ghost");
@@ -317,9 +331,10 @@ pub async fn site_toml(extra_edge: &str, routes: &str, agent_tail: &str) -> (Sit
         shutdown: shutdown.clone(),
         task: tokio::spawn(async move { edge_bound.run(shutdown).await.unwrap() }),
     };
+    let (dial, kept) = link(edge.tunnel);
     let agent_toml = format!(
-        "[agent]\nname = \"home\"\nedge = \"{}\"\nedge_key = \"{}\"\nkey = {:?}\n{agent_tail}",
-        edge.tunnel, edge.fingerprint, key
+        "[agent]\nname = \"home\"\nedge = \"{dial}\"\nedge_key = \"{}\"\nkey = {:?}\n{agent_tail}",
+        edge.fingerprint, key
     );
     let (mut agent, extras) = start_agent_with(agent_config(&agent_toml));
     agent.connected().await;
@@ -336,7 +351,7 @@ pub async fn site_toml(extra_edge: &str, routes: &str, agent_tail: &str) -> (Sit
         gate,
         admin,
     };
-    (site, extras)
+    (site, extras, kept)
 }
 
 impl Site {
