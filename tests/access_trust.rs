@@ -682,8 +682,43 @@ async fn an_unknown_server_name_gets_no_certificate() {
         .expect_err("no certificate for a name not served here");
     let text = err.to_string();
     assert!(!text.contains(HOST), "{text}");
+    // Dialling the bare address (no SNI) gets nothing either: no route
+    // here has an IP address for its host.
+    let tcp = tokio::net::TcpStream::connect(site.https).await.unwrap();
+    assert!(
+        site.tls_over(tcp, "127.0.0.1", &[b"http/1.1"])
+            .await
+            .is_err()
+    );
     // The served name still works.
     assert_eq!(raw_status(&site, "/manifest.json", "").await, 200);
+
+    // A route whose host is an address is served to clients without SNI.
+    let (addr, _up) = upstream().await;
+    let by_ip = site_with_ip_route(addr).await;
+    let tcp = tokio::net::TcpStream::connect(by_ip.https).await.unwrap();
+    let tls = by_ip
+        .tls_over(tcp, "127.0.0.1", &[b"http/1.1"])
+        .await
+        .expect("the IP route's certificate");
+    let (mut s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let r = s
+        .send_request(request("GET", "127.0.0.1", "/headers", empty()))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+}
+
+async fn site_with_ip_route(service: SocketAddr) -> Site {
+    site(
+        "",
+        "[[route]]\nhost = \"127.0.0.1\"\nagent = \"home\"\nservice = \"test\"\nauth = \"none\"\n",
+        &[("test", format!("http://{service}"))],
+    )
+    .await
 }
 
 #[tokio::test]

@@ -240,3 +240,76 @@ async fn bodies_over_max_body_never_reach_the_service_whole() {
     assert_eq!(up.uploads_started.load(Ordering::Relaxed), 2);
     assert_eq!(up.uploads_aborted.load(Ordering::Relaxed), 1);
 }
+
+#[tokio::test]
+async fn an_api_keys_own_limit_holds_across_the_routes_that_take_it() {
+    let key = burrow_edge::access::api_key::generate().unwrap();
+    let routes = format!(
+        r#"
+[[user]]
+name = "alice"
+password = "{alice}"
+
+[[api_key]]
+name = "phone"
+hash = "{hash}"
+rate = "1/m"
+burst = 1
+
+[[route]]
+host = "chat.test"
+agent = "home"
+service = "test"
+auth = "basic"
+users = ["alice"]
+api_keys = ["phone"]
+
+[[route]]
+host = "other.test"
+agent = "home"
+service = "test"
+auth = "basic"
+users = ["alice"]
+api_keys = ["phone"]
+"#,
+        alice = cheap_hash("wonderland"),
+        hash = cheap_hash(&key),
+    );
+    let (addr, _up) = upstream().await;
+    let site = site("", &routes, &[("test", format!("http://{addr}"))]).await;
+    let mut statuses = Vec::new();
+    for host in ["chat.test", "other.test", "chat.test", "other.test"] {
+        let mut c = site.h1(host).await;
+        let r = c
+            .send_request(
+                http::Request::builder()
+                    .uri("/headers")
+                    .header("host", host)
+                    .header(AUTHORIZATION, format!("Bearer {key}"))
+                    .body(empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        statuses.push(r.status().as_u16());
+    }
+    assert_eq!(
+        statuses,
+        [200, 200, 429, 429],
+        "one and a burst of one, in all"
+    );
+    // alice with her password is not the key: her requests pass.
+    let mut c = site.h1("chat.test").await;
+    let r = c
+        .send_request(
+            http::Request::builder()
+                .uri("/headers")
+                .header("host", "chat.test")
+                .header(AUTHORIZATION, basic("alice", "wonderland"))
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+}

@@ -170,6 +170,9 @@ struct UserEntry {
 struct ApiKeyEntry {
     name: Spanned<String>,
     hash: Spanned<String>,
+    /// The key's own rate limit, on every route that takes it.
+    rate: Option<Spanned<String>>,
+    burst: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -366,6 +369,8 @@ impl std::fmt::Debug for UserConfig {
 pub struct ApiKeyConfig {
     pub name: Name,
     pub hash: PasswordHash,
+    /// The key's own request rate limit, across the routes that take it.
+    pub rate: Option<RateLimit>,
 }
 
 #[derive(Debug, Clone)]
@@ -689,7 +694,18 @@ fn convert(src: &Source, file: File) -> Result<EdgeConfig, ConfigError> {
             &format!("api_key[{i}].hash"),
             "burrow keygen-api",
         )?;
-        api_keys.push(ApiKeyConfig { name, hash });
+        let rate = rate_limit(
+            src,
+            &format!("api_key[{i}]"),
+            k.rate.as_ref(),
+            k.burst.as_ref(),
+            None,
+        )?
+        .map(|r| RateLimit {
+            key: RateKey::ApiKey,
+            ..r
+        });
+        api_keys.push(ApiKeyConfig { name, hash, rate });
     }
 
     let agent_exists = |value: &Spanned<String>, key: String| -> Result<Name, ConfigError> {

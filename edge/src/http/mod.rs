@@ -82,6 +82,8 @@ pub struct HttpState {
     pub hold_caps: HoldCaps,
     /// Request rate limiters of the routes that have one, by host.
     limiters: HashMap<String, ratelimit::RateLimiter>,
+    /// The API keys' own rate limiters, by `key:NAME`.
+    key_limiters: HashMap<String, ratelimit::RateLimiter>,
 }
 
 impl HttpState {
@@ -108,6 +110,16 @@ impl HttpState {
                 .iter()
                 .filter_map(|r| Some((r.host.clone(), ratelimit::RateLimiter::new(r.rate?))))
                 .collect(),
+            key_limiters: config
+                .api_keys
+                .iter()
+                .filter_map(|k| {
+                    Some((
+                        format!("key:{}", k.name),
+                        ratelimit::RateLimiter::new(k.rate?),
+                    ))
+                })
+                .collect(),
             access: access.rules.clone(),
             trusted_proxies: access.trusted_proxies.clone(),
             client_ip_header: access.client_ip_header,
@@ -123,6 +135,11 @@ impl HttpState {
     /// The rate limiter of the route for `host`, if it has a limit.
     pub fn limiter(&self, host: &str) -> Option<&ratelimit::RateLimiter> {
         self.limiters.get(host)
+    }
+
+    /// The own rate limiter of an API key (`user` is `key:NAME`), if any.
+    pub fn key_limiter(&self, user: &str) -> Option<&ratelimit::RateLimiter> {
+        self.key_limiters.get(user)
     }
 }
 

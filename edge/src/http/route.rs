@@ -161,12 +161,17 @@ async fn route_request(
             return refuse::response(Refusal::Internal("authentication unavailable"));
         }
     };
-    if let Some(limiter) = state.limiter(&route.host) {
+    // The API key's own limit, then the route's.
+    let key_limiter = entry.user.as_deref().and_then(|u| state.key_limiter(u));
+    for limiter in [key_limiter, state.limiter(&route.host)]
+        .into_iter()
+        .flatten()
+    {
         let who = rate_key(limiter.limit().key, ip, entry.user.as_deref());
         if let Err(wait) = limiter.check(who) {
             state.metrics.refused(Refused::Rate);
             if let Some(count) = limiter.log_now() {
-                info!(host = %route.host, client = %ip, user = entry.user.as_deref().unwrap_or("-"), refused_since_last_line = count, "over the route's rate limit; refusing");
+                info!(host = %route.host, client = %ip, user = entry.user.as_deref().unwrap_or("-"), refused_since_last_line = count, "over a rate limit; refusing");
             }
             return refuse::response(Refusal::RateLimited { retry_after: wait });
         }

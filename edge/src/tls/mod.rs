@@ -134,6 +134,16 @@ impl CertStore {
         sni.and_then(|s| map.get(&s.to_ascii_lowercase()).cloned())
     }
 
+    /// The certificate of a route whose host is an IP address (the lowest
+    /// such address, so the choice is stable).
+    fn for_ip_literal(&self) -> Option<Arc<CertifiedKey>> {
+        let map = self.by_name.read().expect("cert store lock not poisoned");
+        map.iter()
+            .filter_map(|(name, key)| Some((name.parse::<std::net::IpAddr>().ok()?, key)))
+            .min_by_key(|(ip, _)| *ip)
+            .map(|(_, key)| key.clone())
+    }
+
     /// Whether names `a` and `b` are served with one certificate (so a
     /// connection made for one may carry requests for the other).
     pub fn same_certificate(&self, a: &str, b: &str) -> bool {
@@ -174,10 +184,15 @@ impl ResolvesServerCert for HttpsResolver {
                 .get(&name)
                 .cloned();
         }
-        // A name we do not serve (or none: a client dialling the bare
-        // address) gets no certificate: answering with another site's
-        // would tell a scanner which host names live here.
-        let key = self.0.by_name(hello.server_name());
+        // A name we do not serve gets no certificate: answering with
+        // another site's would tell a scanner which host names live here.
+        // A client that sends no name dialled an address (RFC 6066 has no
+        // SNI for IP literals): it gets the certificate of a route whose
+        // host is an IP address, if there is one.
+        let key = match hello.server_name() {
+            Some(name) => self.0.by_name(Some(name)),
+            None => self.0.for_ip_literal(),
+        };
         if key.is_none() {
             debug!(sni = ?hello.server_name(), "TLS for a name not served here; refusing");
         }
@@ -317,5 +332,15 @@ mod tests {
         assert!(!store.same_certificate("a.example", "c.example"));
         assert!(!store.same_certificate("a.example", "unknown.example"));
         assert!(store.get("unknown.example").is_none());
+        assert!(
+            store.for_ip_literal().is_none(),
+            "no IP route, no certificate"
+        );
+        let ip = ["127.0.0.1".to_owned()];
+        store.install(&ip, temporary(&ip).unwrap());
+        assert!(Arc::ptr_eq(
+            &store.for_ip_literal().unwrap(),
+            &store.get("127.0.0.1").unwrap()
+        ));
     }
 }
