@@ -563,3 +563,42 @@ async fn a_client_behind_the_proxy_cannot_choose_its_address_with_the_other_head
         .unwrap();
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
 }
+
+/// A phone keyboard capitalises the first letter: user names sign in
+/// ignoring case (two names that differ only in case are a config error).
+#[tokio::test]
+async fn user_names_sign_in_ignoring_case() {
+    let (site, up) = auth_site("", "").await;
+    let mut c = site.h1("chat.test").await;
+    for typed in ["Alice", "ALICE", "alice"] {
+        let r = c
+            .send_request(
+                get("chat.test", "/headers")
+                    .header(AUTHORIZATION, basic(typed, "wonderland"))
+                    .body(empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{typed}");
+        body_text(r).await;
+    }
+    assert!(
+        up.last_headers
+            .lock()
+            .unwrap()
+            .get("authorization")
+            .is_none()
+    );
+    // The password still is exact.
+    let r = c
+        .send_request(
+            get("chat.test", "/headers")
+                .header(AUTHORIZATION, basic("Alice", "Wonderland"))
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+}

@@ -819,6 +819,19 @@ async fn no_password_cookie_or_key_in_any_log_line_at_trace() {
     assert!(edge.wait_exit().success());
     let log: Vec<String> = edge.seen.iter().map(ToString::to_string).collect();
     assert!(log.len() > 100, "trace logging was on: {} lines", log.len());
+    // Responses of known length that were sent whole are logged as
+    // complete, not as a client that went away.
+    let access: Vec<&serde_json::Value> = edge
+        .seen
+        .iter()
+        .filter(|v| v["target"] == "burrow::access")
+        .collect();
+    assert!(access.len() >= 6, "{access:?}");
+    for a in &access {
+        if a["status"] == 200 {
+            assert_eq!(a["outcome"], "complete", "{a}");
+        }
+    }
     // The log did see the attempts (so a leak would be in it).
     assert!(log.iter().any(|l| l.contains("failed login")));
     assert!(log.iter().any(|l| l.contains("burrow::access")));

@@ -282,3 +282,50 @@ fn keygen_prints_a_fingerprint_and_never_overwrites() {
     assert_eq!(code, 1);
     assert!(err.contains("refusing to overwrite"), "{err}");
 }
+
+/// Logs that go to the journal or a file (stderr not a terminal) carry no
+/// ANSI colour codes.
+#[test]
+fn logs_off_a_terminal_have_no_colour_codes() {
+    use std::io::{BufRead, BufReader};
+    let w = World::new();
+    let (_, fp) = w.agent_key("home");
+    let config = w.write("edge.toml", &common::tunnel_only_edge_toml(&w, &fp));
+    let mut child = Command::new(burrow_bin())
+        .args(["edge", "--config", config.to_str().unwrap()])
+        .env("RUST_LOG", "info")
+        .env_remove("NO_COLOR")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { return };
+            let done = line.contains("edge listening");
+            if tx.send(line).is_err() || done {
+                return;
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    loop {
+        let line = rx
+            .recv_timeout(common::WAIT)
+            .expect("the edge logs it listens");
+        let done = line.contains("edge listening");
+        lines.push(line);
+        if done {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    for line in &lines {
+        assert!(!line.contains('\u{1b}'), "a colour code in {line:?}");
+    }
+    assert!(lines.iter().any(|l| l.contains("INFO")), "{lines:?}");
+}

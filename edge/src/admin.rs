@@ -38,6 +38,18 @@ pub struct AdminState {
     pub http: Option<watch::Receiver<Arc<HttpState>>>,
 }
 
+static STARTED: std::sync::OnceLock<SystemTime> = std::sync::OnceLock::new();
+
+/// Notes when the edge started serving (its counters start there).
+pub fn mark_start() {
+    STARTED.get_or_init(SystemTime::now);
+}
+
+/// When this process's counters started (they do not survive a restart).
+fn started() -> SystemTime {
+    *STARTED.get_or_init(SystemTime::now)
+}
+
 fn unix(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
@@ -189,6 +201,10 @@ impl AdminState {
             .collect();
         serde_json::json!({
             "version": env!("CARGO_PKG_VERSION"),
+            // Counters, session numbers and histories are this process's:
+            // they start again with it.
+            "started": unix(started()),
+            "counters_since": "start",
             "agents": agents,
             "services": services,
             "certificates": certificates,

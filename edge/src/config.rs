@@ -650,6 +650,7 @@ fn convert(src: &Source, file: File) -> Result<EdgeConfig, ConfigError> {
 
     let mut users = Vec::new();
     let mut user_names = HashSet::new();
+    let mut user_names_folded = HashSet::new();
     for (i, entry) in file.user.iter().enumerate() {
         let u = entry.get_ref();
         let name = u.name.get_ref().clone();
@@ -659,10 +660,12 @@ fn convert(src: &Source, file: File) -> Result<EdgeConfig, ConfigError> {
                 format!("user[{i}].name: must be non-empty, without ':' or control characters"),
             ));
         }
-        if !user_names.insert(name.clone()) {
+        // Names sign in ignoring case (a phone keyboard capitalises the
+        // first letter), so two that differ only in case are one.
+        if !user_names.insert(name.clone()) || !user_names_folded.insert(name.to_lowercase()) {
             return Err(src.error_at(
                 u.name.span(),
-                format!("user[{i}].name: user {name} is listed twice"),
+                format!("user[{i}].name: user {name} is listed twice (names ignore case)"),
             ));
         }
         let password_hash = hash_at(
@@ -1475,6 +1478,20 @@ service = \"s\"
         );
         let c = parse(&text).unwrap();
         assert_eq!(c.routes[0].rate.map(|r| r.key), Some(RateKey::User));
+    }
+
+    #[test]
+    fn user_names_that_differ_only_in_case_are_one_name() {
+        let hash = crate::access::auth::hash_password(b"pw").unwrap();
+        let text = format!(
+            "{}\n[[user]]\nname = \"alice\"\npassword = \"{hash}\"\n\n[[user]]\nname = \"Alice\"\npassword = \"{hash}\"\n",
+            base()
+        );
+        let err = parse(&text).unwrap_err();
+        assert!(
+            err.message.contains("listed twice (names ignore case)"),
+            "{err}"
+        );
     }
 
     #[test]

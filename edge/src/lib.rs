@@ -307,6 +307,7 @@ impl Edge {
         }
         if let Some(listener) = self.admin {
             info!(addr = %http::local_addr(&listener), "serving metrics and status");
+            admin::mark_start();
             let state = admin::AdminState {
                 metrics: metrics.clone(),
                 registry: self.tunnel.registry.clone(),

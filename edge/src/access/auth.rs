@@ -622,11 +622,27 @@ mod tests {
             admitted.fetch_add(1, Ordering::Relaxed);
             Ok::<(), ()>(())
         };
-        let (a, b, c) = tokio::join!(
-            v.verify_with("alice", b"wrong", admit),
-            v.verify_with("alice", b"wrong", admit),
-            v.verify_with("alice", b"wrong", admit),
-        );
+        // The hashing slots are taken until all three have asked, so the
+        // first check cannot finish before the others join it (a hash can
+        // be done before its task is first polled again).
+        let hold = v
+            .running
+            .clone()
+            .acquire_many_owned(HASH_CONCURRENCY as u32)
+            .await
+            .unwrap();
+        let checks = async {
+            tokio::join!(
+                v.verify_with("alice", b"wrong", admit),
+                v.verify_with("alice", b"wrong", admit),
+                v.verify_with("alice", b"wrong", admit),
+            )
+        };
+        let release = async {
+            tokio::task::yield_now().await;
+            drop(hold);
+        };
+        let ((a, b, c), ()) = tokio::join!(checks, release);
         for r in [a, b, c] {
             assert_eq!(r.unwrap().0, Verdict::Invalid);
         }
@@ -650,9 +666,17 @@ mod tests {
             admitted.fetch_add(1, Ordering::Relaxed);
             Ok::<(), ()>(())
         };
+        // The hashing slots are taken, so the leader waits for one (as it
+        // would behind other logins) instead of finishing at once.
+        let hold = v
+            .running
+            .clone()
+            .acquire_many_owned(HASH_CONCURRENCY as u32)
+            .await
+            .unwrap();
         let mut leader = Box::pin(v.verify_with("alice", b"wrong", admit));
         let mut waiter = Box::pin(v.verify_with("alice", b"wrong", admit));
-        // One poll each: the leader starts hashing, the waiter waits on it.
+        // One poll each: the leader is checking, the waiter waits on it.
         let leader_pending =
             std::future::poll_fn(|cx| Poll::Ready(leader.as_mut().poll(cx).is_pending())).await;
         let waiter_pending =
@@ -661,6 +685,7 @@ mod tests {
         assert_eq!(admitted.load(Ordering::Relaxed), 1);
         // The client of the running check goes away.
         drop(leader);
+        drop(hold);
         let (verdict, admission) = waiter.await.unwrap();
         assert_eq!(verdict, Verdict::Invalid);
         assert!(

@@ -103,6 +103,8 @@ pub struct Gate {
     pub sessions: SessionKeys,
     pub throttle: Throttle,
     users: HashMap<String, KnownUser>,
+    /// Configured names by their lower case: names sign in ignoring case.
+    folded: HashMap<String, String>,
 }
 
 /// A browser navigation wants a page, an API client a 401 it can act on.
@@ -220,6 +222,22 @@ impl Gate {
                     (u.name.clone(), known)
                 })
                 .collect(),
+            folded: users
+                .iter()
+                .map(|u| (u.name.to_lowercase(), u.name.clone()))
+                .collect(),
+        }
+    }
+
+    /// The configured spelling of a user name typed in any case (a phone
+    /// keyboard capitalises the first letter); other names as they are.
+    fn canonical_user(&self, typed: String) -> String {
+        if typed.len() > MAX_USER_NAME {
+            return typed;
+        }
+        match self.folded.get(&typed.to_lowercase()) {
+            Some(name) => name.clone(),
+            None => typed,
         }
     }
 
@@ -458,6 +476,7 @@ impl Gate {
             };
         }
         if let Some((user, password)) = basic_credentials(&req) {
+            let user = self.canonical_user(user);
             return match self
                 .check_password(req.headers(), &user, &password, route, client)
                 .await
@@ -518,7 +537,7 @@ impl Gate {
             return Admission::Refuse(Refusal::PayloadTooLarge("login form too large"));
         };
         let body = String::from_utf8_lossy(&body.to_bytes()).into_owned();
-        let user = login::form_value(&body, "user").unwrap_or_default();
+        let user = self.canonical_user(login::form_value(&body, "user").unwrap_or_default());
         let password = login::form_value(&body, "password").unwrap_or_default();
         let next = login::form_value(&body, "next").unwrap_or_else(|| "/".into());
         match self

@@ -46,8 +46,9 @@ const HEAD: &str = "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8
 <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>Sign in</title>\
 <style>body{font:16px/1.5 system-ui,sans-serif;background:#101418;color:#e8ecef;display:grid;place-items:center;min-height:100vh;margin:0}\
 form{background:#182028;padding:2rem;border-radius:.75rem;display:grid;gap:.75rem;min-width:16rem}\
+input,button{font:inherit;font-size:16px;min-height:44px;box-sizing:border-box}\
 input{padding:.6rem;border-radius:.4rem;border:1px solid #2a333b;background:#101418;color:inherit}\
-button{padding:.6rem;border:0;border-radius:.4rem;background:#2f7de1;color:#fff}.err{color:#ff8a80}</style></head><body>";
+button{padding:.6rem 1rem;border:0;border-radius:.4rem;background:#2f7de1;color:#fff}.err{color:#ff8a80}</style></head><body>";
 
 /// The page behind [`LOGOUT_PATH`]: one button that posts to it, so no
 /// other site can sign the user out with a link or an image.
@@ -74,7 +75,7 @@ pub fn page(host: &str, next: &str, error: Option<&str>) -> String {
     }
     let _ = write!(
         html,
-        "<input name=\"user\" id=\"user\" placeholder=\"User\" autocomplete=\"username\" required autofocus>\
+        "<input name=\"user\" id=\"user\" placeholder=\"User\" autocomplete=\"username\" autocapitalize=\"none\" autocorrect=\"off\" spellcheck=\"false\" required autofocus>\
 <input name=\"password\" id=\"password\" type=\"password\" placeholder=\"Password\" autocomplete=\"current-password\" required>\
 <input type=\"hidden\" name=\"next\" value=\"{}\"><button id=\"sign-in\">Sign in</button></form></body></html>",
         escape(safe_next(next))
@@ -126,5 +127,17 @@ mod tests {
         assert_eq!(safe_next("/\t/evil.example"), "/");
         assert_eq!(safe_next("/\r\n/x"), "/");
         assert!(!page("h", "\"><script>", Some("<b>")).contains("<script>"));
+        // Phones: no zoom on focus (16 px), 44 px targets, no capitals or
+        // corrections forced into the user name.
+        let p = page("h", "/", None);
+        for needle in [
+            "font-size:16px",
+            "min-height:44px",
+            "autocapitalize=\"none\"",
+            "autocorrect=\"off\"",
+            "spellcheck=\"false\"",
+        ] {
+            assert!(p.contains(needle), "{needle}");
+        }
     }
 }

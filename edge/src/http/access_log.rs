@@ -27,13 +27,38 @@ pub(super) struct AccessEntry {
 /// access-log line when it ends (completed, or cut off by the client);
 /// the request counts as in flight until then.
 pub(super) struct LoggedBody {
-    pub(super) inner: Body,
-    pub(super) bytes: u64,
-    pub(super) entry: Option<AccessEntry>,
-    pub(super) _in_flight: InFlight,
+    inner: Body,
+    bytes: u64,
+    /// The body's length when it was known up front.
+    expected: Option<u64>,
+    entry: Option<AccessEntry>,
+    _in_flight: InFlight,
 }
 
 impl LoggedBody {
+    pub(super) fn new(inner: Body, entry: AccessEntry, in_flight: InFlight) -> Self {
+        let expected = hyper::body::Body::size_hint(&inner).exact();
+        Self {
+            inner,
+            bytes: 0,
+            expected,
+            entry: Some(entry),
+            _in_flight: in_flight,
+        }
+    }
+
+    /// How a body that is dropped ended: hyper stops polling a body of
+    /// known length once all of it is written, so "all of it sent" is
+    /// complete too, not a client that went away.
+    fn outcome_on_drop(&self) -> &'static str {
+        let all_sent = self.expected.is_some_and(|n| self.bytes >= n);
+        if all_sent || hyper::body::Body::is_end_stream(&self.inner) {
+            "complete"
+        } else {
+            "client gone"
+        }
+    }
+
     fn log(&mut self, outcome: &'static str) {
         if let Some(e) = self.entry.take() {
             info!(
@@ -87,6 +112,7 @@ impl hyper::body::Body for LoggedBody {
 
 impl Drop for LoggedBody {
     fn drop(&mut self) {
-        self.log("client gone");
+        let outcome = self.outcome_on_drop();
+        self.log(outcome);
     }
 }

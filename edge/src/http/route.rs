@@ -63,15 +63,7 @@ pub(super) async fn handle(
     let resp = route_request(req, &state, peer, sni.as_deref(), &mut entry).await;
     state.metrics.response(resp.status().as_u16());
     entry.status = resp.status().as_u16();
-    resp.map(|body| {
-        LoggedBody {
-            inner: body,
-            bytes: 0,
-            entry: Some(entry),
-            _in_flight: in_flight,
-        }
-        .boxed()
-    })
+    resp.map(|body| LoggedBody::new(body, entry, in_flight).boxed())
 }
 
 async fn route_request(
