@@ -1,8 +1,9 @@
 //! Certificates from a real ACME server: Pebble and pebble-challtestsrv
 //! (Debian's `pebble` package) on loopback. challtestsrv is the DNS server
 //! that points every name at this test's own loopback address (see
-//! [`test_ip`]); Pebble validates against the
-//! edge's own HTTP and HTTPS ports.
+//! [`test_ip`]); Pebble validates against the edge's own HTTP and HTTPS
+//! listeners, which the test binds first ([`EdgeSockets`]) so that it can
+//! tell Pebble their ports and then hand them to the edge.
 
 #![allow(clippy::unwrap_used)] // Test helpers fail loudly by design.
 
@@ -14,6 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use burrow_edge::Prebound;
 use burrow_edge::tls::acme::{AcmeManager, CertStatus};
 use common::web::*;
 use common::*;
@@ -24,15 +26,10 @@ use tokio_tungstenite::tungstenite::Message;
 
 const NAME: &str = "chat.example.com";
 
-/// A port that was free a moment ago, for servers that cannot report theirs
-/// (Pebble takes its ports from a config file).
 /// The loopback address this test's Pebble, challenge server and edge
 /// listen on: one of its own (127.77.0.N, one per test thread), so no
 /// other test's sockets, listening or connecting from 127.0.0.1, can take
-/// a port it chose. Pebble must know the edge's ports before the edge
-/// runs and takes no bound listener itself, so ports are chosen first and
-/// bound a moment later; on an address nothing else uses, nothing can
-/// take them in between.
+/// a port chosen for Pebble (see [`pebble_port`]).
 fn test_ip() -> &'static str {
     use std::sync::atomic::{AtomicU8, Ordering};
     static NEXT: AtomicU8 = AtomicU8::new(1);
@@ -44,7 +41,16 @@ fn test_ip() -> &'static str {
     IP.with(|ip| *ip)
 }
 
-fn free_port() -> u16 {
+/// A port for Pebble or challtestsrv to bind, and only for them: they are
+/// other processes, which take their ports from flags and a config file,
+/// so there is no bound socket to hand them, and a port must be picked here
+/// (free a moment ago) and bound by them a moment later. Anything the edge
+/// binds is bound by the test and handed over instead ([`EdgeSockets`]).
+/// Two things keep the gap safe: the ports are on [`test_ip`], an address
+/// no other test uses; and should one be taken anyway (a wildcard socket
+/// elsewhere on the host), the server exits before it is ready and
+/// [`spawn_until`] starts it again on fresh ports.
+fn pebble_port() -> u16 {
     std::net::TcpListener::bind((test_ip(), 0))
         .unwrap()
         .local_addr()
@@ -52,8 +58,25 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// Spawns `cmd` and waits for a stdout line containing `ready`.
-fn spawn_until(mut cmd: Command, ready: &str) -> Child {
+/// How often [`spawn_until`] starts a server, on fresh ports each time,
+/// when it exits before it is ready (a port taken since [`pebble_port`]).
+const PEBBLE_ATTEMPTS: usize = 3;
+
+/// Spawns the command `make` builds (picking its ports) and waits for a
+/// stdout line containing `ready`; when the process exits first, tries
+/// again with a freshly made command, up to [`PEBBLE_ATTEMPTS`] times.
+fn spawn_until(mut make: impl FnMut() -> Command, ready: &str) -> Child {
+    for _ in 0..PEBBLE_ATTEMPTS {
+        if let Some(child) = try_spawn_until(make(), ready) {
+            return child;
+        }
+    }
+    panic!("no server announced {ready:?} in {PEBBLE_ATTEMPTS} attempts");
+}
+
+/// Spawns `cmd` and waits for a stdout line containing `ready`; `None` if
+/// it exits first.
+fn try_spawn_until(mut cmd: Command, ready: &str) -> Option<Child> {
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -62,18 +85,28 @@ fn spawn_until(mut cmd: Command, ready: &str) -> Child {
         .unwrap_or_else(|e| panic!("cannot start {cmd:?} ({e}); CI installs Debian's pebble"));
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
-    let ready = ready.to_owned();
+    let wanted = ready.to_owned();
     std::thread::spawn(move || {
         let mut sent = false;
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if !sent && line.contains(&ready) {
+            if !sent && line.contains(&wanted) {
                 let _ = tx.send(());
                 sent = true;
             }
         }
     });
-    rx.recv_timeout(WAIT).expect("server announced it is ready");
-    child
+    match rx.recv_timeout(WAIT) {
+        Ok(()) => Some(child),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            let status = child.wait().unwrap();
+            eprintln!("{cmd:?} exited before it was ready ({status}); trying fresh ports");
+            None
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            let _ = child.kill();
+            panic!("{cmd:?} never announced {ready:?}");
+        }
+    }
 }
 
 struct Pebble {
@@ -101,25 +134,31 @@ impl Pebble {
     /// `validity` shortens the certificates it issues.
     async fn start(http_port: u16, tls_port: u16, validity: Option<Duration>) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let dns = free_port();
-        let mut cts = Command::new("pebble-challtestsrv");
-        cts.args([
-            "-dns01",
-            &format!("{}:{dns}", test_ip()),
-            "-management",
-            &format!("{}:{}", test_ip(), free_port()),
-            "-http01",
-            "",
-            "-https01",
-            "",
-            "-tlsalpn01",
-            "",
-            "-defaultIPv4",
-            test_ip(),
-            "-defaultIPv6",
-            "",
-        ]);
-        let challtestsrv = spawn_until(cts, "Starting challenge servers");
+        let mut dns = 0;
+        let challtestsrv = spawn_until(
+            || {
+                dns = pebble_port();
+                let mut cts = Command::new("pebble-challtestsrv");
+                cts.args([
+                    "-dns01",
+                    &format!("{}:{dns}", test_ip()),
+                    "-management",
+                    &format!("{}:{}", test_ip(), pebble_port()),
+                    "-http01",
+                    "",
+                    "-https01",
+                    "",
+                    "-tlsalpn01",
+                    "",
+                    "-defaultIPv4",
+                    test_ip(),
+                    "-defaultIPv6",
+                    "",
+                ]);
+                cts
+            },
+            "Starting challenge servers",
+        );
 
         // Pebble's own HTTPS certificate, from a CA made here.
         let ca_key = KeyPair::generate().unwrap();
@@ -140,31 +179,37 @@ impl Pebble {
         std::fs::write(path("cert.pem"), server.pem()).unwrap();
         std::fs::write(path("key.pem"), server_key.serialize_pem()).unwrap();
 
-        let (acme_port, mgmt_port) = (free_port(), free_port());
-        let mut config = serde_json::json!({ "pebble": {
-            "listenAddress": format!("{}:{acme_port}", test_ip()),
-            "managementListenAddress": format!("{}:{mgmt_port}", test_ip()),
-            "certificate": path("cert.pem"),
-            "privateKey": path("key.pem"),
-            "httpPort": http_port,
-            "tlsPort": tls_port,
-            "ocspResponderURL": "",
-            "externalAccountBindingRequired": false,
-        }});
-        if let Some(v) = validity {
-            config["pebble"]["certificateValidityPeriod"] = v.as_secs().into();
-        }
-        std::fs::write(path("pebble.json"), config.to_string()).unwrap();
-        let mut cmd = Command::new("pebble");
-        cmd.args([
-            "-config",
-            path("pebble.json").to_str().unwrap(),
-            "-dnsserver",
-            &format!("{}:{dns}", test_ip()),
-        ])
-        .env("PEBBLE_VA_NOSLEEP", "1")
-        .env("PEBBLE_WFE_NONCEREJECT", "0");
-        let pebble = spawn_until(cmd, "ACME directory available");
+        let (mut acme_port, mut mgmt_port) = (0, 0);
+        let pebble = spawn_until(
+            || {
+                (acme_port, mgmt_port) = (pebble_port(), pebble_port());
+                let mut config = serde_json::json!({ "pebble": {
+                    "listenAddress": format!("{}:{acme_port}", test_ip()),
+                    "managementListenAddress": format!("{}:{mgmt_port}", test_ip()),
+                    "certificate": path("cert.pem"),
+                    "privateKey": path("key.pem"),
+                    "httpPort": http_port,
+                    "tlsPort": tls_port,
+                    "ocspResponderURL": "",
+                    "externalAccountBindingRequired": false,
+                }});
+                if let Some(v) = validity {
+                    config["pebble"]["certificateValidityPeriod"] = v.as_secs().into();
+                }
+                std::fs::write(path("pebble.json"), config.to_string()).unwrap();
+                let mut cmd = Command::new("pebble");
+                cmd.args([
+                    "-config",
+                    path("pebble.json").to_str().unwrap(),
+                    "-dnsserver",
+                    &format!("{}:{dns}", test_ip()),
+                ])
+                .env("PEBBLE_VA_NOSLEEP", "1")
+                .env("PEBBLE_WFE_NONCEREJECT", "0");
+                cmd
+            },
+            "ACME directory available",
+        );
 
         // The issuing root, from Pebble's management interface.
         let out = tokio::process::Command::new("curl")
@@ -190,6 +235,41 @@ impl Pebble {
             directory_ca: path("ca.pem"),
             root: path("root.pem"),
             dir,
+        }
+    }
+}
+
+/// The edge's HTTP and HTTPS listeners, bound by the test on [`test_ip`]
+/// before Pebble starts (Pebble validates against their ports) and handed
+/// to each edge it runs.
+struct EdgeSockets {
+    http: std::net::TcpListener,
+    https: std::net::TcpListener,
+}
+
+impl EdgeSockets {
+    fn bind() -> Self {
+        let listen = || std::net::TcpListener::bind((test_ip(), 0)).unwrap();
+        Self {
+            http: listen(),
+            https: listen(),
+        }
+    }
+
+    /// The `(http, https)` ports.
+    fn ports(&self) -> (u16, u16) {
+        let port = |l: &std::net::TcpListener| l.local_addr().unwrap().port();
+        (port(&self.http), port(&self.https))
+    }
+
+    /// Copies of the listeners for one edge, the HTTP one only if `config`
+    /// has `http`. The originals stay bound after that edge stops, for the
+    /// next.
+    fn hand_over(&self, config: &burrow_edge::EdgeConfig) -> Prebound {
+        Prebound {
+            https: Some(self.https.try_clone().unwrap()),
+            http: config.http.map(|_| self.http.try_clone().unwrap()),
+            ..Prebound::default()
         }
     }
 }
@@ -221,11 +301,14 @@ fn edge_toml(
     )
 }
 
-async fn start_acme_edge(toml: &str) -> AcmeEdge {
+async fn start_acme_edge(toml: &str, sockets: &EdgeSockets) -> AcmeEdge {
     let config = edge_config(toml);
     let https = config.https.unwrap().port();
     let started = Instant::now();
-    let edge = burrow_edge::Edge::bind(config).await.unwrap();
+    let prebound = sockets.hand_over(&config);
+    let edge = burrow_edge::Edge::bind_with(config, prebound)
+        .await
+        .unwrap();
     let acme = edge.acme().expect("acme mode");
     let shutdown = tokio_util::sync::CancellationToken::new();
     let handle = EdgeHandle {
@@ -299,15 +382,19 @@ async fn curl_verified(pebble: &Pebble, https: u16, path: &str) -> String {
 async fn obtain_with(http01: bool) {
     let world = World::new();
     let (key, fp) = world.agent_key("home");
-    let (http, https) = (free_port(), free_port());
+    let sockets = EdgeSockets::bind();
+    let (http, https) = sockets.ports();
     let pebble = Pebble::start(http, https, None).await;
-    let e = start_acme_edge(&edge_toml(
-        &world,
-        &pebble,
-        http01.then_some(http),
-        https,
-        &fp.to_string(),
-    ))
+    let e = start_acme_edge(
+        &edge_toml(
+            &world,
+            &pebble,
+            http01.then_some(http),
+            https,
+            &fp.to_string(),
+        ),
+        &sockets,
+    )
     .await;
     let st = wait_status(&e.acme, "issued", |s| s.not_after.is_some()).await;
     eprintln!(
@@ -336,17 +423,18 @@ async fn a_fresh_edge_gets_a_certificate_by_tls_alpn01() {
 async fn a_restart_places_no_new_order() {
     let world = World::new();
     let (key, fp) = world.agent_key("home");
-    let (http, https) = (free_port(), free_port());
+    let sockets = EdgeSockets::bind();
+    let (http, https) = sockets.ports();
     let pebble = Pebble::start(http, https, None).await;
     let toml = edge_toml(&world, &pebble, Some(http), https, &fp.to_string());
-    let first = start_acme_edge(&toml).await;
+    let first = start_acme_edge(&toml, &sockets).await;
     let issued = wait_status(&first.acme, "issued", |s| s.not_after.is_some()).await;
     assert!(first.acme.orders() >= 1);
     first.edge.shutdown.cancel();
     let AcmeEdge { mut edge, .. } = first;
     (&mut edge.task).await.unwrap();
 
-    let second = start_acme_edge(&toml).await;
+    let second = start_acme_edge(&toml, &sockets).await;
     // The certificate on disk is served from the start...
     assert_eq!(second.acme.status()[NAME].not_after, issued.not_after);
     // ...and a full pass of the schedule orders nothing.
@@ -365,16 +453,14 @@ async fn a_restart_places_no_new_order() {
 async fn short_lived_certificates_renew_while_a_websocket_stays_open() {
     let world = World::new();
     let (key, fp) = world.agent_key("home");
-    let (http, https) = (free_port(), free_port());
+    let sockets = EdgeSockets::bind();
+    let (http, https) = sockets.ports();
     // 12 s certificates: renewal due after 8 s.
     let pebble = Pebble::start(http, https, Some(Duration::from_secs(12))).await;
-    let e = start_acme_edge(&edge_toml(
-        &world,
-        &pebble,
-        Some(http),
-        https,
-        &fp.to_string(),
-    ))
+    let e = start_acme_edge(
+        &edge_toml(&world, &pebble, Some(http), https, &fp.to_string()),
+        &sockets,
+    )
     .await;
     let first = wait_status(&e.acme, "issued", |s| s.not_after.is_some()).await;
     let _agent = connect_agent(&world, &e.edge, &key).await;
@@ -420,17 +506,15 @@ async fn short_lived_certificates_renew_while_a_websocket_stays_open() {
 async fn with_the_ca_gone_the_edge_keeps_serving_and_backs_off() {
     let world = World::new();
     let (key, fp) = world.agent_key("home");
-    let (http, https) = (free_port(), free_port());
+    let sockets = EdgeSockets::bind();
+    let (http, https) = sockets.ports();
     // 18 s certificates: renewal due after 12 s, when the CA is gone; three
     // failures (backing off 1 s, 2 s) fit before the certificate expires.
     let mut pebble = Pebble::start(http, https, Some(Duration::from_secs(18))).await;
-    let e = start_acme_edge(&edge_toml(
-        &world,
-        &pebble,
-        Some(http),
-        https,
-        &fp.to_string(),
-    ))
+    let e = start_acme_edge(
+        &edge_toml(&world, &pebble, Some(http), https, &fp.to_string()),
+        &sockets,
+    )
     .await;
     let issued = wait_status(&e.acme, "issued", |s| s.not_after.is_some()).await;
     let _agent = connect_agent(&world, &e.edge, &key).await;
@@ -462,7 +546,8 @@ async fn with_the_ca_gone_the_edge_keeps_serving_and_backs_off() {
 async fn the_tunnel_presents_the_acme_certificate_to_agents_that_check_by_name() {
     let world = World::new();
     let (key, fp) = world.agent_key("home");
-    let (http, https) = (free_port(), free_port());
+    let sockets = EdgeSockets::bind();
+    let (http, https) = sockets.ports();
     let pebble = Pebble::start(http, https, None).await;
     // The edge's own name gets a certificate too.
     let toml = edge_toml(&world, &pebble, Some(http), https, &fp.to_string()).replacen(
@@ -470,7 +555,7 @@ async fn the_tunnel_presents_the_acme_certificate_to_agents_that_check_by_name()
         "[edge]\nhostname = \"localhost\"\n",
         1,
     );
-    let e = start_acme_edge(&toml).await;
+    let e = start_acme_edge(&toml, &sockets).await;
     let mut changes = e.acme.subscribe();
     tokio::time::timeout(Duration::from_secs(60), async {
         while e

@@ -663,3 +663,43 @@ async fn two_agents_with_one_key_back_off_instead_of_fighting() {
         "an error names the cause; errors: {errors:?}"
     );
 }
+
+/// A socket handed to the edge already bound is the one it serves on, so a
+/// test (or a supervisor) that needs the port first never binds it twice;
+/// one for a listener the config leaves off is refused, not ignored.
+#[tokio::test]
+async fn the_edge_serves_on_a_socket_handed_to_it() {
+    let world = World::new();
+    let (key, fp) = world.agent_key("home");
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let bound = socket.local_addr().unwrap();
+    let toml = tunnel_only_edge_toml(&world, &fp);
+    let edge = start_edge_with(
+        edge_config(&toml),
+        burrow_edge::Prebound {
+            tunnel: Some(socket),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(edge.tunnel, bound);
+    let mut agent = start_agent(agent_config(&format!(
+        "[agent]\nname = \"home\"\nedge = \"{bound}\"\nedge_key = \"{}\"\nkey = {:?}\n",
+        edge.fingerprint, key
+    )));
+    agent.connected().await;
+
+    let admin = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let refused = burrow_edge::Edge::bind_with(
+        edge_config(&toml),
+        burrow_edge::Prebound {
+            admin: Some(admin),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(
+        matches!(refused, Err(burrow_edge::EdgeError::Unsupported(_))),
+        "{refused:?}"
+    );
+}

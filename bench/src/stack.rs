@@ -3,7 +3,7 @@
 //! transport). Each runs as its own process with its log in the run folder.
 
 use std::fs::File;
-use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -88,6 +88,33 @@ impl Proc {
         ))
     }
 
+    /// Waits for the JSON log line whose message is `message` and returns
+    /// its address field `field`: how a process that bound port 0 says
+    /// what it got.
+    pub fn wait_log_addr(&mut self, message: &str, field: &str) -> Result<SocketAddr, Error> {
+        let start = Instant::now();
+        loop {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let found = log
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .find(|v| v["message"] == message);
+            if let Some(v) = found {
+                return v[field]
+                    .as_str()
+                    .and_then(|a| a.parse().ok())
+                    .ok_or_else(|| {
+                        format!("{}: {message:?} has no address {field}", self.name).into()
+                    });
+            }
+            self.check_alive()?;
+            if start.elapsed() > READY_TIMEOUT {
+                return Err(format!("{} never logged {message:?}", self.name).into());
+            }
+            std::thread::sleep(PROBE_INTERVAL);
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -143,12 +170,13 @@ impl Drop for Proc {
     }
 }
 
+/// A port that was free a moment ago, only for Caddy and rathole: other
+/// programs, which take their ports from a config file and cannot be
+/// handed a bound socket or asked which port they got. Something else may
+/// take the port before they bind it; they then exit and the run fails,
+/// saying so ([`Proc::check_alive`]). burrow binds port 0 and reports.
 pub fn free_tcp_port() -> Result<u16, Error> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-pub fn free_udp_port() -> Result<u16, Error> {
-    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// The certificate every TLS target presents (one key type for all).
@@ -239,28 +267,25 @@ impl Burrow {
         });
         let agent_fp = keygen(burrow, &dir.join("agent.key"))?;
         let edge_fp = keygen(burrow, &dir.join("edge.key"))?;
-        let https = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()?));
-        let tunnel = SocketAddr::from(([127, 0, 0, 1], free_udp_port()?));
-        let edge_toml = format!(
-            "[edge]\nstate_dir = {state:?}\nkey = {key:?}\nhttps = \"{https}\"\ntunnel = \"{tunnel}\"\n\n\
-             [tls]\nmode = \"files\"\ncert = {cert:?}\nkey = {tls_key:?}\n\n\
-             [[agent]]\nname = \"home\"\nkey = \"{agent_fp}\"\n\n\
-             [[route]]\nhost = \"{HOST}\"\nagent = \"home\"\nservice = \"app\"\nauth = \"none\"\n{rate}",
-            state = dir.join("state"),
-            key = dir.join("edge.key"),
-            cert = certs.cert,
-            tls_key = certs.key,
-        );
-        let agent_toml = format!(
-            "[agent]\nname = \"home\"\nedge = \"{tunnel}\"\nedge_key = \"{edge_fp}\"\nkey = {key:?}\n\n\
-             [[service]]\nname = \"app\"\nurl = \"http://{upstream}\"\n",
-            key = dir.join("agent.key"),
-        );
+        let edge_toml = |https: SocketAddr, tunnel: SocketAddr| {
+            format!(
+                "[edge]\nstate_dir = {state:?}\nkey = {key:?}\nhttps = \"{https}\"\ntunnel = \"{tunnel}\"\n\n\
+                 [tls]\nmode = \"files\"\ncert = {cert:?}\nkey = {tls_key:?}\n\n\
+                 [[agent]]\nname = \"home\"\nkey = \"{agent_fp}\"\n\n\
+                 [[route]]\nhost = \"{HOST}\"\nagent = \"home\"\nservice = \"app\"\nauth = \"none\"\n{rate}",
+                state = dir.join("state"),
+                key = dir.join("edge.key"),
+                cert = certs.cert,
+                tls_key = certs.key,
+            )
+        };
         let edge_cfg = dir.join("edge.toml");
         let agent_cfg = dir.join("agent.toml");
-        std::fs::write(&edge_cfg, edge_toml)?;
-        std::fs::write(&agent_cfg, agent_toml)?;
-        let edge = Proc::spawn(
+        // The edge binds port 0 and logs what it got; the agent and the
+        // clients are told after. No port is picked here and bound later.
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        std::fs::write(&edge_cfg, edge_toml(any, any))?;
+        let mut edge = Proc::spawn(
             "burrow-edge",
             burrow,
             &args(&[
@@ -272,6 +297,18 @@ impl Burrow {
             ]),
             dir,
         )?;
+        let tunnel = edge.wait_log_addr("edge listening", "tunnel")?;
+        let https = edge.wait_log_addr("serving https", "addr")?;
+        // A restart comes back on the same ports (clients and the agent
+        // know them): the edge's own, freed as it exits and bound again
+        // at once by its successor.
+        std::fs::write(&edge_cfg, edge_toml(https, tunnel))?;
+        let agent_toml = format!(
+            "[agent]\nname = \"home\"\nedge = \"{tunnel}\"\nedge_key = \"{edge_fp}\"\nkey = {key:?}\n\n\
+             [[service]]\nname = \"app\"\nurl = \"http://{upstream}\"\n",
+            key = dir.join("agent.key"),
+        );
+        std::fs::write(&agent_cfg, agent_toml)?;
         let agent = Proc::spawn(
             "burrow-agent",
             burrow,

@@ -2,7 +2,9 @@
 //!
 //! [`Edge::bind`] loads keys and certificates and binds every socket before
 //! anything is served (a bad config or a taken port fails early and whole);
-//! [`Edge::run`] serves until the shutdown token is cancelled.
+//! [`Edge::bind_with`] does the same with some sockets handed over already
+//! bound ([`Prebound`]); [`Edge::run`] serves until the shutdown token is
+//! cancelled.
 
 #![forbid(unsafe_code)]
 
@@ -83,14 +85,61 @@ impl std::fmt::Debug for Edge {
     }
 }
 
+/// Sockets handed to [`Edge::bind_with`] already bound, each used instead
+/// of binding the config's address for it. For whoever must know a port
+/// before the edge runs (a test configuring an ACME server that validates
+/// against the edge, a supervisor passing sockets down): bind, read the
+/// port, hand the socket over, and nothing can take the port in between.
+/// The config must still enable each listener given one (`https`, `http`
+/// with `https`, `admin`); its address there is then only informational.
+#[derive(Debug, Default)]
+pub struct Prebound {
+    pub https: Option<std::net::TcpListener>,
+    pub http: Option<std::net::TcpListener>,
+    pub tunnel: Option<std::net::UdpSocket>,
+    pub admin: Option<std::net::TcpListener>,
+}
+
 async fn bind_tcp(what: &'static str, addr: SocketAddr) -> Result<TcpListener, EdgeError> {
     TcpListener::bind(addr)
         .await
         .map_err(|source| EdgeError::Bind { what, addr, source })
 }
 
+/// The listener for `what`: `prebound` if given, else one bound on `addr`;
+/// `None` if the config leaves `what` off (and then nothing may be handed
+/// over for it).
+async fn listen(
+    what: &'static str,
+    addr: Option<SocketAddr>,
+    prebound: Option<std::net::TcpListener>,
+) -> Result<Option<TcpListener>, EdgeError> {
+    match (addr, prebound) {
+        (None, None) => Ok(None),
+        (None, Some(_)) => Err(EdgeError::Unsupported(format!(
+            "a pre-bound {what} was given but the config does not enable one"
+        ))),
+        (Some(addr), None) => bind_tcp(what, addr).await.map(Some),
+        (Some(configured), Some(listener)) => {
+            let addr = listener.local_addr().unwrap_or(configured);
+            listener
+                .set_nonblocking(true)
+                .and_then(|()| TcpListener::from_std(listener))
+                .map(Some)
+                .map_err(|source| EdgeError::Bind { what, addr, source })
+        }
+    }
+}
+
 impl Edge {
+    /// Binds every socket the config names.
     pub async fn bind(config: EdgeConfig) -> Result<Self, EdgeError> {
+        Self::bind_with(config, Prebound::default()).await
+    }
+
+    /// Like [`Edge::bind`], but uses the sockets in `prebound` instead of
+    /// binding the config's addresses for them.
+    pub async fn bind_with(config: EdgeConfig, prebound: Prebound) -> Result<Self, EdgeError> {
         let (identity, created) = Identity::load_or_create(&config.key_path)?;
         if created == Created::Yes {
             info!(path = %config.key_path.display(), "created edge identity key");
@@ -118,18 +167,25 @@ impl Edge {
             }
         }
 
-        let (socket, _buffers) =
-            quic::bind_udp(config.tunnel).map_err(|source| EdgeError::Bind {
-                what: "QUIC tunnel endpoint",
-                addr: config.tunnel,
-                source,
-            })?;
+        let tunnel_addr = match &prebound.tunnel {
+            Some(socket) => socket.local_addr().unwrap_or(config.tunnel),
+            None => config.tunnel,
+        };
+        let (socket, _buffers) = match prebound.tunnel {
+            Some(socket) => quic::with_buffers(socket),
+            None => quic::bind_udp(config.tunnel),
+        }
+        .map_err(|source| EdgeError::Bind {
+            what: "QUIC tunnel endpoint",
+            addr: tunnel_addr,
+            source,
+        })?;
         let server = tunnel::server_config(certs.quic_resolver()).map_err(TlsError::from)?;
         let endpoint =
             quic::endpoint(socket, Some(server), identity.endpoint_keys()).map_err(|source| {
                 EdgeError::Bind {
                     what: "QUIC tunnel endpoint",
-                    addr: config.tunnel,
+                    addr: tunnel_addr,
                     source,
                 }
             })?;
@@ -138,19 +194,16 @@ impl Edge {
         for p in &config.ports {
             ports.push((p.clone(), bind_tcp("forwarded port", p.listen).await?));
         }
-        let https = match config.https {
-            Some(addr) => Some(bind_tcp("HTTPS listener", addr).await?),
-            None => None,
-        };
-        let http = match (config.http, config.https) {
-            (Some(addr), Some(_)) => Some(bind_tcp("HTTP listener", addr).await?),
-            _ => None,
-        };
+        let https = listen("HTTPS listener", config.https, prebound.https).await?;
+        // Plain HTTP only redirects to (and answers ACME for) HTTPS.
+        let http = listen(
+            "HTTP listener",
+            config.http.filter(|_| config.https.is_some()),
+            prebound.http,
+        )
+        .await?;
         let gate = build_gate(&config)?;
-        let admin = match config.admin {
-            Some(addr) => Some(bind_tcp("admin listener", addr).await?),
-            None => None,
-        };
+        let admin = listen("admin listener", config.admin, prebound.admin).await?;
         Ok(Self {
             admin,
             https,

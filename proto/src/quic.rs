@@ -200,18 +200,26 @@ pub struct SocketBuffers {
     pub send: usize,
 }
 
-/// Binds a UDP socket with enlarged buffers. Linux silently caps the request
-/// at `net.core.rmem_max` / `wmem_max`; when it bites, say so once, with the
-/// sysctl that lifts it.
+/// Binds a UDP socket with enlarged buffers (see [`with_buffers`]).
 pub fn bind_udp(addr: SocketAddr) -> io::Result<(UdpSocket, SocketBuffers)> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() {
         // Accept IPv4 too on an unspecified IPv6 address, like most servers.
         let _ = socket.set_only_v6(false);
     }
+    socket.bind(&addr.into())?;
+    with_buffers(socket.into())
+}
+
+/// Enlarges the buffers of a bound UDP socket (one of [`bind_udp`]'s, or
+/// one handed over already bound) and makes it non-blocking. Linux
+/// silently caps the request at `net.core.rmem_max` / `wmem_max`; when it
+/// bites, say so once, with the sysctl that lifts it.
+pub fn with_buffers(socket: UdpSocket) -> io::Result<(UdpSocket, SocketBuffers)> {
+    let socket = Socket::from(socket);
+    socket.set_nonblocking(true)?;
     let _ = socket.set_recv_buffer_size(UDP_SOCKET_BUFFER);
     let _ = socket.set_send_buffer_size(UDP_SOCKET_BUFFER);
-    socket.bind(&addr.into())?;
     let buffers = SocketBuffers {
         recv: socket.recv_buffer_size()?,
         send: socket.send_buffer_size()?,

@@ -16,7 +16,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use burrow_agent::{Agent, AgentConfig, AgentStatus};
-use burrow_edge::{Edge, EdgeConfig};
+use burrow_edge::{Edge, EdgeConfig, Prebound};
 use burrow_proto::confkit::Source;
 use burrow_proto::identity::{Fingerprint, Identity};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -87,7 +87,12 @@ pub struct EdgeHandle {
 }
 
 pub async fn start_edge(config: EdgeConfig) -> EdgeHandle {
-    let edge = Edge::bind(config).await.expect("edge binds");
+    start_edge_with(config, Prebound::default()).await
+}
+
+/// Like [`start_edge`], serving on the sockets in `prebound`.
+pub async fn start_edge_with(config: EdgeConfig, prebound: Prebound) -> EdgeHandle {
+    let edge = Edge::bind_with(config, prebound).await.expect("edge binds");
     let shutdown = CancellationToken::new();
     EdgeHandle {
         tunnel: edge.tunnel_addr(),
