@@ -88,6 +88,13 @@ enum Command {
         #[arg(long)]
         if_missing: bool,
     },
+    /// Print what the edge's admin status page shows: agents, services,
+    /// certificates and counters (exit 1 when the admin listener is away).
+    Status {
+        /// The edge's admin listener ([edge] admin).
+        #[arg(long, default_value = burrow::status::DEFAULT_ADMIN)]
+        admin: String,
+    },
     /// Send one Wake-on-LAN magic packet now.
     Wake {
         /// The MAC address of the machine to wake, e.g. AA:BB:CC:DD:EE:FF.
@@ -371,6 +378,16 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Status { admin } => match runtime().block_on(burrow::status::text(&admin)) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("burrow status: {e}");
+                ExitCode::from(EXIT_FAILURE)
+            }
+        },
         Command::Demo { port } => {
             runtime().block_on(async move { burrow::demo::run(port, shutdown_on_signals()).await })
         }

@@ -329,3 +329,43 @@ async fn chromium_waits_on_the_waking_page_then_lands_in_the_app() {
     assert_eq!(cdp.eval("location.pathname").await, "/");
     assert_eq!(stand_in.boots(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_shows_the_admin_status_page() {
+    let app = demo_app().await;
+    let routes =
+        "[[route]]\nhost = \"localhost\"\nagent = \"home\"\nservice = \"app\"\nauth = \"none\"\n";
+    let site = site(
+        "admin = \"127.0.0.1:0\"",
+        routes,
+        &[("app", format!("http://{app}"))],
+    )
+    .await;
+    let admin = site.admin.unwrap();
+
+    let browser = Chromium::start(&spki_pin(&site));
+    let mut cdp = Cdp::open_page(&browser.ws_url).await;
+    cdp.events.clear();
+    cdp.call(
+        "Page.navigate",
+        json!({ "url": format!("http://{admin}/") }),
+    )
+    .await;
+    cdp.wait_event("Page.loadEventFired").await;
+    assert_eq!(cdp.eval("document.title").await, "burrow status");
+    let agent_row = cdp
+        .eval("[...document.querySelectorAll('#agents td')].map(td => td.textContent)")
+        .await;
+    assert_eq!(agent_row[0], "home", "{agent_row}");
+    assert!(
+        agent_row[2].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{agent_row}"
+    );
+    let sections = cdp
+        .eval("[...document.querySelectorAll('section h2')].map(h => h.textContent)")
+        .await;
+    assert_eq!(
+        sections,
+        json!(["Agents", "Services", "Certificates", "Counters"])
+    );
+}

@@ -1,6 +1,9 @@
-//! The admin listener: `/metrics` in Prometheus text format and `/status`
-//! as JSON. It binds to loopback by default and has no authentication, so
-//! it must not be exposed.
+//! The admin listener: `/metrics` in Prometheus text format, `/status`
+//! as JSON and `/` as an HTML page of the same status ([`view`]). It binds
+//! to loopback by default and has no authentication, so it must not be
+//! exposed.
+
+pub mod view;
 
 use std::convert::Infallible;
 use std::fmt::Write;
@@ -242,7 +245,17 @@ fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<Body> {
             state.render_metrics(),
         ),
         "/status" => ("application/json", format!("{:#}\n", state.render_status())),
-        _ => return error_response(StatusCode::NOT_FOUND, "try /metrics or /status"),
+        "/" => match view::Status::from_json(state.render_status()) {
+            Ok(status) => (
+                "text/html; charset=utf-8",
+                status.html(unix(SystemTime::now())),
+            ),
+            Err(e) => {
+                tracing::error!(error = %e, "the status does not fit the page (a bug)");
+                return error_response(StatusCode::INTERNAL_SERVER_ERROR, "status page failed");
+            }
+        },
+        _ => return error_response(StatusCode::NOT_FOUND, "try /, /metrics or /status"),
     };
     let mut r = Response::new(
         Full::new(Bytes::from(body))
