@@ -105,19 +105,6 @@ async fn get_from(site: &Site, source: &str, path: &str) -> StatusCode {
     status
 }
 
-/// Waits (polling, up to [`WAIT`]) until `counter` is at least `n`;
-/// whether it got there.
-async fn reaches(counter: &std::sync::atomic::AtomicU64, n: u64) -> bool {
-    let deadline = Instant::now() + WAIT;
-    while counter.load(Ordering::Relaxed) < n {
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    true
-}
-
 /// Waits until `value` stops changing for a second (polled every 100 ms):
 /// the point where every buffer between a stalled reader and its producer
 /// is full.
@@ -415,7 +402,8 @@ async fn slow_uploads_from_one_client_are_capped_and_cut_off() {
     // The rest reach the service, and another client is served meanwhile.
     let started = burrow_edge::config::DEFAULT_STREAMS_PER_IP as u64;
     assert!(
-        reaches(&up.uploads_started, started).await,
+        up.uploads_until(|u| u.uploads_started.load(Ordering::Relaxed) >= started)
+            .await,
         "the uploads under the cap never arrived"
     );
     assert_eq!(
@@ -437,7 +425,8 @@ async fn slow_uploads_from_one_client_are_capped_and_cut_off() {
     }
     // The client hears first; the abort reaches the service through the
     // agent a moment later.
-    reaches(&up.uploads_aborted, started).await;
+    up.uploads_until(|u| u.uploads_aborted.load(Ordering::Relaxed) >= started)
+        .await;
     assert_eq!(up.uploads_aborted.load(Ordering::Relaxed), started);
     let m = metrics(&site).await;
     assert_eq!(

@@ -691,7 +691,12 @@ async fn service_connections_are_reused_and_a_closing_one_loses_no_safe_request(
 #[tokio::test]
 async fn a_request_waits_for_its_agent_while_it_is_away() {
     let (test_addr, _up) = upstream().await;
-    let site = site("", ROUTES, &[("test", format!("http://{test_addr}"))]).await;
+    let site = site(
+        "agent_wait = \"2s\"",
+        ROUTES,
+        &[("test", format!("http://{test_addr}"))],
+    )
+    .await;
     let registry = site.edge.registry.clone();
     let home = burrow_proto::Name::new("home").unwrap();
     // The agent goes away.
@@ -702,8 +707,11 @@ async fn a_request_waits_for_its_agent_while_it_is_away() {
         .expect("the edge sees the agent leave")
         .unwrap();
 
-    // A request arrives and waits (order of events: it is counted as
-    // waiting before the agent comes back).
+    // The agent has been away longer than agent_wait (an edge counting
+    // the wait from the disconnect would answer 502 now)...
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    // ...and a request arrives and waits (order of events: it is counted
+    // as waiting before the agent comes back).
     let mut client = site.h1("test.test").await;
     let request = tokio::spawn(async move {
         client

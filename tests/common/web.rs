@@ -60,9 +60,30 @@ pub struct Upstream {
     /// off before its end.
     pub uploads_started: AtomicU64,
     pub uploads_aborted: AtomicU64,
+    /// Woken whenever an upload counter changes.
+    pub uploads_changed: tokio::sync::Notify,
 }
 
 impl Upstream {
+    /// Waits (up to [`WAIT`]) until `done` holds, woken by each change of
+    /// an upload counter; whether it came to hold.
+    pub async fn uploads_until(&self, done: impl Fn(&Self) -> bool) -> bool {
+        tokio::time::timeout(WAIT, async {
+            loop {
+                let changed = self.uploads_changed.notified();
+                tokio::pin!(changed);
+                // Registered before looking, so no change slips between.
+                changed.as_mut().enable();
+                if done(self) {
+                    return;
+                }
+                changed.await;
+            }
+        })
+        .await
+        .is_ok()
+    }
+
     /// Arms one gate; the next gated stream waits for it after its first event.
     pub fn gate(&self) -> oneshot::Sender<()> {
         let (tx, rx) = oneshot::channel();
@@ -161,12 +182,14 @@ async fn handle(req: Request<Incoming>, up: Arc<Upstream>) -> Response<TestBody>
         }
         "/upload" => {
             up.uploads_started.fetch_add(1, Ordering::Relaxed);
+            up.uploads_changed.notify_waiters();
             let mut body = req.into_body();
             let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
             let mut len = 0u64;
             while let Some(frame) = body.frame().await {
                 let Ok(frame) = frame else {
                     up.uploads_aborted.fetch_add(1, Ordering::Relaxed);
+                    up.uploads_changed.notify_waiters();
                     return text(StatusCode::BAD_REQUEST, "upload cut off");
                 };
                 if let Ok(data) = frame.into_data() {

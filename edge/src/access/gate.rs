@@ -5,8 +5,9 @@
 //! `http::refuse` renders it.
 //!
 //! Whatever it decides, a forwarded request carries none of the edge's
-//! credentials: our cookies, a Basic password and a Bearer token with the
-//! API key prefix are removed (public paths included); the app's own
+//! credentials: a Basic password and a Bearer token with the API key
+//! prefix are removed here (public paths included), our cookies where the
+//! upstream request is built (`http::rewrite`); the app's own
 //! `Authorization: Bearer` passes untouched.
 
 use std::collections::HashMap;
@@ -137,12 +138,12 @@ fn basic_credentials(req: &Request<Incoming>) -> Option<(String, String)> {
     Some((user.to_owned(), password.to_owned()))
 }
 
-/// Removes the edge's credentials: our cookies (joining the app's cookie
-/// crumbs into one header) and a Basic Authorization header or a Bearer
-/// token with the API key prefix, which on a route behind the edge's auth
-/// are the edge's. Other Bearer tokens (the app's own) stay.
+/// Removes the edge's Authorization: a Basic header or a Bearer token with
+/// the API key prefix, which on a route behind the edge's auth are the
+/// edge's. Other Bearer tokens (the app's own) stay. The edge's cookies
+/// are removed from every forwarded request, on any route, where the
+/// request the service sees is built (`http::rewrite`).
 pub fn strip_credentials<B>(req: &mut Request<B>) {
-    session::strip_cookie(req.headers_mut());
     let ours = req
         .headers()
         .get_all(header::AUTHORIZATION)

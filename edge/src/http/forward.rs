@@ -228,9 +228,11 @@ async fn forward(
         let error = OpenError::AgentOffline(route.agent.clone());
         return Err(Unreachable { req, error });
     };
-    let h2c = state
-        .registry
-        .service(&route.agent, &route.service)
+    // One look at what the agent said of the service: its protocol, and
+    // whether it can be woken.
+    let status = state.registry.service(&route.agent, &route.service);
+    let h2c = status
+        .as_ref()
         .is_some_and(|s| s.upstream == burrow_proto::Upstream::H2c);
     if h2c {
         return super::h2c::forward_h2c(req, upgrade, state, route, client, &link, turn).await;
@@ -245,10 +247,7 @@ async fn forward(
     // A machine that can be woken may go to sleep with connections open,
     // and a sleeping machine never closes them: its requests always get a
     // new connection, whose failure starts a wake.
-    let poolable = !state
-        .registry
-        .service(&route.agent, &route.service)
-        .is_some_and(|s| s.wake == burrow_proto::WakeMethod::MagicPacket);
+    let poolable = !status.is_some_and(|s| s.wake == burrow_proto::WakeMethod::MagicPacket);
     let mut req = req;
     let mut replayed = false;
     loop {

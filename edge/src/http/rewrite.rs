@@ -104,8 +104,9 @@ pub(super) fn upstream_request(
     // without reading the body would leave it on a connection the pool
     // hands to the next request.
     h.remove(header::EXPECT);
-    // HTTP/2 may send cookies as separate crumbs; an HTTP/1.1 service
-    // expects one line (RFC 9113 8.2.3).
+    // The edge's own cookies never reach a service, on any route; what is
+    // left goes as one line (HTTP/2 may send cookie crumbs, an HTTP/1.1
+    // service expects one line, RFC 9113 8.2.3).
     crate::access::session::strip_cookie(h);
     if let Some(v) = upgrade_value {
         h.insert(header::UPGRADE, v);
