@@ -442,7 +442,7 @@ async fn handshake_and_login(
         .map_err(|_| format!("no handshake in {CONNECT_TIMEOUT:?}"))?
         .map_err(|e| format!("handshake: {e}"))?;
     let (mut send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-    let mut session = AgentSession::new(Name::new(name).unwrap(), Vec::new());
+    let mut session = AgentSession::new(Name::new(name).unwrap(), rand::random(), Vec::new());
     write_frames(&mut send, std::iter::from_fn(|| session.poll_transmit()))
         .await
         .map_err(|e| e.to_string())?;

@@ -290,6 +290,7 @@ async fn garbage_and_truncated_frames_close_only_that_peer() {
     let hello = AgentToEdge::Hello(Hello {
         version: PROTOCOL_VERSION,
         agent: Name::new("other").unwrap(),
+        instance: 1,
     })
     .to_bytes();
     let cases: Vec<(&str, Vec<u8>, bool)> = vec![
@@ -343,6 +344,8 @@ async fn a_new_login_replaces_the_old_session_at_once() {
     let hello = AgentToEdge::Hello(Hello {
         version: PROTOCOL_VERSION,
         agent: Name::new("home").unwrap(),
+        // Not the running agent's instance: a second agent.
+        instance: 1,
     });
     send.write_all(&hello.to_bytes()).await.unwrap();
     let mut framed = burrow_proto::framed::FramedRecv::new(recv);

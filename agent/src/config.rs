@@ -42,6 +42,23 @@ struct AgentSection {
     key: PathBuf,
     /// Worker threads; the agent's one QUIC connection needs one.
     threads: Option<Spanned<usize>>,
+    #[serde(default)]
+    transport: TransportChoice,
+}
+
+/// Which transports the agent dials the edge with (`[agent] transport`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportChoice {
+    /// QUIC first; TLS over TCP to the same port when QUIC has no
+    /// handshake within [`crate::tunnel::QUIC_HEAD_START`] or fails, and
+    /// back to QUIC once a probe gets through.
+    #[default]
+    Auto,
+    /// QUIC only (UDP).
+    Quic,
+    /// TLS over TCP only.
+    Tcp,
 }
 
 #[derive(Debug, Deserialize)]
@@ -74,7 +91,8 @@ struct LanEntry {
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     pub name: Name,
-    /// `host:port` of the edge's QUIC endpoint.
+    /// `host:port` of the edge: its QUIC endpoint on UDP, its HTTPS
+    /// listener on TCP (the fallback).
     pub edge: String,
     /// The host part of `edge`, for TLS.
     pub edge_host: String,
@@ -83,6 +101,7 @@ pub struct AgentConfig {
     pub key_path: PathBuf,
     /// Worker threads for the runtime (read before it starts).
     pub threads: usize,
+    pub transport: TransportChoice,
     pub services: Vec<ServiceConfig>,
     pub lan: Vec<LanConfig>,
 }
@@ -341,6 +360,7 @@ fn convert(src: &Source, file: File) -> Result<AgentConfig, ConfigError> {
         edge_ca: a.edge_ca.as_deref().map(|p| src.resolve(p)),
         key_path: src.resolve(&a.key),
         threads: burrow_proto::confkit::threads(src, a.threads.as_ref(), "agent.threads")?,
+        transport: a.transport,
         services,
         lan,
     })

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use burrow_proto::framed::{FramedRecv, write_frames};
+use burrow_proto::link::{RecvStream, SendStream};
 use burrow_proto::pipe::pipe;
 use burrow_proto::quic::code;
 use burrow_proto::{Name, StreamOpen, StreamReply, StreamStatus};
@@ -64,8 +65,8 @@ impl Services {
 
 /// Handles one stream; never panics on what the edge sends.
 pub async fn handle_stream(
-    mut send: quinn::SendStream,
-    recv: quinn::RecvStream,
+    mut send: SendStream,
+    recv: RecvStream,
     services: Arc<Services>,
     monitors: Monitors,
 ) {
@@ -76,13 +77,13 @@ pub async fn handle_stream(
         Ok(Ok(None)) => return,
         Ok(Err(e)) => {
             warn!(error = %e, "bad stream header from edge");
-            let _ = send.reset(code::PROTOCOL);
-            let _ = framed.stream_mut().stop(code::PROTOCOL);
+            send.reset(code::PROTOCOL);
+            framed.stream_mut().stop(code::PROTOCOL);
             return;
         }
         Err(_) => {
             warn!("edge sent no stream header in time");
-            let _ = send.reset(code::PROTOCOL);
+            send.reset(code::PROTOCOL);
             return;
         }
     };
@@ -95,7 +96,7 @@ pub async fn handle_stream(
 
 async fn serve(
     open: StreamOpen,
-    mut send: quinn::SendStream,
+    mut send: SendStream,
     framed: FramedRecv,
     services: Arc<Services>,
     monitors: Monitors,

@@ -137,6 +137,7 @@ impl Agent {
         mut reloads: tokio::sync::mpsc::Receiver<AgentConfig>,
     ) -> Result<(), AgentError> {
         let client = tunnel::client_config(&self.config, &self.identity)?;
+        let tcp = tunnel::tcp_connector(&self.config, &self.identity)?;
         // Dual-stack when the host has IPv6, so either kind of edge address works.
         let socket = quic::bind_udp(SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)))
             .or_else(|_| quic::bind_udp(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))))
@@ -191,14 +192,16 @@ impl Agent {
                 }
             });
         }
-        let dialer = Dialer {
+        let dialer = Arc::new(Dialer {
             services,
             config: self.config,
             client,
+            tcp,
             monitors: self.monitors,
             status: self.status,
             resolver: self.resolver,
-        };
+            instance: rand::random(),
+        });
         dialer.run(endpoint, shutdown).await;
         // The monitor and lan tasks watch the same token.
         while tasks.join_next().await.is_some() {}

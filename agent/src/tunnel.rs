@@ -1,6 +1,14 @@
 //! Dialling the edge and keeping the session: TLS with the agent's key, the
 //! control stream (service states out, wake requests in), accepting
 //! forwarded streams, reconnecting forever.
+//!
+//! The link is QUIC when UDP gets through and TLS over TCP to the same port
+//! when it does not ([`burrow_proto::link`]). With `transport = "auto"` the
+//! agent dials like a browser: QUIC first, TCP beside it once QUIC has had
+//! [`QUIC_HEAD_START`] without a handshake or failed, the first to connect
+//! wins. While on TCP it probes QUIC again ([`PROBE_FIRST`] after
+//! connecting, doubling to [`PROBE_CAP`]); once a probe logs in, new streams
+//! go to QUIC and the TCP session stays until its streams have finished.
 
 pub mod eyeballs;
 
@@ -10,17 +18,18 @@ use std::time::Duration;
 
 use burrow_proto::framed::{FramedRecv, write_frames};
 use burrow_proto::identity::{Identity, PinnedServerVerifier};
+use burrow_proto::link::{self, Connection, LinkError, TcpLink, Transport};
 use burrow_proto::quic::{self, ALPN, IDENTITY_SNI, Role, code};
-use burrow_proto::{AgentEvent, AgentSession, EdgeToAgent};
-use quinn::VarInt;
-use rustls::pki_types::CertificateDer;
+use burrow_proto::{AgentEvent, AgentSession, EdgeToAgent, LinkReport};
 use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::backoff::{BACKOFF_CAP, Backoff};
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, TransportChoice};
 use crate::forward::{Services, handle_stream};
 use crate::monitor::{Monitors, Origin};
 use eyeballs::{Attempts, Resolve};
@@ -29,6 +38,19 @@ use eyeballs::{Attempts, Resolve};
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the edge has to answer the hello.
 pub const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long QUIC has to finish a handshake before TCP is dialled beside it
+/// (`transport = "auto"`); any QUIC failure starts TCP at once.
+pub const QUIC_HEAD_START: Duration = Duration::from_secs(2);
+/// While on TCP, the first QUIC probe comes this long after connecting;
+/// each failed probe doubles the wait, up to [`PROBE_CAP`].
+pub const PROBE_FIRST: Duration = Duration::from_secs(5);
+pub const PROBE_CAP: Duration = Duration::from_secs(30);
+/// How long one QUIC probe may take, handshake and login.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A session left behind by a move to QUIC lives at least this long (for
+/// streams the edge opened on it just before it switched), then until its
+/// last stream has ended.
+pub const MOVE_GRACE: Duration = Duration::from_secs(2);
 
 /// What the agent is doing, for status output and tests.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,6 +58,7 @@ pub enum AgentStatus {
     Connecting,
     Connected {
         session: u64,
+        transport: Transport,
     },
     /// The edge refused this agent (unknown key, wrong name, version).
     Refused(String),
@@ -51,12 +74,35 @@ pub enum TlsSetupError {
     Rustls(#[from] rustls::Error),
 }
 
-/// The QUIC client config: TLS 1.3, the agent's key as client certificate,
-/// the edge checked by pinned key or by its public certificate.
+/// The QUIC client config (see [`client_tls`]).
 pub fn client_config(
     config: &AgentConfig,
     identity: &Identity,
 ) -> Result<quinn::ClientConfig, TlsSetupError> {
+    let tls = client_tls(config, identity)?;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
+    let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+    client.transport_config(Arc::new(quic::transport_config(Role::Agent)));
+    Ok(client)
+}
+
+/// The TLS-over-TCP connector: the same TLS as QUIC's.
+pub fn tcp_connector(
+    config: &AgentConfig,
+    identity: &Identity,
+) -> Result<tokio_rustls::TlsConnector, TlsSetupError> {
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(client_tls(
+        config, identity,
+    )?)))
+}
+
+/// TLS 1.3, ALPN `burrow/1`, the agent's key as client certificate, the
+/// edge checked by pinned key or by its public certificate.
+fn client_tls(
+    config: &AgentConfig,
+    identity: &Identity,
+) -> Result<rustls::ClientConfig, TlsSetupError> {
     let builder = rustls::ClientConfig::builder_with_provider(Arc::new(quic::crypto_provider()))
         .with_protocol_versions(&[&rustls::version::TLS13])?;
     let builder = match config.edge_key {
@@ -82,15 +128,10 @@ pub fn client_config(
     };
     let mut tls = builder.with_client_auth_cert(vec![identity.cert()], identity.private_key())?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
-        .map_err(|e| rustls::Error::General(e.to_string()))?;
-    let mut client = quinn::ClientConfig::new(Arc::new(crypto));
-    client.transport_config(Arc::new(quic::transport_config(Role::Agent)));
-    Ok(client)
+    Ok(tls)
 }
 
 /// How one connection attempt or session ended.
-#[derive(Debug)]
 enum Outcome {
     Shutdown,
     /// The edge asked us to come back after this long.
@@ -103,38 +144,68 @@ enum Outcome {
     /// The attempt failed before a session existed.
     Failed(String),
     Refused(String),
+    /// A QUIC probe logged in while on TCP: serve this session next; the
+    /// old one drains by itself.
+    Moved(Box<Established>),
 }
 
-/// A session the edge welcomed: its control stream and protocol state.
-struct LoggedIn {
-    send: quinn::SendStream,
+/// A session the edge welcomed: its link, control stream and protocol state.
+struct Established {
+    addr: SocketAddr,
+    conn: Connection,
+    /// Why this session is not on QUIC (`None` when it is, or when the
+    /// agent is pinned to TCP).
+    fallback: Option<String>,
+    send: link::SendStream,
     recv: FramedRecv,
     session: AgentSession,
     views: watch::Receiver<Vec<crate::monitor::ServiceView>>,
+    welcomed: u64,
+}
+
+/// A link that finished its handshake, not yet logged in.
+struct Dialled {
+    addr: SocketAddr,
+    conn: Connection,
+    fallback: Option<String>,
 }
 
 pub(crate) struct Dialer {
     pub config: Arc<AgentConfig>,
     pub client: quinn::ClientConfig,
+    pub tcp: tokio_rustls::TlsConnector,
     pub services: Arc<Services>,
     pub monitors: Monitors,
     pub status: watch::Sender<AgentStatus>,
     pub resolver: Arc<dyn Resolve>,
+    /// This process's random id, the same in every session (see
+    /// [`burrow_proto::frame::Hello`]).
+    pub instance: u64,
 }
 
 impl Dialer {
     /// Keeps a session up until `shutdown`.
-    pub async fn run(self, endpoint: quinn::Endpoint, shutdown: CancellationToken) {
+    pub async fn run(self: Arc<Self>, endpoint: quinn::Endpoint, shutdown: CancellationToken) {
         let mut backoff = Backoff::new();
+        let mut next: Option<Established> = None;
         loop {
-            self.status.send_replace(AgentStatus::Connecting);
-            let (outcome, lasted) = self.connect_once(&endpoint, &shutdown).await;
+            let (outcome, lasted) = match next.take() {
+                Some(moved) => self.serve_established(&endpoint, moved, &shutdown).await,
+                None => {
+                    self.status.send_replace(AgentStatus::Connecting);
+                    self.connect_once(&endpoint, &shutdown).await
+                }
+            };
             if let Some(lasted) = lasted {
                 backoff.session_ended(lasted);
             }
             let lasted_s = lasted.unwrap_or_default().as_secs();
             let delay = match outcome {
                 Outcome::Shutdown => break,
+                Outcome::Moved(est) => {
+                    next = Some(*est);
+                    continue;
+                }
                 Outcome::GoingAway(hint) => {
                     // The edge asked for it (a restart): not a fight, so
                     // the attempts that follow start short again.
@@ -199,7 +270,7 @@ impl Dialer {
     /// One attempt: how it ended, and how long its session lasted if it
     /// got one.
     async fn connect_once(
-        &self,
+        self: &Arc<Self>,
         endpoint: &quinn::Endpoint,
         shutdown: &CancellationToken,
     ) -> (Outcome, Option<Duration>) {
@@ -207,64 +278,140 @@ impl Dialer {
             Ok(a) => a,
             Err(e) => return (Outcome::Failed(e), None),
         };
-        let (addr, conn) = match self.dial(endpoint, addrs, shutdown).await {
-            Ok(c) => c,
+        let dialled = match self
+            .dial(endpoint, addrs, self.config.transport, shutdown)
+            .await
+        {
+            Ok(d) => d,
             Err(outcome) => return (outcome, None),
         };
-        let span = info_span!("edge", %addr);
-        async {
-            let login = match self.login(&conn).await {
-                Ok(l) => l,
-                Err(outcome) => return (outcome, None),
-            };
-            let established = tokio::time::Instant::now();
-            let outcome = self.serve(&conn, login, shutdown).await;
-            (outcome, Some(established.elapsed()))
+        let span = info_span!("edge", addr = %dialled.addr, transport = %dialled.conn.transport());
+        let established = match self.login(dialled).instrument(span).await {
+            Ok(e) => e,
+            Err(outcome) => return (outcome, None),
+        };
+        self.serve_established(endpoint, established, shutdown)
+            .await
+    }
+
+    /// Serves a welcomed session until it ends.
+    async fn serve_established(
+        self: &Arc<Self>,
+        endpoint: &quinn::Endpoint,
+        est: Established,
+        shutdown: &CancellationToken,
+    ) -> (Outcome, Option<Duration>) {
+        let span = info_span!("edge", addr = %est.addr, transport = %est.conn.transport());
+        self.status.send_replace(AgentStatus::Connected {
+            session: est.welcomed,
+            transport: est.conn.transport(),
+        });
+        match &est.fallback {
+            Some(why) => warn!(
+                parent: &span,
+                session = est.welcomed,
+                reason = %why,
+                "connected to edge over TCP/TLS: QUIC did not get through; probing it again in the background"
+            ),
+            None => info!(parent: &span, session = est.welcomed, "connected to edge"),
         }
-        .instrument(span)
-        .await
+        let started = tokio::time::Instant::now();
+        let outcome = self.serve(endpoint, est, shutdown).instrument(span).await;
+        (outcome, Some(started.elapsed()))
     }
 
     /// Dials the edge's addresses Happy-Eyeballs style ([`eyeballs`]):
     /// IPv6 first, the next address whenever the last attempt has run
-    /// [`eyeballs::ATTEMPT_DELAY`] or failed. The first handshake to finish
-    /// wins; the other attempts are dropped, which closes them.
+    /// [`eyeballs::ATTEMPT_DELAY`] or failed. With `auto`, TCP attempts
+    /// start beside QUIC's after [`QUIC_HEAD_START`], or at once when a
+    /// QUIC attempt fails. The first handshake to finish wins; the other
+    /// attempts are dropped, which closes them.
     async fn dial(
         &self,
         endpoint: &quinn::Endpoint,
         addrs: Vec<SocketAddr>,
+        choice: TransportChoice,
         shutdown: &CancellationToken,
-    ) -> Result<(SocketAddr, quinn::Connection), Outcome> {
+    ) -> Result<Dialled, Outcome> {
         let sni = if self.config.edge_key.is_some() {
             IDENTITY_SNI
         } else {
             self.config.edge_host.as_str()
         };
         let now = || tokio::time::Instant::now().into_std();
-        let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
-        let mut schedule = Attempts::new(now(), addrs.iter().copied());
+        let started = tokio::time::Instant::now();
+        let deadline = started + CONNECT_TIMEOUT;
+        let mut quic_sched =
+            (choice != TransportChoice::Tcp).then(|| Attempts::new(now(), addrs.iter().copied()));
+        let mut tcp_sched =
+            (choice == TransportChoice::Tcp).then(|| Attempts::new(now(), addrs.iter().copied()));
+        let tcp_at = (choice == TransportChoice::Auto).then_some(started + QUIC_HEAD_START);
+        // Why QUIC did not do: the reason given for a fallback.
+        let mut quic_failure: Option<String> = None;
         let mut running = tokio::task::JoinSet::new();
         let mut failure = None;
         loop {
-            while let Some(addr) = schedule.poll_attempt(now()) {
-                debug!(%addr, "dialling the edge");
-                match endpoint.connect_with(self.client.clone(), addr, sni) {
-                    Ok(connecting) => {
-                        running.spawn(async move { (addr, connecting.await) });
-                    }
-                    // An IPv6 address on an IPv4-only endpoint, for one.
-                    Err(e) => {
-                        schedule.handle_failed(now());
-                        failure = Some(Outcome::Failed(format!("connecting to {addr}: {e}")));
+            let quic_exhausted = quic_sched.as_ref().is_none_or(Attempts::is_exhausted);
+            if tcp_sched.is_none()
+                && tcp_at.is_some_and(|at| {
+                    quic_failure.is_some() || quic_exhausted || tokio::time::Instant::now() >= at
+                })
+            {
+                debug!(reason = ?quic_failure, "dialling the edge over TCP beside QUIC");
+                tcp_sched = Some(Attempts::new(now(), addrs.iter().copied()));
+            }
+            if let Some(sched) = quic_sched.as_mut() {
+                while let Some(addr) = sched.poll_attempt(now()) {
+                    debug!(%addr, "dialling the edge over QUIC");
+                    match endpoint.connect_with(self.client.clone(), addr, sni) {
+                        Ok(connecting) => {
+                            running.spawn(async move {
+                                let r = connecting
+                                    .await
+                                    .map(Connection::Quic)
+                                    .map_err(LinkError::from);
+                                (addr, Transport::Quic, r)
+                            });
+                        }
+                        // An IPv6 address on an IPv4-only endpoint, for one.
+                        Err(e) => {
+                            sched.handle_failed(now());
+                            let why = format!("QUIC to {addr}: {e}");
+                            quic_failure.get_or_insert_with(|| why.clone());
+                            failure = Some(Outcome::Failed(why));
+                        }
                     }
                 }
             }
-            if schedule.is_exhausted() {
+            if let Some(sched) = tcp_sched.as_mut() {
+                while let Some(addr) = sched.poll_attempt(now()) {
+                    debug!(%addr, "dialling the edge over TCP");
+                    let (tls, sni) = (self.tcp.clone(), sni.to_owned());
+                    running.spawn(
+                        async move { (addr, Transport::Tcp, dial_tcp(tls, addr, sni).await) },
+                    );
+                }
+            }
+            let quic_done = quic_sched.as_ref().is_none_or(Attempts::is_exhausted);
+            let tcp_done = match &tcp_sched {
+                Some(s) => s.is_exhausted(),
+                None => tcp_at.is_none(),
+            };
+            if quic_done && tcp_done {
                 return Err(failure.unwrap_or_else(|| {
                     Outcome::Failed(format!("{} resolves to no address", self.config.edge))
                 }));
             }
-            let next = schedule.poll_timeout();
+            let next = [
+                quic_sched.as_ref().and_then(Attempts::poll_timeout),
+                tcp_sched.as_ref().and_then(Attempts::poll_timeout),
+                tcp_at
+                    .filter(|_| tcp_sched.is_none())
+                    .map(tokio::time::Instant::into_std),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
             let next_attempt = async {
                 match next {
                     Some(at) => tokio::time::sleep_until(at.into()).await,
@@ -273,14 +420,29 @@ impl Dialer {
             };
             tokio::select! {
                 Some(joined) = running.join_next() => match joined {
-                    Ok((addr, Ok(conn))) => return Ok((addr, conn)),
-                    Ok((addr, Err(e))) => {
-                        debug!(%addr, error = %e, "attempt to reach the edge failed");
-                        schedule.handle_failed(now());
-                        failure = Some(classify_close(e, &format!("handshake with the edge at {addr}")));
+                    Ok((addr, transport, Ok(conn))) => {
+                        let fallback = (transport == Transport::Tcp && choice == TransportChoice::Auto)
+                            .then(|| quic_failure.clone().unwrap_or_else(|| {
+                                format!("no QUIC handshake within {QUIC_HEAD_START:?} (UDP blocked?)")
+                            }));
+                        return Ok(Dialled { addr, conn, fallback });
+                    }
+                    Ok((addr, transport, Err(e))) => {
+                        debug!(%addr, %transport, error = %e, "attempt to reach the edge failed");
+                        let sched = match transport {
+                            Transport::Quic => quic_sched.as_mut(),
+                            Transport::Tcp => tcp_sched.as_mut(),
+                        };
+                        if let Some(s) = sched {
+                            s.handle_failed(now());
+                        }
+                        let during = format!("{transport} handshake with the edge at {addr}");
+                        if transport == Transport::Quic {
+                            quic_failure.get_or_insert_with(|| format!("{during}: {e}"));
+                        }
+                        failure = Some(classify_close(e, &during));
                     }
                     Err(e) => {
-                        schedule.handle_failed(now());
                         failure = Some(Outcome::Failed(format!("dialling the edge: {e}")));
                     }
                 },
@@ -298,18 +460,29 @@ impl Dialer {
     }
 
     /// Opens the control stream, says hello and waits for the welcome.
-    async fn login(&self, conn: &quinn::Connection) -> Result<LoggedIn, Outcome> {
-        let (mut send, recv) = match conn.open_bi().await {
-            Ok(s) => s,
-            Err(e) => return Err(classify_close(e, "opening the control stream")),
-        };
+    async fn login(&self, dialled: Dialled) -> Result<Established, Outcome> {
+        let Dialled {
+            addr,
+            conn,
+            fallback,
+        } = dialled;
+        let (mut send, recv) =
+            match tokio::time::timeout(WELCOME_TIMEOUT, conn.open_control()).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return Err(classify_close(e, "opening the control stream")),
+                Err(_) => {
+                    return Err(Outcome::Failed(
+                        "no control stream from the edge in time".into(),
+                    ));
+                }
+            };
         let mut views = self.monitors.subscribe();
         let statuses = views
             .borrow_and_update()
             .iter()
             .map(|v| v.status())
             .collect();
-        let mut session = AgentSession::new(self.config.name.clone(), statuses);
+        let mut session = AgentSession::new(self.config.name.clone(), self.instance, statuses);
         let mut recv = FramedRecv::new(recv);
         if let Err(e) =
             write_frames(&mut send, std::iter::from_fn(|| session.poll_transmit())).await
@@ -323,19 +496,31 @@ impl Dialer {
         let first = match first {
             Ok(Ok(Some(f))) => f,
             Ok(Ok(None)) => return Err(Outcome::Failed("edge ended the control stream".into())),
-            Ok(Err(e)) => return Err(Outcome::Failed(format!("waiting for welcome: {e}"))),
+            Ok(Err(e)) => {
+                if let Some(closed) = conn.close_reason() {
+                    return Err(classify_close(closed, "waiting for welcome"));
+                }
+                return Err(Outcome::Failed(format!("waiting for welcome: {e}")));
+            }
             Err(_) => return Err(Outcome::Failed("no welcome from the edge in time".into())),
         };
         match session.handle_frame(first) {
             Ok(AgentEvent::Established(w)) => {
-                info!(session = w.session, "connected to edge");
-                self.status
-                    .send_replace(AgentStatus::Connected { session: w.session });
-                Ok(LoggedIn {
+                if let Some(why) = &fallback {
+                    session.report_link(LinkReport {
+                        fallback: why.clone(),
+                        probe: String::new(),
+                    });
+                }
+                Ok(Established {
+                    addr,
+                    conn,
+                    fallback,
                     send,
                     recv,
                     session,
                     views,
+                    welcomed: w.session,
                 })
             }
             Ok(AgentEvent::Refused(r)) => Err(Outcome::Refused(r.message)),
@@ -347,20 +532,55 @@ impl Dialer {
         }
     }
 
+    /// One QUIC probe from a TCP session: dial QUIC only, and log in.
+    async fn probe(
+        self: Arc<Self>,
+        endpoint: quinn::Endpoint,
+        shutdown: CancellationToken,
+    ) -> Result<Established, String> {
+        let attempt = async {
+            let addrs = self.resolve().await?;
+            let dialled = self
+                .dial(&endpoint, addrs, TransportChoice::Quic, &shutdown)
+                .await
+                .map_err(|o| describe(&o))?;
+            self.login(dialled).await.map_err(|o| describe(&o))
+        };
+        match tokio::time::timeout(PROBE_TIMEOUT, attempt).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("no QUIC handshake within {PROBE_TIMEOUT:?}")),
+        }
+    }
+
     /// Runs a session the edge welcomed: forwards the edge's streams,
-    /// reports service states and takes wake requests until it ends.
+    /// reports service states and takes wake requests until it ends. On
+    /// TCP with `transport = "auto"`, probes QUIC in the background and
+    /// moves there when a probe logs in.
     async fn serve(
-        &self,
-        conn: &quinn::Connection,
-        login: LoggedIn,
+        self: &Arc<Self>,
+        endpoint: &quinn::Endpoint,
+        est: Established,
         shutdown: &CancellationToken,
     ) -> Outcome {
-        let LoggedIn {
+        let Established {
+            conn,
+            fallback,
             mut send,
             mut recv,
             mut session,
             mut views,
-        } = login;
+            ..
+        } = est;
+
+        let probing =
+            conn.transport() == Transport::Tcp && self.config.transport == TransportChoice::Auto;
+        let mut probe_wait = PROBE_FIRST;
+        let mut next_probe = probing.then(|| tokio::time::Instant::now() + probe_wait);
+        let mut probe: Option<tokio::task::JoinHandle<Result<Established, String>>> = None;
+        let mut report = LinkReport {
+            fallback: fallback.unwrap_or_default(),
+            probe: String::new(),
+        };
 
         // States that changed between the hello and the welcome.
         let mut views_open = true;
@@ -375,32 +595,24 @@ impl Dialer {
                     .map(|v| v.status())
                     .collect();
                 session.set_services(list);
-                if let Err(e) =
-                    write_frames(&mut send, std::iter::from_fn(|| session.poll_transmit())).await
-                {
-                    return Outcome::Lost(format!("sending service states: {e}"));
-                }
             }
+            // The link report (queued at login or after a probe) and any
+            // service states go out together.
+            if let Err(e) =
+                write_frames(&mut send, std::iter::from_fn(|| session.poll_transmit())).await
+            {
+                return Outcome::Lost(format!("sending to the edge: {e}"));
+            }
+            let due = next_probe.filter(|_| probe.is_none());
+            let probe_due = async {
+                match due {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 stream = conn.accept_bi() => match stream {
-                    Ok((s, r)) => {
-                        let (slot, raise) = allowance.accepted();
-                        if let Some(limit) = raise {
-                            conn.set_max_concurrent_bi_streams(VarInt::from_u32(limit));
-                            debug!(limit, "raised the edge's stream allowance");
-                        }
-                        let (services, monitors) = (self.services.clone(), self.monitors.clone());
-                        // The stream's future is made inside the task: a
-                        // future moved in would take its size twice over
-                        // (4.4 KiB more per held WebSocket).
-                        tokio::spawn(
-                            async move {
-                                let _slot = slot;
-                                handle_stream(s, r, services, monitors).await
-                            }
-                            .in_current_span(),
-                        );
-                    }
+                    Ok((s, r)) => self.spawn_stream(&conn, &mut allowance, s, r),
                     Err(e) => return classify_close(e, "session"),
                 },
                 changed = views.changed(), if views_open => match changed {
@@ -408,6 +620,35 @@ impl Dialer {
                     // The monitor task stopped: the agent is shutting down.
                     Err(_) => views_open = false,
                 },
+                () = probe_due => {
+                    debug!("probing QUIC");
+                    probe = Some(tokio::spawn(
+                        self.clone().probe(endpoint.clone(), shutdown.clone()).in_current_span(),
+                    ));
+                }
+                done = async { probe.as_mut().expect("guarded by is_some").await }, if probe.is_some() => {
+                    probe = None;
+                    match done {
+                        Ok(Ok(quic)) => {
+                            info!(session = quic.welcomed, "QUIC gets through again: new streams use it; streams on TCP finish there");
+                            tokio::spawn(
+                                drain(conn, send, recv, session, allowance, self.clone()).in_current_span(),
+                            );
+                            return Outcome::Moved(Box::new(quic));
+                        }
+                        Ok(Err(why)) => {
+                            probe_wait = (probe_wait * 2).min(PROBE_CAP);
+                            info!(reason = %why, next_in = ?probe_wait, "QUIC probe failed; staying on TCP");
+                            next_probe = Some(tokio::time::Instant::now() + probe_wait);
+                            report.probe = format!("{}: {why}", humantime::format_rfc3339_seconds(std::time::SystemTime::now()));
+                            session.report_link(report.clone());
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "QUIC probe task failed");
+                            next_probe = Some(tokio::time::Instant::now() + probe_wait);
+                        }
+                    }
+                }
                 frame = recv.next::<EdgeToAgent>() => match frame {
                     Ok(Some(f)) => match session.handle_frame(f) {
                         Ok(AgentEvent::EdgeGoingAway(g)) => return Outcome::GoingAway(g.reconnect_after),
@@ -448,24 +689,117 @@ impl Dialer {
             }
         }
     }
+
+    /// Serves one stream the edge opened, counted in `allowance`.
+    fn spawn_stream(
+        &self,
+        conn: &Connection,
+        allowance: &mut quic::StreamAllowance,
+        s: link::SendStream,
+        r: link::RecvStream,
+    ) {
+        let (slot, raise) = allowance.accepted();
+        if let Some(limit) = raise {
+            conn.set_max_concurrent_bi_streams(limit);
+            debug!(limit, "raised the edge's stream allowance");
+        }
+        let (services, monitors) = (self.services.clone(), self.monitors.clone());
+        // The stream's future is made inside the task: a future moved in
+        // would take its size twice over (4.4 KiB more per held WebSocket).
+        tokio::spawn(
+            async move {
+                let _slot = slot;
+                handle_stream(s, r, services, monitors).await
+            }
+            .in_current_span(),
+        );
+    }
 }
 
-/// Turns a connection error into an outcome: the edge's close code says
+/// A session left behind by a move to QUIC: serves the streams still on
+/// it (and any the edge opened just before it switched) until none is
+/// left, then says goodbye and closes.
+async fn drain(
+    conn: Connection,
+    mut send: link::SendStream,
+    mut recv: FramedRecv,
+    mut session: AgentSession,
+    mut allowance: quic::StreamAllowance,
+    dialer: Arc<Dialer>,
+) {
+    let grace = tokio::time::Instant::now() + MOVE_GRACE;
+    let mut check = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            stream = conn.accept_bi() => match stream {
+                Ok((s, r)) => dialer.spawn_stream(&conn, &mut allowance, s, r),
+                Err(_) => return,
+            },
+            // The edge has nothing more to say on this session; reading
+            // notices it ending.
+            frame = recv.next::<EdgeToAgent>() => if !matches!(frame, Ok(Some(_))) {
+                return;
+            },
+            _ = check.tick() => {
+                if tokio::time::Instant::now() >= grace && allowance.open() == 0 {
+                    debug!("the old session's last stream ended; closing it");
+                    session.go_away();
+                    let _ = write_frames(&mut send, std::iter::from_fn(|| session.poll_transmit())).await;
+                    let _ = send.finish();
+                    // The edge closes when it reads the goodbye; close here
+                    // too if it does not.
+                    let _ = tokio::time::timeout(Duration::from_secs(1), conn.closed()).await;
+                    conn.close(code::OK, b"moved to QUIC");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// A TCP attempt: connect, TLS (ALPN `burrow/1`), then HTTP/2.
+async fn dial_tcp(
+    tls: tokio_rustls::TlsConnector,
+    addr: SocketAddr,
+    sni: String,
+) -> Result<Connection, LinkError> {
+    let tcp = TcpStream::connect(addr)
+        .await
+        .map_err(|e| LinkError::Lost(format!("TCP connect: {e}")))?;
+    let _ = tcp.set_nodelay(true);
+    let name =
+        ServerName::try_from(sni).map_err(|e| LinkError::Transport(format!("server name: {e}")))?;
+    let stream = tls
+        .connect(name, tcp)
+        .await
+        .map_err(|e| LinkError::Transport(format!("TLS: {e}")))?;
+    TcpLink::agent(stream, addr).await
+}
+
+/// A one-line description of why an attempt did not end in a session.
+fn describe(o: &Outcome) -> String {
+    match o {
+        Outcome::Lost(w) | Outcome::Failed(w) => w.clone(),
+        Outcome::Refused(w) => format!("refused: {w}"),
+        Outcome::Replaced => "replaced".into(),
+        Outcome::GoingAway(_) => "the edge is going away".into(),
+        Outcome::Shutdown => "shutting down".into(),
+        Outcome::Moved(_) => "moved".into(),
+    }
+}
+
+/// Turns a link error into an outcome: the edge's close code says
 /// whether to come back at once, back off, or stop hammering.
-fn classify_close(e: quinn::ConnectionError, during: &str) -> Outcome {
+fn classify_close(e: LinkError, during: &str) -> Outcome {
     match &e {
-        quinn::ConnectionError::ApplicationClosed(c) if c.error_code == code::GOING_AWAY => {
+        LinkError::ClosedByPeer { code: c, .. } if *c == code::GOING_AWAY => {
             Outcome::GoingAway(Duration::ZERO)
         }
-        quinn::ConnectionError::ApplicationClosed(c) if c.error_code == code::REPLACED => {
-            Outcome::Replaced
+        LinkError::ClosedByPeer { code: c, .. } if *c == code::REPLACED => Outcome::Replaced,
+        LinkError::ClosedByPeer { code: c, reason } if *c == code::REFUSED => {
+            Outcome::Refused(reason.clone())
         }
-        quinn::ConnectionError::ApplicationClosed(c) if c.error_code == code::REFUSED => {
-            Outcome::Refused(String::from_utf8_lossy(&c.reason).into_owned())
-        }
-        quinn::ConnectionError::ConnectionClosed(_)
-        | quinn::ConnectionError::TransportError(_)
-        | quinn::ConnectionError::VersionMismatch => Outcome::Failed(format!("{during}: {e}")),
+        LinkError::Transport(_) => Outcome::Failed(format!("{during}: {e}")),
         _ => Outcome::Lost(format!("{during}: {e}")),
     }
 }

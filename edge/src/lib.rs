@@ -335,11 +335,13 @@ impl Edge {
             let addr = http::local_addr(&listener);
             let tls = http::tls_config(self.certs.https_resolver(), self.acme.is_some())
                 .map_err(TlsError::from)?;
-            info!(%addr, routes = self.config.routes.len(), "serving https");
+            // Agents whose network blocks UDP come here over TCP.
+            let agents = tunnel::agent_tls(self.certs.quic_resolver()).map_err(TlsError::from)?;
+            info!(%addr, routes = self.config.routes.len(), "serving https (and agents over TCP)");
             let timeouts = (self.config.header_timeout, limits);
             tasks.spawn(http::serve_https(
                 listener,
-                tls,
+                (tls, Some((agents, self.tunnel.tcp_intake()))),
                 http_rx.clone(),
                 timeouts,
                 front("https", limits.connections(), &metrics),

@@ -26,8 +26,10 @@ use crate::wire::{
 ///
 /// Version 2 added the wake method to each service's status and the
 /// edge's [`EdgeToAgent::Wake`] request; version 3 the protocol the edge
-/// speaks to each service ([`Upstream`]).
-pub const PROTOCOL_VERSION: u16 = 3;
+/// speaks to each service ([`Upstream`]); version 4 the agent's instance
+/// in [`Hello`] (a session that moves from TCP to QUIC is not a second
+/// agent) and [`AgentToEdge::Link`].
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// The most services one agent may announce.
 pub const MAX_SERVICES: usize = 128;
@@ -214,6 +216,21 @@ impl Upstream {
 pub struct Hello {
     pub version: u16,
     pub agent: Name,
+    /// Random per agent process. A new session with the instance of one
+    /// already connected is that agent moving to another transport (its
+    /// old session drains); another instance with the same key is a
+    /// second agent, and replaces the first.
+    pub instance: u64,
+}
+
+/// How the agent's link came to be on its transport, for the edge's status
+/// page: sent after the welcome, and again after each QUIC probe.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LinkReport {
+    /// Why the agent is not on QUIC (empty when it is).
+    pub fallback: String,
+    /// The last QUIC probe made while on TCP: when and how it ended.
+    pub probe: String,
 }
 
 /// Either side is shutting down; the peer should reconnect after the hint.
@@ -251,6 +268,7 @@ pub enum AgentToEdge {
     /// The complete, current list of services and their states.
     Services(Vec<ServiceStatus>),
     GoingAway(GoingAway),
+    Link(LinkReport),
 }
 
 /// The edge asks the agent to wake a service's machine: a request that
@@ -310,6 +328,7 @@ mod ty {
     pub const HELLO: u8 = 0x01;
     pub const SERVICES: u8 = 0x02;
     pub const AGENT_GOING_AWAY: u8 = 0x03;
+    pub const LINK_REPORT: u8 = 0x04;
     pub const STREAM_REPLY: u8 = 0x10;
     pub const WELCOME: u8 = 0x81;
     pub const REFUSED: u8 = 0x82;
@@ -342,6 +361,7 @@ impl Frame for AgentToEdge {
             Self::Hello(h) => put_frame(out, ty::HELLO, |o| {
                 o.put_u16(h.version);
                 put_name(o, h.agent.as_str());
+                o.put_u64(h.instance);
             }),
             Self::Services(list) => put_frame(out, ty::SERVICES, |o| {
                 let list = &list[..list.len().min(MAX_SERVICES)];
@@ -356,15 +376,31 @@ impl Frame for AgentToEdge {
             Self::GoingAway(g) => put_frame(out, ty::AGENT_GOING_AWAY, |o| {
                 o.put_u32(millis(g.reconnect_after));
             }),
+            Self::Link(l) => put_frame(out, ty::LINK_REPORT, |o| {
+                put_message(o, &l.fallback);
+                put_message(o, &l.probe);
+            }),
         }
     }
 
     fn decode(buf: &[u8]) -> Result<Option<(Self, usize)>, DecodeError> {
         decode_with(buf, |r, raw| {
             Ok(match raw.ty {
-                ty::HELLO => Self::Hello(Hello {
-                    version: r.u16()?,
-                    agent: Name(r.name("agent name")?),
+                ty::HELLO => {
+                    let version = r.u16()?;
+                    let agent = Name(r.name("agent name")?);
+                    // Agents before version 4 send no instance; the
+                    // session refuses their version with a clear message.
+                    let instance = if r.is_empty() { 0 } else { r.u64()? };
+                    Self::Hello(Hello {
+                        version,
+                        agent,
+                        instance,
+                    })
+                }
+                ty::LINK_REPORT => Self::Link(LinkReport {
+                    fallback: r.message("fallback reason")?,
+                    probe: r.message("probe result")?,
                 }),
                 ty::SERVICES => {
                     let n = usize::from(r.u16()?);
@@ -539,8 +575,16 @@ mod tests {
                 AgentToEdge::Hello(Hello {
                     version: 1,
                     agent: name("home"),
+                    instance: 0x0102030405060708,
                 }),
-                "010007000104686f6d65",
+                "01000f000104686f6d650102030405060708",
+            ),
+            (
+                AgentToEdge::Link(LinkReport {
+                    fallback: "udp".into(),
+                    probe: String::new(),
+                }),
+                "04000700037564700000",
             ),
             (
                 AgentToEdge::Services(vec![

@@ -1,10 +1,13 @@
-//! Reading frames off a QUIC receive stream, cancel-safely: the partial
+//! Reading frames off a link's receive stream, cancel-safely: the partial
 //! frame lives in the struct, not in the future.
 
+use std::io;
+
 use bytes::{Bytes, BytesMut};
-use quinn::{ReadError, RecvStream, SendStream, WriteError};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::frame::Frame;
+use crate::link::RecvStream;
 use crate::session::FrameBuf;
 use crate::wire::DecodeError;
 
@@ -18,20 +21,18 @@ pub enum FramedError {
     #[error("stream ended inside a frame")]
     Truncated,
     #[error(transparent)]
-    Read(#[from] ReadError),
-    #[error(transparent)]
-    Write(#[from] WriteError),
+    Read(io::Error),
 }
 
 /// A receive stream that yields frames; what follows them stays available.
 #[derive(Debug)]
-pub struct FramedRecv {
-    recv: RecvStream,
+pub struct FramedRecv<R = RecvStream> {
+    recv: R,
     buf: FrameBuf,
 }
 
-impl FramedRecv {
-    pub fn new(recv: RecvStream) -> Self {
+impl<R: AsyncRead + Unpin> FramedRecv<R> {
+    pub fn new(recv: R) -> Self {
         Self {
             recv,
             buf: FrameBuf::new(),
@@ -46,29 +47,34 @@ impl FramedRecv {
                 return Ok(Some(frame));
             }
             let want = self.buf.space().min(READ_CHUNK);
-            match self.recv.read(&mut chunk[..want]).await? {
-                Some(n) => self.buf.push(&chunk[..n]),
-                None if self.buf.pending() == 0 => return Ok(None),
-                None => return Err(FramedError::Truncated),
+            match self
+                .recv
+                .read(&mut chunk[..want])
+                .await
+                .map_err(FramedError::Read)?
+            {
+                0 if self.buf.pending() == 0 => return Ok(None),
+                0 => return Err(FramedError::Truncated),
+                n => self.buf.push(&chunk[..n]),
             }
         }
     }
 
     /// Gives back the stream and any bytes read past the last frame.
-    pub fn into_parts(self) -> (RecvStream, Bytes) {
+    pub fn into_parts(self) -> (R, Bytes) {
         (self.recv, self.buf.into_remainder().freeze())
     }
 
-    pub fn stream_mut(&mut self) -> &mut RecvStream {
+    pub fn stream_mut(&mut self) -> &mut R {
         &mut self.recv
     }
 }
 
 /// Encodes frames and writes them in one go.
-pub async fn write_frames<F: Frame>(
-    send: &mut SendStream,
+pub async fn write_frames<F: Frame, W: AsyncWrite + Unpin>(
+    send: &mut W,
     frames: impl IntoIterator<Item = F>,
-) -> Result<(), WriteError> {
+) -> io::Result<()> {
     let mut out = BytesMut::new();
     for f in frames {
         f.encode(&mut out);

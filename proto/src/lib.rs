@@ -22,6 +22,8 @@ pub mod fsutil;
 #[cfg(feature = "runtime")]
 pub mod identity;
 #[cfg(feature = "runtime")]
+pub mod link;
+#[cfg(feature = "runtime")]
 pub mod listener;
 #[cfg(feature = "runtime")]
 pub mod pipe;
@@ -29,8 +31,8 @@ pub mod pipe;
 pub mod quic;
 
 pub use frame::{
-    AgentToEdge, EdgeToAgent, Frame, Name, ServiceState, ServiceStatus, StreamKind, StreamOpen,
-    StreamReply, StreamStatus, Upstream, Wake, WakeMethod,
+    AgentToEdge, EdgeToAgent, Frame, LinkReport, Name, ServiceState, ServiceStatus, StreamKind,
+    StreamOpen, StreamReply, StreamStatus, Upstream, Wake, WakeMethod,
 };
 pub use session::{AgentEvent, AgentSession, EdgeEvent, EdgeSession, FrameBuf, ProtocolError};
 pub use wire::DecodeError;

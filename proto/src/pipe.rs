@@ -1,6 +1,7 @@
-//! Moving bytes between a QUIC stream pair and a local byte stream (a TCP
-//! socket, an upgraded HTTP connection), both directions at once, with
-//! half-close carried across and aborts propagated as stream resets.
+//! Moving bytes between a link's stream pair (QUIC or TCP, see
+//! [`crate::link`]) and a local byte stream (a TCP socket, an upgraded HTTP
+//! connection), both directions at once, with half-close carried across and
+//! aborts propagated as stream resets.
 //!
 //! Copies: QUIC to local gathers quinn's received chunks into one buffer
 //! per write (one memcpy, far fewer syscalls); local to QUIC reads into a
@@ -9,9 +10,9 @@
 use std::io;
 
 use bytes::{Bytes, BytesMut};
-use quinn::{RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::link::{RecvStream, SendStream};
 use crate::quic::code;
 
 /// Largest read in each direction.
@@ -64,8 +65,8 @@ where
     match result {
         Ok((to_quic, from_quic)) => Ok(PipeStats { to_quic, from_quic }),
         Err(e) => {
-            let _ = send.reset(code::STREAM_ABORTED);
-            let _ = recv.stop(code::STREAM_ABORTED);
+            send.reset(code::STREAM_ABORTED);
+            recv.stop(code::STREAM_ABORTED);
             Err(e)
         }
     }
@@ -84,13 +85,11 @@ async fn local_to_quic<R: AsyncRead + Unpin>(rd: &mut R, send: &mut SendStream) 
         chunk = next_chunk(chunk, n, room);
         if n == 0 {
             // Half-close: the local side is done sending.
-            send.finish().map_err(io::Error::other)?;
+            send.finish()?;
             return Ok(total);
         }
         total += n as u64;
-        send.write_chunk(buf.split().freeze())
-            .await
-            .map_err(io::Error::other)?;
+        send.write_chunk(buf.split().freeze()).await?;
     }
 }
 

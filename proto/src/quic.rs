@@ -181,6 +181,11 @@ impl Default for StreamAllowance {
 }
 
 impl StreamAllowance {
+    /// Streams accepted and not yet ended.
+    pub fn open(&self) -> u32 {
+        self.open.load(Ordering::Relaxed)
+    }
+
     /// Counts a newly accepted stream; returns the guard that uncounts it
     /// and, when the allowance should grow, the new limit to give quinn.
     pub fn accepted(&mut self) -> (StreamSlot, Option<u32>) {

@@ -10,8 +10,8 @@ use std::time::Duration;
 use bytes::{Buf, BytesMut};
 
 use crate::frame::{
-    AgentToEdge, EdgeToAgent, Frame, GoingAway, Hello, Name, PROTOCOL_VERSION, RefuseReason,
-    Refused, ServiceStatus, Wake, Welcome,
+    AgentToEdge, EdgeToAgent, Frame, GoingAway, Hello, LinkReport, Name, PROTOCOL_VERSION,
+    RefuseReason, Refused, ServiceStatus, Wake, Welcome,
 };
 use crate::wire::{DecodeError, HEADER_LEN, MAX_PAYLOAD};
 
@@ -109,11 +109,13 @@ pub struct AgentSession {
 impl AgentSession {
     /// Starts a session: the hello and the service list are queued at once,
     /// so they travel in the same flight as the handshake's end.
-    pub fn new(agent: Name, services: Vec<ServiceStatus>) -> Self {
+    /// `instance` is the agent process's random id (see [`Hello`]).
+    pub fn new(agent: Name, instance: u64, services: Vec<ServiceStatus>) -> Self {
         let mut outbox = VecDeque::new();
         outbox.push_back(AgentToEdge::Hello(Hello {
             version: PROTOCOL_VERSION,
             agent,
+            instance,
         }));
         outbox.push_back(AgentToEdge::Services(services.clone()));
         Self {
@@ -193,6 +195,15 @@ impl AgentSession {
             .push_back(AgentToEdge::Services(self.services.clone()));
     }
 
+    /// Tells the edge how the link came to be on its transport. Only
+    /// after the welcome; a newer report supersedes a queued one.
+    pub fn report_link(&mut self, report: LinkReport) {
+        if self.phase == AgentPhase::Established {
+            self.outbox.retain(|f| !matches!(f, AgentToEdge::Link(_)));
+            self.outbox.push_back(AgentToEdge::Link(report));
+        }
+    }
+
     /// Tells the edge this agent is shutting down.
     pub fn go_away(&mut self) {
         if self.phase != AgentPhase::Closed {
@@ -219,6 +230,7 @@ pub enum EdgeEvent {
     /// name against the authenticated key and calls `accept` or `refuse`.
     Hello(Hello),
     Services(Vec<ServiceStatus>),
+    Link(LinkReport),
     AgentGoingAway,
 }
 
@@ -277,6 +289,7 @@ impl EdgeSession {
             (EdgePhase::AwaitDecision | EdgePhase::Established, AgentToEdge::Services(list)) => {
                 Ok(EdgeEvent::Services(list))
             }
+            (EdgePhase::Established, AgentToEdge::Link(report)) => Ok(EdgeEvent::Link(report)),
             (EdgePhase::Established, AgentToEdge::GoingAway(_)) => {
                 self.phase = EdgePhase::Closed;
                 Ok(EdgeEvent::AgentGoingAway)
@@ -286,6 +299,7 @@ impl EdgeSession {
                     AgentToEdge::Hello(_) => "hello",
                     AgentToEdge::Services(_) => "service list",
                     AgentToEdge::GoingAway(_) => "going-away",
+                    AgentToEdge::Link(_) => "link report",
                 },
                 state: match phase {
                     EdgePhase::AwaitHello => "before hello",
@@ -389,7 +403,7 @@ mod tests {
             wake: WakeMethod::NotConfigured,
             upstream: Default::default(),
         };
-        let mut agent = AgentSession::new(name("home"), vec![webui.clone()]);
+        let mut agent = AgentSession::new(name("home"), 9, vec![webui.clone()]);
         let mut edge = EdgeSession::new();
 
         let events = agent_to_edge(&mut agent, &mut edge);
@@ -398,7 +412,8 @@ mod tests {
             vec![
                 EdgeEvent::Hello(Hello {
                     version: PROTOCOL_VERSION,
-                    agent: name("home")
+                    agent: name("home"),
+                    instance: 9,
                 }),
                 EdgeEvent::Services(vec![webui.clone()]),
             ]
@@ -459,7 +474,7 @@ mod tests {
             wake: crate::frame::WakeMethod::NotConfigured,
             upstream: Default::default(),
         };
-        let mut agent = AgentSession::new(name("home"), vec![status("a"), status("b")]);
+        let mut agent = AgentSession::new(name("home"), 9, vec![status("a"), status("b")]);
         while agent.poll_transmit().is_some() {}
         agent.set_services(vec![status("a"), status("b")]);
         assert_eq!(agent.poll_transmit(), None, "same list: nothing to send");
@@ -477,6 +492,7 @@ mod tests {
             .handle_frame(AgentToEdge::Hello(Hello {
                 version: PROTOCOL_VERSION + 1,
                 agent: name("home"),
+                instance: 9,
             }))
             .unwrap_err();
         assert!(matches!(err, ProtocolError::Unexpected { .. }));
@@ -499,12 +515,13 @@ mod tests {
         let hello = AgentToEdge::Hello(Hello {
             version: PROTOCOL_VERSION,
             agent: name("a"),
+            instance: 9,
         });
         edge.handle_frame(hello.clone()).unwrap();
         edge.accept(1);
         assert!(edge.handle_frame(hello).is_err(), "a second hello");
 
-        let mut agent = AgentSession::new(name("a"), vec![]);
+        let mut agent = AgentSession::new(name("a"), 9, vec![]);
         let going = EdgeToAgent::GoingAway(GoingAway {
             reconnect_after: Duration::ZERO,
         });
@@ -512,7 +529,7 @@ mod tests {
             agent.handle_frame(going).is_err(),
             "going-away before welcome"
         );
-        let mut agent = AgentSession::new(name("a"), vec![]);
+        let mut agent = AgentSession::new(name("a"), 9, vec![]);
         let wake = EdgeToAgent::Wake(Wake {
             service: name("gpu"),
         });
@@ -522,7 +539,7 @@ mod tests {
         edge.wake(name("gpu"));
         assert_eq!(edge.poll_transmit(), None);
 
-        let mut agent = AgentSession::new(name("a"), vec![]);
+        let mut agent = AgentSession::new(name("a"), 9, vec![]);
         assert!(matches!(
             agent.handle_end(),
             ProtocolError::Ended("before welcome")
@@ -531,7 +548,7 @@ mod tests {
 
     #[test]
     fn refusal_reaches_the_agent() {
-        let mut agent = AgentSession::new(name("a"), vec![]);
+        let mut agent = AgentSession::new(name("a"), 9, vec![]);
         let mut edge = EdgeSession::new();
         agent_to_edge(&mut agent, &mut edge);
         edge.refuse(RefuseReason::NameMismatch, "key belongs to agent b".into());

@@ -171,6 +171,11 @@ impl<'a> Reader<'a> {
         Ok(SocketAddr::new(ip, self.u16()?))
     }
 
+    /// Whether the whole payload has been read.
+    pub fn is_empty(&self) -> bool {
+        self.rest.is_empty()
+    }
+
     /// Ends decoding: a frame must be consumed exactly.
     pub fn finish(self) -> Result<(), DecodeError> {
         if self.rest.is_empty() {

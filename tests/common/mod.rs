@@ -176,7 +176,7 @@ impl AgentHandle {
             .wait("connected", |s| matches!(s, AgentStatus::Connected { .. }))
             .await
         {
-            AgentStatus::Connected { session } => session,
+            AgentStatus::Connected { session, .. } => session,
             other => unreachable!("{other:?}"),
         }
     }

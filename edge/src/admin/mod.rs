@@ -53,6 +53,15 @@ fn started() -> SystemTime {
     *STARTED.get_or_init(SystemTime::now)
 }
 
+/// A free-text field of an agent's link report: `null` when empty.
+fn report_field(s: &str) -> serde_json::Value {
+    if s.is_empty() {
+        serde_json::Value::Null
+    } else {
+        s.into()
+    }
+}
+
 fn unix(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
@@ -76,6 +85,23 @@ impl AdminState {
             "Agents with a live session.",
         );
         let _ = writeln!(out, "burrow_agents_connected {}", links.len());
+        family(
+            &mut out,
+            "burrow_agent_transport",
+            "gauge",
+            "1 for each connected agent's transport (quic, or tcp when UDP is blocked); fallback says why.",
+        );
+        for link in &links {
+            let report = link.report();
+            let _ = writeln!(
+                out,
+                "burrow_agent_transport{{agent=\"{}\",transport=\"{}\",fallback=\"{}\",last_probe=\"{}\"}} 1",
+                label(link.name.as_str()),
+                link.transport(),
+                label(&report.fallback),
+                label(&report.probe)
+            );
+        }
         family(
             &mut out,
             "burrow_requests_waiting_for_agent",
@@ -156,10 +182,15 @@ impl AdminState {
             .connected()
             .into_iter()
             .map(|l| {
+                let report = l.report();
                 serde_json::json!({
                     "name": l.name.as_str(),
                     "session": l.session,
                     "remote": l.conn.remote_address().to_string(),
+                    "transport": l.transport().as_str(),
+                    "connected_since": unix(l.since),
+                    "fallback": report_field(&report.fallback),
+                    "last_probe": report_field(&report.probe),
                     "services": l.services().iter().map(|s| serde_json::json!({
                         "name": s.name.as_str(),
                         "state": s.state.to_string(),

@@ -19,7 +19,7 @@ use tokio::sync::OwnedMutexGuard;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::io::{ClientBody, IdleIo, QuicIo};
+use super::io::{ClientBody, IdleIo, LinkIo};
 use super::pool::{Pool, PoolKey, ServiceConn, UpstreamBody};
 use super::rewrite::{is_upgrade, strip_hop_by_hop, upstream_request};
 use super::route::RequestHost;
@@ -457,7 +457,7 @@ pub(super) async fn connect(
     };
     let stream = open_stream_on(link, open, &state.metrics).await?;
     let io = IdleIo::new(
-        QuicIo::new(stream, state.metrics.clone()),
+        LinkIo::new(stream, state.metrics.clone()),
         route.idle_timeout,
     );
     match hyper::client::conn::http1::Builder::new()

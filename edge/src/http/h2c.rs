@@ -18,7 +18,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tracing::{debug, warn};
 
 use super::forward::{Unreachable, Waited, await_response, failed_to_respond, too_late};
-use super::io::{IdleIo, QuicIo};
+use super::io::{IdleIo, LinkIo};
 use super::pool::UpstreamBody;
 use super::rewrite::strip_hop_by_hop;
 use super::{Body, HttpState, refuse};
@@ -55,7 +55,7 @@ pub(super) async fn forward_h2c(
     };
     drop(turn);
     let io = IdleIo::new(
-        QuicIo::new(stream, state.metrics.clone()),
+        LinkIo::new(stream, state.metrics.clone()),
         route.idle_timeout,
     );
     let (mut sender, conn) = match hyper::client::conn::http2::Builder::new(TokioExecutor::new())

@@ -9,6 +9,11 @@
 //! AES is slow there. So the edge reads the ClientHello first: a client
 //! whose favourite suite is ChaCha20 gets its own order, every other client
 //! gets the edge's (AES-128-GCM, AES-256-GCM, ChaCha20).
+//!
+//! The same look at the ClientHello tells agents from browsers: an agent
+//! whose network blocks UDP dials this listener with ALPN `burrow/1` and
+//! gets the tunnel's TLS config (TLS 1.3, its key as client certificate),
+//! which browsers never see, so none is asked for a certificate.
 
 use std::io;
 use std::sync::Arc;
@@ -25,10 +30,18 @@ use tokio_rustls::server::TlsStream;
 pub struct HttpsTls {
     ours: Arc<rustls::ServerConfig>,
     clients: Arc<rustls::ServerConfig>,
+    /// For agents (ALPN `burrow/1`), when the tunnel takes them here.
+    agents: Option<Arc<rustls::ServerConfig>>,
+}
+
+/// Who finished a handshake on the HTTPS listener.
+pub enum Accepted<IO> {
+    Browser(TlsStream<IO>),
+    Agent(TlsStream<IO>),
 }
 
 impl HttpsTls {
-    pub fn new(config: rustls::ServerConfig) -> Self {
+    pub fn new(config: rustls::ServerConfig, agents: Option<rustls::ServerConfig>) -> Self {
         let mut ours = config.clone();
         ours.ignore_client_order = true;
         let mut clients = config;
@@ -36,6 +49,7 @@ impl HttpsTls {
         Self {
             ours: Arc::new(ours),
             clients: Arc::new(clients),
+            agents: agents.map(Arc::new),
         }
     }
 
@@ -54,13 +68,22 @@ impl HttpsTls {
     }
 
     /// Runs the server side of a TLS handshake on `io`.
-    pub async fn accept<IO>(&self, io: IO) -> io::Result<TlsStream<IO>>
+    pub async fn accept<IO>(&self, io: IO) -> io::Result<Accepted<IO>>
     where
         IO: AsyncRead + AsyncWrite + Unpin,
     {
         let start = LazyConfigAcceptor::new(Acceptor::default(), io).await?;
-        let config = self.config_for(&start.client_hello());
-        start.into_stream(config).await
+        let hello = start.client_hello();
+        let agent = hello
+            .alpn()
+            .is_some_and(|mut offered| offered.any(|p| p == burrow_proto::quic::ALPN));
+        match (&self.agents, agent) {
+            (Some(agents), true) => Ok(Accepted::Agent(start.into_stream(agents.clone()).await?)),
+            _ => {
+                let config = self.config_for(&hello);
+                Ok(Accepted::Browser(start.into_stream(config).await?))
+            }
+        }
     }
 }
 
@@ -96,7 +119,7 @@ mod tests {
         sni.add("edge.test", CertifiedKey::new(vec![der.clone()], key))
             .unwrap();
         let config = super::super::tls_config(Arc::new(sni), false).unwrap();
-        (HttpsTls::new(config), der)
+        (HttpsTls::new(config, None), der)
     }
 
     /// A rustls client trusting `root`, offering `offered` in that order.
@@ -129,7 +152,10 @@ mod tests {
         let (a, b) = tokio::io::duplex(64 * 1024);
         let name = ServerName::try_from("edge.test").unwrap();
         let (client, server) = tokio::join!(client.connect(name, a), tls.accept(b));
-        let (mut client, mut server) = (client.unwrap(), server.unwrap());
+        let Ok(Accepted::Browser(server)) = server else {
+            panic!("a browser handshake");
+        };
+        let (mut client, mut server) = (client.unwrap(), server);
         // A TLS 1.3 client receives its tickets after the handshake: a
         // byte each way delivers them.
         server.write_all(b"!").await.unwrap();

@@ -1,5 +1,5 @@
-//! Byte streams the HTTP forwarder runs hyper over: a QUIC stream pair as
-//! one duplex stream, an idle timer that counts bytes either way, and the
+//! Byte streams the HTTP forwarder runs hyper over: a link's stream pair
+//! (QUIC or TCP) as one duplex stream, an idle timer that counts bytes either way, and the
 //! client's request body with its minimum pace.
 
 use std::future::Future;
@@ -17,19 +17,19 @@ use crate::metrics::{Metrics, Refused, StreamGuard};
 use crate::tunnel::OpenStream;
 
 /// A forwarded stream as one duplex byte stream: reads yield the bytes that
-/// came with the agent's reply first, then the QUIC receive stream. Bytes
+/// came with the agent's reply first, then the link's receive stream. Bytes
 /// each way are counted in the metrics; the stream counts as open until
 /// this is dropped.
 #[derive(Debug)]
-pub struct QuicIo {
+pub struct LinkIo {
     prefix: Bytes,
-    recv: quinn::RecvStream,
-    send: quinn::SendStream,
+    recv: burrow_proto::link::RecvStream,
+    send: burrow_proto::link::SendStream,
     metrics: Arc<Metrics>,
     _open: StreamGuard,
 }
 
-impl QuicIo {
+impl LinkIo {
     pub fn new(stream: OpenStream, metrics: Arc<Metrics>) -> Self {
         metrics.add_from_agents(stream.initial.len() as u64);
         Self {
@@ -42,7 +42,7 @@ impl QuicIo {
     }
 }
 
-impl AsyncRead for QuicIo {
+impl AsyncRead for LinkIo {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -63,16 +63,14 @@ impl AsyncRead for QuicIo {
     }
 }
 
-impl AsyncWrite for QuicIo {
+impl AsyncWrite for LinkIo {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        let r = Pin::new(&mut this.send)
-            .poll_write(cx, buf)
-            .map_err(io::Error::from);
+        let r = Pin::new(&mut this.send).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = r {
             this.metrics.add_to_agents(n as u64);
         }

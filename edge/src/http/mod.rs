@@ -31,7 +31,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use rustls::server::ResolvesServerCert;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -45,8 +45,8 @@ use crate::access::{ClientIpHeader, IpRules};
 use crate::config::{EdgeConfig, LimitsConfig, RouteConfig};
 use crate::metrics::{Metrics, Refused};
 use crate::tls::{ACME_TLS_ALPN, CertStore};
-use crate::tunnel::Registry;
 use crate::tunnel::registry::HoldCaps;
+use crate::tunnel::{Registry, TcpAgent};
 
 /// The response body type of everything the edge serves.
 pub type Body =
@@ -343,6 +343,10 @@ async fn serve_connection<C, E>(
     }
 }
 
+/// The TLS config agents get on the HTTPS listener (ALPN `burrow/1`), and
+/// where the ones that finish their handshake go.
+pub type AgentIntake = (rustls::ServerConfig, mpsc::Sender<TcpAgent>);
+
 /// Serves HTTPS on `listener` until `shutdown`. Each request uses the
 /// state current at its arrival (a reload swaps it). On shutdown, accepting
 /// stops and every connection is asked to finish gracefully (HTTP/1.1
@@ -355,7 +359,7 @@ async fn serve_connection<C, E>(
 /// in flight.
 pub async fn serve_https(
     listener: TcpListener,
-    tls: rustls::ServerConfig,
+    (tls, agents): (rustls::ServerConfig, Option<AgentIntake>),
     state: watch::Receiver<Arc<HttpState>>,
     timeouts: (Duration, LimitsConfig),
     front: Arc<Front>,
@@ -363,7 +367,8 @@ pub async fn serve_https(
     tracker: TaskTracker,
 ) {
     let (header_timeout, limits) = timeouts;
-    let acceptor = handshake::HttpsTls::new(tls);
+    let (agent_tls, agent_intake) = agents.unzip();
+    let acceptor = handshake::HttpsTls::new(tls, agent_tls);
     let builder = Arc::new(http_builder(header_timeout, &limits));
     let clients = front.clients();
     let stats = front.stats();
@@ -376,12 +381,23 @@ pub async fn serve_https(
             let shutdown = shutdown.clone();
             let clients = clients.clone();
             let stats = stats.clone();
+            let agent_intake = agent_intake.clone();
             tracker.spawn(async move {
                 let key = permit.key;
-                let _permit = permit;
                 // The TLS handshake gets the same budget as a request head.
                 let tls = match tokio::time::timeout(header_timeout, acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => tls,
+                    Ok(Ok(handshake::Accepted::Browser(tls))) => tls,
+                    Ok(Ok(handshake::Accepted::Agent(tls))) => {
+                        // The tunnel serves it from here, outside the
+                        // HTTP drain.
+                        if let Some(intake) = agent_intake {
+                            let agent = TcpAgent { tls, remote: peer, permit };
+                            if intake.try_send(agent).is_err() {
+                                debug!(%peer, "agent intake full; dropped a TCP agent");
+                            }
+                        }
+                        return;
+                    }
                     Ok(Err(e)) => {
                         debug!(%peer, error = %e, "tls handshake failed");
                         return;
@@ -391,6 +407,7 @@ pub async fn serve_https(
                         return;
                     }
                 };
+                let _permit = permit;
                 if tls.get_ref().1.alpn_protocol() == Some(ACME_TLS_ALPN) {
                     // A TLS-ALPN-01 validation: the handshake was the answer.
                     debug!(%peer, "answered a tls-alpn-01 validation");

@@ -85,6 +85,9 @@ impl Idle {
 pub struct Pool {
     idle: Mutex<HashMap<PoolKey, Vec<Idle>>>,
     sweeping: AtomicBool,
+    /// Set when the session moved to another link: nothing is parked any
+    /// more, so the old link's streams can end.
+    retired: AtomicBool,
 }
 
 impl std::fmt::Debug for Pool {
@@ -115,7 +118,7 @@ impl Pool {
 
     /// Parks a connection whose last response has completed.
     pub fn put(self: &Arc<Self>, key: PoolKey, conn: ServiceConn) {
-        if !conn.usable(Instant::now()) {
+        if !conn.usable(Instant::now()) || self.retired.load(Ordering::Acquire) {
             return;
         }
         {
@@ -133,6 +136,13 @@ impl Pool {
         if !self.sweeping.swap(true, Ordering::AcqRel) {
             tokio::spawn(sweep(Arc::downgrade(self)));
         }
+    }
+
+    /// Drops every idle connection and parks none from now on (the agent's
+    /// session moved to another link; this one drains).
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+        self.lock().clear();
     }
 
     /// Drops the idle connections of every service `keep` says no to.

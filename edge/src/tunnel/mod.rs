@@ -1,5 +1,8 @@
-//! The QUIC endpoint agents dial: mutual TLS with pinned agent keys, one
-//! control stream per agent session, and opening forwarded streams.
+//! Where agents dial in: the QUIC endpoint, and TLS over TCP on the HTTPS
+//! listener (ALPN `burrow/1`) for agents whose network blocks UDP. Both
+//! authenticate agents by pinned key and carry the same session
+//! ([`burrow_proto::link`]): one control stream per agent session, and the
+//! forwarded streams the edge opens.
 
 pub mod registry;
 
@@ -11,12 +14,16 @@ use std::time::Duration;
 use burrow_proto::frame::RefuseReason;
 use burrow_proto::framed::{FramedError, FramedRecv, write_frames};
 use burrow_proto::identity::{AnyKeyClientVerifier, Fingerprint};
+use burrow_proto::link::{self, Connection, LinkError, TcpLink};
+use burrow_proto::listener::ConnPermit;
 use burrow_proto::quic::{self, ALPN, Role, code};
 use burrow_proto::{
     AgentToEdge, EdgeEvent, EdgeSession, Frame, Name, StreamOpen, StreamReply, StreamStatus,
 };
 use bytes::Bytes;
 use rustls::server::ResolvesServerCert;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -38,11 +45,16 @@ pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// agent's backoff spaces the attempts while the edge is away.
 pub const RECONNECT_HINT: Duration = Duration::ZERO;
 
-/// Builds the QUIC server config: TLS 1.3, ALPN `burrow/1`, a client
-/// certificate required (checked against the agent list after the handshake).
-pub fn server_config(
+/// How many TCP agents may wait, handed over by the HTTPS listener, for
+/// the tunnel to take them.
+const TCP_INTAKE: usize = 64;
+
+/// The TLS config agents meet, over QUIC and over TCP alike: TLS 1.3, ALPN
+/// `burrow/1`, a client certificate required (checked against the agent
+/// list after the handshake).
+pub fn agent_tls(
     certs: Arc<dyn ResolvesServerCert>,
-) -> Result<quinn::ServerConfig, rustls::Error> {
+) -> Result<rustls::ServerConfig, rustls::Error> {
     let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(quic::crypto_provider()))
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(Arc::new(AnyKeyClientVerifier::default()))
@@ -51,6 +63,24 @@ pub fn server_config(
     tls.max_early_data_size = 0;
     // Both ends are burrow: our order (AES-128-GCM first) decides.
     tls.ignore_client_order = true;
+    Ok(tls)
+}
+
+/// An agent that reached the HTTPS listener over TCP and finished its TLS
+/// handshake (ALPN `burrow/1`), on its way to the tunnel.
+#[derive(Debug)]
+pub struct TcpAgent {
+    pub tls: tokio_rustls::server::TlsStream<TcpStream>,
+    pub remote: SocketAddr,
+    /// Its place under the HTTPS listener's connection caps.
+    pub permit: ConnPermit,
+}
+
+/// Builds the QUIC server config from [`agent_tls`].
+pub fn server_config(
+    certs: Arc<dyn ResolvesServerCert>,
+) -> Result<quinn::ServerConfig, rustls::Error> {
+    let tls = agent_tls(certs)?;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| rustls::Error::General(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
@@ -66,15 +96,25 @@ pub struct Tunnel {
     pub registry: Arc<Registry>,
     agents: std::sync::RwLock<Vec<AgentConfig>>,
     next_session: AtomicU64,
+    tcp_tx: mpsc::Sender<TcpAgent>,
+    tcp_rx: std::sync::Mutex<Option<mpsc::Receiver<TcpAgent>>>,
 }
 
 impl Tunnel {
     pub fn new(agents: Vec<AgentConfig>) -> Self {
+        let (tcp_tx, tcp_rx) = mpsc::channel(TCP_INTAKE);
         Self {
             registry: Arc::new(Registry::new(agents.iter().map(|a| a.name.clone()))),
             agents: std::sync::RwLock::new(agents),
             next_session: AtomicU64::new(1),
+            tcp_tx,
+            tcp_rx: std::sync::Mutex::new(Some(tcp_rx)),
         }
+    }
+
+    /// Where the HTTPS listener hands agents that came over TCP.
+    pub fn tcp_intake(&self) -> mpsc::Sender<TcpAgent> {
+        self.tcp_tx.clone()
     }
 
     fn agent_for(&self, key: Fingerprint) -> Option<AgentConfig> {
@@ -113,9 +153,29 @@ impl Tunnel {
         drained: CancellationToken,
     ) {
         let sessions = shutdown.child_token();
+        let mut tcp = self
+            .tcp_rx
+            .lock()
+            .expect("intake lock not poisoned")
+            .take()
+            .expect("the tunnel is served once");
         loop {
             let incoming = tokio::select! {
                 i = endpoint.accept() => i,
+                Some(agent) = tcp.recv() => {
+                    if shutdown.is_cancelled() {
+                        continue;
+                    }
+                    let remote = agent.remote;
+                    let this = self.clone();
+                    let stop = sessions.child_token();
+                    let drained = drained.clone();
+                    tokio::spawn(
+                        async move { this.handle_tcp(agent, stop, drained).await }
+                            .instrument(info_span!("agent", peer = %remote, transport = "tcp")),
+                    );
+                    continue;
+                }
                 () = drained.cancelled() => break,
             };
             let Some(incoming) = incoming else { break };
@@ -154,7 +214,56 @@ impl Tunnel {
                 return;
             }
         };
-        let Some(key) = peer_fingerprint(&conn) else {
+        let key = peer_fingerprint(&conn);
+        self.admit(Connection::Quic(conn), key, remote, stop, drained)
+            .await;
+    }
+
+    /// An agent over TCP: its TLS handshake is done (on the HTTPS
+    /// listener); HTTP/2 starts here.
+    async fn handle_tcp(
+        self: Arc<Self>,
+        agent: TcpAgent,
+        stop: CancellationToken,
+        drained: CancellationToken,
+    ) {
+        let TcpAgent {
+            tls,
+            remote,
+            permit,
+        } = agent;
+        let _permit = permit;
+        let key = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|c| Fingerprint::of_cert(c).ok());
+        let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpLink::edge(tls, remote)).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => {
+                info!(error = %e, "agent handshake failed");
+                return;
+            }
+            Err(_) => {
+                info!("agent handshake timed out");
+                return;
+            }
+        };
+        self.admit(conn, key, remote, stop, drained).await;
+    }
+
+    /// Checks an authenticated agent's key against the config and runs its
+    /// session, on either transport.
+    async fn admit(
+        &self,
+        conn: Connection,
+        key: Option<Fingerprint>,
+        remote: SocketAddr,
+        stop: CancellationToken,
+        drained: CancellationToken,
+    ) {
+        let Some(key) = key else {
             warn!("agent presented no readable certificate");
             conn.close(code::REFUSED, b"no client certificate");
             return;
@@ -188,13 +297,13 @@ impl Tunnel {
 
     async fn run_session(
         &self,
-        conn: quinn::Connection,
+        conn: Connection,
         name: Name,
         key: Fingerprint,
         remote: SocketAddr,
         (stop, drained): (CancellationToken, CancellationToken),
     ) -> Result<(), SessionEnd> {
-        let (mut send, recv) = tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi())
+        let (mut send, recv) = tokio::time::timeout(HELLO_TIMEOUT, conn.accept_control())
             .await
             .map_err(|_| SessionEnd::Protocol("no control stream in time".into()))?
             .map_err(|e| SessionEnd::Lost(e.to_string()))?;
@@ -237,19 +346,39 @@ impl Tunnel {
 
         let id = self.next_session.fetch_add(1, Ordering::Relaxed);
         session.accept(id);
-        write_frames(&mut send, std::iter::from_fn(|| session.poll_transmit()))
-            .await
-            .map_err(|e| SessionEnd::Lost(e.to_string()))?;
-        let (link, mut control) = AgentLink::new(name.clone(), key, id, conn.clone());
+        // Registered before the welcome leaves: once an agent moving to
+        // QUIC is welcomed there, no new stream goes to its old session.
+        let (link, mut control) =
+            AgentLink::new(name.clone(), key, (id, hello.instance), conn.clone());
+        let transport = conn.transport();
         if let Some(old) = self.registry.insert(link.clone()) {
-            info!(
-                old_session = old.session,
-                "agent logged in again; replacing its old session"
-            );
-            old.conn
-                .close(code::REPLACED, b"replaced by a newer session");
+            if old.instance == hello.instance && hello.instance != 0 {
+                // The same agent process on another transport (back on
+                // QUIC after a TCP fallback): the old session's streams
+                // finish where they are, and the agent closes it.
+                info!(
+                    old_session = old.session,
+                    from = %old.transport(),
+                    to = %transport,
+                    "agent moved its session; the old one drains"
+                );
+                old.pool.retire();
+            } else {
+                info!(
+                    old_session = old.session,
+                    "agent logged in again; replacing its old session"
+                );
+                old.conn
+                    .close(code::REPLACED, b"replaced by a newer session");
+            }
         }
-        info!(session = id, %remote, "agent connected");
+        if let Err(e) =
+            write_frames(&mut send, std::iter::from_fn(|| session.poll_transmit())).await
+        {
+            self.registry.remove(&name, id);
+            return Err(SessionEnd::Lost(e.to_string()));
+        }
+        info!(session = id, %remote, %transport, "agent connected");
 
         let result = loop {
             tokio::select! {
@@ -263,6 +392,10 @@ impl Tunnel {
                         Ok(EdgeEvent::Services(list)) => {
                             debug!(?list, "services");
                             self.registry.set_services(&link, list);
+                        }
+                        Ok(EdgeEvent::Link(report)) => {
+                            info!(%transport, fallback = %report.fallback, probe = %report.probe, "agent link report");
+                            link.set_report(report);
                         }
                         Ok(EdgeEvent::AgentGoingAway) => {
                             info!("agent going away");
@@ -321,6 +454,12 @@ impl SessionEnd {
     }
 }
 
+impl From<LinkError> for SessionEnd {
+    fn from(e: LinkError) -> Self {
+        Self::Lost(e.to_string())
+    }
+}
+
 fn peer_fingerprint(conn: &quinn::Connection) -> Option<Fingerprint> {
     let certs = conn
         .peer_identity()?
@@ -354,8 +493,8 @@ pub enum OpenError {
 /// A forwarded stream the agent has connected to its service.
 #[derive(Debug)]
 pub struct OpenStream {
-    pub send: quinn::SendStream,
-    pub recv: quinn::RecvStream,
+    pub send: link::SendStream,
+    pub recv: link::RecvStream,
     /// Bytes from the service that arrived with the reply.
     pub initial: Bytes,
     /// Counts the stream as open in the metrics while held.
@@ -390,7 +529,7 @@ pub async fn open_stream_on(
             OpenError::Busy
         })?
         .map_err(|e| OpenError::Lost(e.to_string()))?;
-    send.write_all(&open.to_bytes())
+    send.write_chunk(open.to_bytes().freeze())
         .await
         .map_err(|e| OpenError::Lost(e.to_string()))?;
     let mut recv = FramedRecv::new(recv);
@@ -402,12 +541,12 @@ pub async fn open_stream_on(
         Ok(None) => return Err(OpenError::BadReply("stream ended before the reply".into())),
         Err(FramedError::Read(e)) => return Err(OpenError::Lost(e.to_string())),
         Err(e) => {
-            let _ = send.reset(code::PROTOCOL);
+            send.reset(code::PROTOCOL);
             return Err(OpenError::BadReply(e.to_string()));
         }
     };
     if reply.status != StreamStatus::Connected {
-        let _ = send.reset(code::STREAM_ABORTED);
+        send.reset(code::STREAM_ABORTED);
         return Err(OpenError::Service {
             service: open.service,
             status: reply.status,

@@ -7,8 +7,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use burrow_proto::identity::Fingerprint;
+use burrow_proto::link::{Connection, Transport};
 use burrow_proto::listener::ClientKey;
-use burrow_proto::{Name, ServiceState, ServiceStatus, WakeMethod};
+use burrow_proto::{LinkReport, Name, ServiceState, ServiceStatus, WakeMethod};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{debug, info};
@@ -37,7 +38,13 @@ pub struct AgentLink {
     /// The key the agent authenticated with.
     pub key: Fingerprint,
     pub session: u64,
-    pub conn: quinn::Connection,
+    /// The agent process's random id (see [`burrow_proto::frame::Hello`]).
+    pub instance: u64,
+    pub conn: Connection,
+    /// When the session was welcomed.
+    pub since: SystemTime,
+    /// Why the agent is on this transport, and its last QUIC probe.
+    report: Arc<Mutex<LinkReport>>,
     /// Idle HTTP connections to this session's services.
     pub pool: Arc<crate::http::pool::Pool>,
     services: Arc<Mutex<Vec<ServiceStatus>>>,
@@ -50,8 +57,8 @@ impl AgentLink {
     pub fn new(
         name: Name,
         key: Fingerprint,
-        session: u64,
-        conn: quinn::Connection,
+        (session, instance): (u64, u64),
+        conn: Connection,
     ) -> (Self, mpsc::Receiver<Control>) {
         let (control, rx) = mpsc::channel(CONTROL_QUEUE);
         (
@@ -59,7 +66,10 @@ impl AgentLink {
                 name,
                 key,
                 session,
+                instance,
                 conn,
+                since: SystemTime::now(),
+                report: Arc::default(),
                 pool: Arc::default(),
                 services: Arc::default(),
                 control,
@@ -77,6 +87,22 @@ impl AgentLink {
             })
         });
         *self.services.lock().expect("services lock not poisoned") = list;
+    }
+
+    pub fn transport(&self) -> Transport {
+        self.conn.transport()
+    }
+
+    pub fn set_report(&self, report: LinkReport) {
+        *self.report.lock().expect("report lock not poisoned") = report;
+    }
+
+    /// What the agent last said about its transport.
+    pub fn report(&self) -> LinkReport {
+        self.report
+            .lock()
+            .expect("report lock not poisoned")
+            .clone()
     }
 
     pub fn services(&self) -> Vec<ServiceStatus> {

@@ -12,7 +12,7 @@ fuzz_target!(|data: &[u8]| {
     let cut = usize::from(split).min(data.len());
     let mut buf = FrameBuf::new();
     let agent = Name::new("home").expect("a valid name");
-    let mut session = AgentSession::new(agent, Vec::new());
+    let mut session = AgentSession::new(agent, 1, Vec::new());
     while session.poll_transmit().is_some() {}
     for part in [&data[..cut], &data[cut..]] {
         for chunk in part.chunks(FrameBuf::CAPACITY) {
