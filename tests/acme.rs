@@ -313,6 +313,7 @@ async fn start_acme_edge(toml: &str, sockets: &EdgeSockets) -> AcmeEdge {
     let shutdown = tokio_util::sync::CancellationToken::new();
     let handle = EdgeHandle {
         tunnel: edge.tunnel_addr(),
+        https: edge.https_addr(),
         ports: edge.port_addrs(),
         fingerprint: edge.fingerprint(),
         registry: edge.registry(),

@@ -12,9 +12,13 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use burrow_agent::tunnel::{CONNECT_TIMEOUT, WELCOME_TIMEOUT};
+use burrow_agent::AgentStatus;
+use burrow_agent::tunnel::{
+    CONNECT_TIMEOUT, PROBE_FIRST, PROBE_TIMEOUT, QUIC_HEAD_START, WELCOME_TIMEOUT,
+};
 use burrow_proto::framed::{FramedRecv, write_frames};
 use burrow_proto::identity::Identity;
+use burrow_proto::link::Transport;
 use burrow_proto::quic::{IDENTITY_SNI, IDLE_TIMEOUT, code};
 use burrow_proto::{AgentEvent, AgentSession, EdgeToAgent, Name};
 use common::faults::{Burst, Counters, Direction, Faults, Judge, Relay, Turn, Verdict};
@@ -63,7 +67,7 @@ async fn lab(seed: u64) -> Lab {
         "\n[[service]]\nname = \"test\"\nurl = \"http://{test_addr}\"\n\n\
          [[service]]\nname = \"app\"\nurl = \"http://{app}\"\n"
     );
-    let (mut site, _, relay) = site_via("", ROUTES, &tail, |tunnel| {
+    let (mut site, _, relay) = site_via("", ROUTES, &tail, |tunnel, _| {
         let relay = Relay::start(tunnel, seed);
         (relay.addr(), relay)
     })
@@ -486,7 +490,7 @@ async fn fifty_handshakes_complete_through_30_percent_loss_in_bursts_of_3() {
         "",
         &format!("{ROUTES}{extra}"),
         &format!("\n[[service]]\nname = \"test\"\nurl = \"http://{test_addr}\"\n\n[[service]]\nname = \"app\"\nurl = \"http://{test_addr}\"\n"),
-        |tunnel| {
+        |tunnel, _| {
             let relay = Relay::start(tunnel, 0x16_0002);
             (relay.addr(), relay)
         },
@@ -686,4 +690,234 @@ async fn a_new_source_port_every_5_seconds_keeps_the_session_and_its_streams() {
         ports.iter().map(|p| p.from_edge).collect::<Vec<_>>(),
         down.stale,
     );
+}
+
+/// Polls the admin `/status` until `pred` holds for agent "home"'s entry
+/// (at most [`WAIT`]); returns that entry.
+async fn home_status(
+    admin: std::net::SocketAddr,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (_, _, json) = admin_get(admin, "/status").await;
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let home = v["agents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["name"] == "home")
+            .cloned();
+        if let Some(home) = home.filter(|h| pred(h)) {
+            return home;
+        }
+        assert!(Instant::now() < deadline, "no such status in {WAIT:?}: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_udp_blocked_the_agent_comes_up_over_tcp_and_returns_to_quic_when_udp_does() {
+    let (test_addr, _up) = upstream().await;
+    let app = demo_app().await;
+    let tail = format!(
+        "\n[[service]]\nname = \"test\"\nurl = \"http://{test_addr}\"\n\n\
+         [[service]]\nname = \"app\"\nurl = \"http://{app}\"\n"
+    );
+    let started = Instant::now();
+    let (mut site, _, (udp, tcp)) =
+        site_via("admin = \"127.0.0.1:0\"", ROUTES, &tail, |tunnel, https| {
+            let (udp, tcp) = Relay::start_pair(tunnel, https, 0x16_0007);
+            // A network that drops every UDP datagram to the edge.
+            udp.cut();
+            (udp.addr(), (udp, tcp))
+        })
+        .await;
+    let connected_after = started.elapsed();
+    let tcp_session = site.agent.connected().await;
+    assert!(
+        matches!(
+            *site.agent.status.borrow(),
+            AgentStatus::Connected {
+                transport: Transport::Tcp,
+                ..
+            }
+        ),
+        "{:?}",
+        *site.agent.status.borrow()
+    );
+    assert!(
+        connected_after < Duration::from_secs(3),
+        "connected over TCP after {connected_after:?}"
+    );
+    let [quic_tried, _] = [
+        udp.counters(Direction::AgentToEdge),
+        udp.counters(Direction::EdgeToAgent),
+    ];
+    assert!(
+        quic_tried.blacked_out > 0,
+        "QUIC was tried first: {quic_tried:?}"
+    );
+    assert_eq!(tcp.accepted(), 1, "one TCP connection");
+
+    // The edge says which transport, and why.
+    let admin = site.admin.unwrap();
+    let home = home_status(admin, |h| {
+        h["transport"] == "tcp" && h["fallback"].is_string()
+    })
+    .await;
+    let fallback = home["fallback"].as_str().unwrap().to_owned();
+    let (_, _, metrics) = admin_get(admin, "/metrics").await;
+    assert!(
+        metrics.contains("burrow_agent_transport{agent=\"home\",transport=\"tcp\""),
+        "{metrics}"
+    );
+
+    // A request, an SSE stream and a WebSocket over TCP.
+    let resp = site.get("test.test", "/headers").await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut feed = Feed::open(&site).await;
+    for _ in 0..50 {
+        feed.next().await;
+    }
+    let mut ws = websocket(&site).await;
+    round_trip(&mut ws, "over tcp").await;
+
+    // UDP comes back: the next probe (PROBE_FIRST after connecting) moves
+    // new streams to QUIC; the streams on TCP stay where they are.
+    udp.restore();
+    let restored = Instant::now();
+    site.agent
+        .wait("connected over QUIC", |s| {
+            matches!(
+                s,
+                AgentStatus::Connected {
+                    transport: Transport::Quic,
+                    ..
+                }
+            )
+        })
+        .await;
+    let moved_after = restored.elapsed();
+    assert!(
+        moved_after <= PROBE_FIRST + PROBE_TIMEOUT,
+        "back on QUIC after {moved_after:?}"
+    );
+    let link = site.edge.registry.get(&Name::new("home").unwrap()).unwrap();
+    assert_eq!(link.transport(), Transport::Quic);
+    assert_ne!(link.session, tcp_session);
+    home_status(admin, |h| {
+        h["transport"] == "quic" && h["fallback"].is_null()
+    })
+    .await;
+
+    // New streams use QUIC; the old ones still work over TCP.
+    let quic_before = udp.counters(Direction::EdgeToAgent).forwarded;
+    let resp = site.get("test.test", "/headers").await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut ws2 = websocket(&site).await;
+    round_trip(&mut ws2, "over quic").await;
+    assert!(udp.counters(Direction::EdgeToAgent).forwarded > quic_before);
+    round_trip(&mut ws, "still over tcp").await;
+    for _ in 0..50 {
+        feed.next().await;
+    }
+    assert_eq!(tcp.open(), 1, "the TCP session stays while its streams do");
+
+    // Once its last stream has ended, the agent closes the TCP session.
+    drop(ws);
+    drop(feed);
+    let deadline = Instant::now() + WAIT;
+    while tcp.open() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the TCP session outlived its streams"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    round_trip(&mut ws2, "still over quic").await;
+    eprintln!(
+        "UDP blocked: connected over TCP after {} (fallback: {fallback}); \
+         UDP restored: back on QUIC after {}; the WebSocket opened over TCP kept working until closed",
+        secs(connected_after),
+        secs(moved_after),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pinned_to_tcp_the_agent_never_tries_quic_and_carries_a_download_intact() {
+    const DOWN: u64 = 10 << 20;
+    let (test_addr, up) = upstream().await;
+    let tail = format!(
+        "transport = \"tcp\"\n\n[[service]]\nname = \"test\"\nurl = \"http://{test_addr}\"\n"
+    );
+    let started = Instant::now();
+    let (mut site, _, (udp, tcp)) = site_via("", ROUTES, &tail, |tunnel, https| {
+        let (udp, tcp) = Relay::start_pair(tunnel, https, 0x16_0008);
+        (udp.addr(), (udp, tcp))
+    })
+    .await;
+    let connected_after = started.elapsed();
+    site.agent.connected().await;
+    assert!(matches!(
+        *site.agent.status.borrow(),
+        AgentStatus::Connected {
+            transport: Transport::Tcp,
+            ..
+        }
+    ));
+    // No head start for QUIC to wait out.
+    assert!(connected_after < QUIC_HEAD_START, "{connected_after:?}");
+
+    let resp = site
+        .get("test.test", &format!("/download?bytes={DOWN}"))
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut got = 0u64;
+    while let Some(frame) = tokio::time::timeout(WAIT, body.frame()).await.unwrap() {
+        if let Ok(data) = frame.unwrap().into_data() {
+            got += data.len() as u64;
+            ctx.update(&data);
+        }
+    }
+    assert_eq!(got, DOWN);
+    let mut expected = ring::digest::Context::new(&ring::digest::SHA256);
+    for _ in 0..DOWN / up.block.len() as u64 {
+        expected.update(&up.block);
+    }
+    assert_eq!(ctx.finish().as_ref(), expected.finish().as_ref());
+    assert_eq!(udp.counters(Direction::AgentToEdge).forwarded, 0, "no QUIC");
+    assert_eq!(tcp.accepted(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pinned_to_quic_the_agent_does_not_fall_back() {
+    let world = World::new();
+    let (key, fp) = world.agent_key("home");
+    let edge = start_edge(edge_config(&format!(
+        "[edge]\nstate_dir = {:?}\nhttps = \"127.0.0.1:0\"\ntunnel = \"127.0.0.1:0\"\n\n[tls]\nmode = \"self-signed\"\n\n[[agent]]\nname = \"home\"\nkey = \"{fp}\"\n",
+        world.path("state")
+    )))
+    .await;
+    let https = edge.https.expect("the edge serves https");
+    let (udp, tcp) = Relay::start_pair(edge.tunnel, https, 0x16_0009);
+    udp.cut();
+    let mut agent = start_agent(agent_config(&format!(
+        "[agent]\nname = \"home\"\nedge = \"{}\"\nedge_key = \"{}\"\nkey = {key:?}\ntransport = \"quic\"\n",
+        udp.addr(),
+        edge.fingerprint
+    )));
+    // The whole attempt runs out on QUIC alone.
+    let status = agent
+        .wait("disconnected", |s| {
+            matches!(s, AgentStatus::Disconnected(_))
+        })
+        .await;
+    assert!(
+        udp.counters(Direction::AgentToEdge).blacked_out > 0,
+        "{status:?}"
+    );
+    assert_eq!(tcp.accepted(), 0, "never dialled TCP");
 }

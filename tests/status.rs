@@ -12,25 +12,6 @@ use common::web::*;
 use common::*;
 use http::StatusCode;
 
-/// GETs `path` from the admin listener; returns the status, content type and body.
-async fn admin_get(admin: SocketAddr, path: &str) -> (StatusCode, String, String) {
-    let tcp = tokio::net::TcpStream::connect(admin).await.unwrap();
-    let (mut s, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let r = s
-        .send_request(request("GET", "localhost", path, empty()))
-        .await
-        .unwrap();
-    let status = r.status();
-    let content_type = r.headers()[http::header::CONTENT_TYPE]
-        .to_str()
-        .unwrap()
-        .to_owned();
-    (status, content_type, body_text(r).await)
-}
-
 /// Waits until the edge lists the agent's service (the agent reports its
 /// services just after the session opens).
 async fn wait_for_service(admin: SocketAddr, service: &str) {

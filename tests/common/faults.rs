@@ -9,6 +9,11 @@
 //! the agent move. What happens to each packet is decided by [`Judge`],
 //! which takes the direction and `now` and returns a verdict; the sockets
 //! and timers around it only move bytes.
+//!
+//! [`Relay::start_pair`] adds a [`TcpRelay`] on the same port number, to the
+//! edge's HTTPS listener: the agent's TLS-over-TCP fallback, with the
+//! byte-level faults TCP can have (stall, cut). Cut the UDP relay and keep
+//! the TCP one: a network that blocks UDP.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -348,7 +353,30 @@ impl Relay {
     /// Starts a relay to `upstream` (the edge's tunnel) with no faults;
     /// `seed` fixes every random verdict.
     pub fn start(upstream: SocketAddr, seed: u64) -> Relay {
-        let front = Arc::new(bind_loopback());
+        Self::start_on(bind_loopback(), upstream, seed)
+    }
+
+    /// A UDP relay to `udp_upstream` and a TCP relay to `tcp_upstream` on
+    /// one loopback port, as an edge's `host:443` is UDP and TCP 443.
+    pub fn start_pair(
+        udp_upstream: SocketAddr,
+        tcp_upstream: SocketAddr,
+        seed: u64,
+    ) -> (Relay, TcpRelay) {
+        // The UDP port's number may be taken for TCP: try another.
+        for _ in 0..100 {
+            let front = bind_loopback();
+            let port = front.local_addr().unwrap().port();
+            if let Ok(listener) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+                let udp = Self::start_on(front, udp_upstream, seed);
+                return (udp, TcpRelay::start(listener, tcp_upstream));
+            }
+        }
+        panic!("no loopback port free for both UDP and TCP in 100 tries");
+    }
+
+    fn start_on(front: UdpSocket, upstream: SocketAddr, seed: u64) -> Relay {
+        let front = Arc::new(front);
         let addr = front.local_addr().unwrap();
         let (to_edge, to_edge_rx) = mpsc::channel(MAX_QUEUED);
         let (to_agent, to_agent_rx) = mpsc::channel(MAX_QUEUED);
@@ -597,5 +625,136 @@ impl Shared {
             }
             Direction::EdgeToAgent => self.front.send_to(&packet.bytes, packet.flow.agent).await,
         };
+    }
+}
+
+/// A TCP relay: each accepted connection is piped to `upstream`, until
+/// [`TcpRelay::cut`] resets the ones open and refuses new ones (until
+/// [`TcpRelay::restore`]), or while [`TcpRelay::stall`] holds every byte.
+pub struct TcpRelay {
+    shared: Arc<TcpShared>,
+}
+
+struct TcpShared {
+    upstream: SocketAddr,
+    /// Replaced at each cut; connections end when theirs is cancelled.
+    generation: Mutex<CancellationToken>,
+    refusing: AtomicBool,
+    stalled: tokio::sync::watch::Sender<bool>,
+    accepted: AtomicU64,
+    open: AtomicUsize,
+    stop: CancellationToken,
+}
+
+impl TcpRelay {
+    fn start(listener: std::net::TcpListener, upstream: SocketAddr) -> TcpRelay {
+        listener.set_nonblocking(true).unwrap();
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        let shared = Arc::new(TcpShared {
+            upstream,
+            generation: Mutex::new(CancellationToken::new()),
+            refusing: AtomicBool::new(false),
+            stalled: tokio::sync::watch::channel(false).0,
+            accepted: AtomicU64::new(0),
+            open: AtomicUsize::new(0),
+            stop: CancellationToken::new(),
+        });
+        tokio::spawn(shared.clone().run(listener));
+        TcpRelay { shared }
+    }
+
+    /// Connections accepted (and piped) so far.
+    pub fn accepted(&self) -> u64 {
+        self.shared.accepted.load(Ordering::Relaxed)
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.shared.open.load(Ordering::Relaxed)
+    }
+
+    /// Closes every open connection and refuses new ones.
+    pub fn cut(&self) {
+        self.shared.refusing.store(true, Ordering::Relaxed);
+        let old = std::mem::take(&mut *self.shared.generation.lock().unwrap());
+        old.cancel();
+    }
+
+    pub fn restore(&self) {
+        self.shared.refusing.store(false, Ordering::Relaxed);
+    }
+
+    /// Holds every byte either way while `on`.
+    pub fn stall(&self, on: bool) {
+        self.shared.stalled.send_replace(on);
+    }
+}
+
+impl Drop for TcpRelay {
+    fn drop(&mut self) {
+        self.shared.stop.cancel();
+        self.shared.generation.lock().unwrap().cancel();
+    }
+}
+
+impl TcpShared {
+    async fn run(self: Arc<Self>, listener: tokio::net::TcpListener) {
+        loop {
+            let (agent, _) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(a) => a,
+                    Err(_) => continue,
+                },
+                () = self.stop.cancelled() => return,
+            };
+            if self.refusing.load(Ordering::Relaxed) {
+                continue;
+            }
+            self.accepted.fetch_add(1, Ordering::Relaxed);
+            self.open.fetch_add(1, Ordering::Relaxed);
+            let this = self.clone();
+            let generation = self.generation.lock().unwrap().clone();
+            tokio::spawn(async move {
+                struct Open<'a>(&'a AtomicUsize);
+                impl Drop for Open<'_> {
+                    fn drop(&mut self) {
+                        self.0.fetch_sub(1, Ordering::Relaxed);
+                    }
+                }
+                let _open = Open(&this.open);
+                let Ok(edge) = tokio::net::TcpStream::connect(this.upstream).await else {
+                    return;
+                };
+                let (ar, aw) = agent.into_split();
+                let (er, ew) = edge.into_split();
+                tokio::select! {
+                    _ = async {
+                        tokio::join!(this.copy(ar, ew), this.copy(er, aw))
+                    } => {}
+                    () = generation.cancelled() => {}
+                }
+            });
+        }
+    }
+
+    /// One direction, a read at a time, waiting out stalls.
+    async fn copy(
+        &self,
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stalled = self.stalled.subscribe();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if stalled.wait_for(|s| !*s).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+        let _ = to.shutdown().await;
     }
 }

@@ -79,6 +79,8 @@ pub fn agent_config(text: &str) -> AgentConfig {
 /// An edge running in this process.
 pub struct EdgeHandle {
     pub tunnel: SocketAddr,
+    /// The HTTPS listener, where agents dial over TCP too.
+    pub https: Option<SocketAddr>,
     pub ports: Vec<SocketAddr>,
     pub fingerprint: Fingerprint,
     pub registry: std::sync::Arc<burrow_edge::tunnel::Registry>,
@@ -96,6 +98,7 @@ pub async fn start_edge_with(config: EdgeConfig, prebound: Prebound) -> EdgeHand
     let shutdown = CancellationToken::new();
     EdgeHandle {
         tunnel: edge.tunnel_addr(),
+        https: edge.https_addr(),
         ports: edge.port_addrs(),
         fingerprint: edge.fingerprint(),
         registry: edge.registry(),

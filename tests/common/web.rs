@@ -318,19 +318,20 @@ pub async fn site(extra_edge: &str, routes: &str, services: &[(&str, String)]) -
 /// Like [`site`], with the agent's `[[service]]` and `[[lan]]` tables
 /// written out in `agent_tail`; also gives the agent's extras.
 pub async fn site_toml(extra_edge: &str, routes: &str, agent_tail: &str) -> (Site, AgentExtras) {
-    let (site, extras, ()) = site_via(extra_edge, routes, agent_tail, |tunnel| (tunnel, ())).await;
+    let (site, extras, ()) =
+        site_via(extra_edge, routes, agent_tail, |tunnel, _| (tunnel, ())).await;
     (site, extras)
 }
 
 /// Like [`site_toml`], with something between the agent and the edge:
-/// `link` gets the edge's bound tunnel address and returns the address
-/// the agent dials (a [`super::faults::Relay`]'s) and whatever the test
-/// keeps of it.
+/// `link` gets the edge's bound tunnel (UDP) and HTTPS (TCP) addresses and
+/// returns the address the agent dials (a [`super::faults::Relay`]'s) and
+/// whatever the test keeps of it.
 pub async fn site_via<L>(
     extra_edge: &str,
     routes: &str,
     agent_tail: &str,
-    link: impl FnOnce(SocketAddr) -> (SocketAddr, L),
+    link: impl FnOnce(SocketAddr, SocketAddr) -> (SocketAddr, L),
 ) -> (Site, AgentExtras, L) {
     let world = World::new();
     let (key, fp) = world.agent_key("home");
@@ -348,13 +349,14 @@ pub async fn site_via<L>(
     let shutdown = CancellationToken::new();
     let edge = EdgeHandle {
         tunnel: edge_bound.tunnel_addr(),
+        https: Some(https),
         ports: edge_bound.port_addrs(),
         fingerprint: edge_bound.fingerprint(),
         registry: edge_bound.registry(),
         shutdown: shutdown.clone(),
         task: tokio::spawn(async move { edge_bound.run(shutdown).await.unwrap() }),
     };
-    let (dial, kept) = link(edge.tunnel);
+    let (dial, kept) = link(edge.tunnel, https);
     let agent_toml = format!(
         "[agent]\nname = \"home\"\nedge = \"{dial}\"\nedge_key = \"{}\"\nkey = {:?}\n{agent_tail}",
         edge.fingerprint, key
@@ -466,6 +468,25 @@ impl Site {
             .await
             .unwrap()
     }
+}
+
+/// GETs `path` from the admin listener; returns the status, content type and body.
+pub async fn admin_get(admin: SocketAddr, path: &str) -> (StatusCode, String, String) {
+    let tcp = tokio::net::TcpStream::connect(admin).await.unwrap();
+    let (mut s, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let r = s
+        .send_request(request("GET", "localhost", path, empty()))
+        .await
+        .unwrap();
+    let status = r.status();
+    let content_type = r.headers()[http::header::CONTENT_TYPE]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    (status, content_type, body_text(r).await)
 }
 
 pub fn empty() -> TestBody {
