@@ -921,3 +921,42 @@ async fn pinned_to_quic_the_agent_does_not_fall_back() {
     );
     assert_eq!(tcp.accepted(), 0, "never dialled TCP");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_60_second_blackout_of_an_idle_link_a_request_succeeds_within_3_seconds() {
+    const BLACKOUT: Duration = Duration::from_secs(60);
+    let lab = lab(0x16_0060).await;
+    let resp = lab.site.get("test.test", "/headers").await;
+    assert_eq!(resp.status(), StatusCode::OK);
+
+    lab.relay.cut();
+    // The fault's length, not a wait for readiness: the link is down for
+    // as long as QUIC's idle timeout, so the session dies on both ends.
+    tokio::time::sleep(BLACKOUT).await;
+    let [up_cut, down_cut] = lab.counters();
+    lab.relay.restore();
+    let restored = Instant::now();
+
+    let resp = lab.site.get("test.test", "/headers").await;
+    let took = restored.elapsed();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(took < Duration::from_secs(3), "the request took {took:?}");
+    // The agent kept dialling through the blackout.
+    assert!(up_cut.blacked_out > 0, "{up_cut:?} {down_cut:?}");
+    let link = lab
+        .site
+        .edge
+        .registry
+        .get(&Name::new("home").unwrap())
+        .unwrap();
+    eprintln!(
+        "{} blackout of an idle link: a request sent as the link returned succeeded after {} \
+         (session {} -> {}); dropped during the cut: agent->edge {}, edge->agent {}",
+        secs(BLACKOUT),
+        secs(took),
+        lab.session,
+        link.session,
+        up_cut.blacked_out,
+        down_cut.blacked_out,
+    );
+}

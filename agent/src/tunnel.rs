@@ -41,6 +41,10 @@ pub const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long QUIC has to finish a handshake before TCP is dialled beside it
 /// (`transport = "auto"`); any QUIC failure starts TCP at once.
 pub const QUIC_HEAD_START: Duration = Duration::from_secs(2);
+/// While a dial's attempts go unanswered, every address is tried afresh
+/// this often ([`Attempts::resending`]), so a link that returns from a
+/// blackout is used within it.
+pub const RESEND_EVERY: Duration = Duration::from_secs(2);
 /// While on TCP, the first QUIC probe comes this long after connecting;
 /// each failed probe doubles the wait, up to [`PROBE_CAP`].
 pub const PROBE_FIRST: Duration = Duration::from_secs(5);
@@ -143,6 +147,11 @@ enum Outcome {
     Replaced,
     /// The attempt failed before a session existed.
     Failed(String),
+    /// Nothing answered the attempt in [`CONNECT_TIMEOUT`]: a network
+    /// that is down, not an edge that refuses. The next attempt starts at
+    /// once: the one that timed out already waited, sending a handshake
+    /// every [`RESEND_EVERY`], which is all the load a silent link gets.
+    NoAnswer(String),
     Refused(String),
     /// A QUIC probe logged in while on TCP: serve this session next; the
     /// old one drains by itself.
@@ -238,6 +247,11 @@ impl Dialer {
                     warn!(reason = %why, retry_in = ?d, "cannot reach the edge");
                     self.status.send_replace(AgentStatus::Disconnected(why));
                     d
+                }
+                Outcome::NoAnswer(why) => {
+                    warn!(reason = %why, "no answer from the edge; still trying");
+                    self.status.send_replace(AgentStatus::Disconnected(why));
+                    Duration::ZERO
                 }
                 Outcome::Refused(why) => {
                     error!(reason = %why, "the edge refused this agent; check [[agent]] on the edge");
@@ -341,10 +355,10 @@ impl Dialer {
         let now = || tokio::time::Instant::now().into_std();
         let started = tokio::time::Instant::now();
         let deadline = started + CONNECT_TIMEOUT;
-        let mut quic_sched =
-            (choice != TransportChoice::Tcp).then(|| Attempts::new(now(), addrs.iter().copied()));
-        let mut tcp_sched =
-            (choice == TransportChoice::Tcp).then(|| Attempts::new(now(), addrs.iter().copied()));
+        let schedule =
+            || Attempts::new(now(), addrs.iter().copied()).resending(now(), RESEND_EVERY);
+        let mut quic_sched = (choice != TransportChoice::Tcp).then(schedule);
+        let mut tcp_sched = (choice == TransportChoice::Tcp).then(schedule);
         let tcp_at = (choice == TransportChoice::Auto).then_some(started + QUIC_HEAD_START);
         // Why QUIC did not do: the reason given for a fallback.
         let mut quic_failure: Option<String> = None;
@@ -358,7 +372,7 @@ impl Dialer {
                 })
             {
                 debug!(reason = ?quic_failure, "dialling the edge over TCP beside QUIC");
-                tcp_sched = Some(Attempts::new(now(), addrs.iter().copied()));
+                tcp_sched = Some(schedule());
             }
             if let Some(sched) = quic_sched.as_mut() {
                 while let Some(addr) = sched.poll_attempt(now()) {
@@ -449,7 +463,7 @@ impl Dialer {
                 () = next_attempt => {}
                 () = tokio::time::sleep_until(deadline) => {
                     let tried: Vec<String> = addrs.iter().map(ToString::to_string).collect();
-                    return Err(Outcome::Failed(format!(
+                    return Err(Outcome::NoAnswer(format!(
                         "no answer from {} in {CONNECT_TIMEOUT:?}",
                         tried.join(", ")
                     )));
@@ -779,7 +793,7 @@ async fn dial_tcp(
 /// A one-line description of why an attempt did not end in a session.
 fn describe(o: &Outcome) -> String {
     match o {
-        Outcome::Lost(w) | Outcome::Failed(w) => w.clone(),
+        Outcome::Lost(w) | Outcome::Failed(w) | Outcome::NoAnswer(w) => w.clone(),
         Outcome::Refused(w) => format!("refused: {w}"),
         Outcome::Replaced => "replaced".into(),
         Outcome::GoingAway(_) => "the edge is going away".into(),

@@ -67,27 +67,55 @@ pub fn interleave(addrs: impl IntoIterator<Item = SocketAddr>) -> Vec<SocketAddr
     out
 }
 
-/// The schedule of one round of connection attempts.
+/// The schedule of connection attempts to one set of addresses.
 #[derive(Debug)]
 pub struct Attempts {
+    addrs: Vec<SocketAddr>,
     queue: VecDeque<SocketAddr>,
     /// When the next address is started if nothing else happens.
     next_at: Instant,
     running: usize,
+    /// See [`Attempts::resending`].
+    resend: Option<Duration>,
+    round_at: Instant,
 }
 
 impl Attempts {
     /// The first attempt is due at once.
     pub fn new(now: Instant, addrs: impl IntoIterator<Item = SocketAddr>) -> Self {
+        let addrs = interleave(addrs);
         Self {
-            queue: interleave(addrs).into(),
+            queue: addrs.clone().into(),
+            addrs,
             next_at: now,
             running: 0,
+            resend: None,
+            round_at: now,
         }
+    }
+
+    /// While attempts run unanswered (a network that is silent, not one
+    /// that refuses), every address is tried afresh each `every`, beside
+    /// the attempts still running: a new handshake's first packet leaves
+    /// at once, where a running one's retransmissions back off to seconds
+    /// apart. So a link that comes back is used within `every`.
+    pub fn resending(mut self, now: Instant, every: Duration) -> Self {
+        self.resend = Some(every);
+        self.round_at = now + every;
+        self
     }
 
     /// The next address to dial now, if one is due; call until `None`.
     pub fn poll_attempt(&mut self, now: Instant) -> Option<SocketAddr> {
+        if let Some(every) = self.resend
+            && self.queue.is_empty()
+            && self.running > 0
+            && now >= self.round_at
+        {
+            self.queue = self.addrs.clone().into();
+            self.round_at = now + every;
+            self.next_at = now;
+        }
         if now < self.next_at {
             return None;
         }
@@ -106,7 +134,13 @@ impl Attempts {
 
     /// When `poll_attempt` next has an address; `None` when none is left.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        (!self.queue.is_empty()).then_some(self.next_at)
+        if !self.queue.is_empty() {
+            Some(self.next_at)
+        } else if self.resend.is_some() && self.running > 0 {
+            Some(self.round_at)
+        } else {
+            None
+        }
     }
 
     /// Every address was tried and every attempt failed.
@@ -171,6 +205,31 @@ mod tests {
         assert!(!at.is_exhausted());
         at.handle_failed(t2);
         assert!(at.is_exhausted());
+    }
+
+    #[test]
+    fn a_silent_network_gets_fresh_attempts_and_a_refusing_one_does_not() {
+        let t0 = Instant::now();
+        let every = Duration::from_secs(2);
+        let addrs = [a("127.0.0.1:443"), a("[::1]:443")];
+        let mut at = Attempts::new(t0, addrs).resending(t0, every);
+        assert_eq!(due(&mut at, t0), [a("[::1]:443")]);
+        let t1 = t0 + ATTEMPT_DELAY;
+        assert_eq!(due(&mut at, t1), [a("127.0.0.1:443")]);
+        // Both hang: a new round at t0 + every, then every `every`.
+        assert_eq!(at.poll_timeout(), Some(t0 + every));
+        assert_eq!(due(&mut at, t0 + every / 2), []);
+        let t2 = t0 + every;
+        assert_eq!(due(&mut at, t2), [a("[::1]:443")]);
+        assert_eq!(due(&mut at, t2 + ATTEMPT_DELAY), [a("127.0.0.1:443")]);
+        assert_eq!(at.poll_timeout(), Some(t2 + every));
+        // Every attempt fails (refused): no new round, the dial is over.
+        for _ in 0..4 {
+            at.handle_failed(t2 + ATTEMPT_DELAY);
+        }
+        assert!(at.is_exhausted());
+        assert_eq!(at.poll_timeout(), None);
+        assert_eq!(due(&mut at, t2 + 10 * every), []);
     }
 
     #[test]

@@ -222,12 +222,44 @@ async fn forward(
     state: &HttpState,
     route: &RouteConfig,
     client: SocketAddr,
-    mut turn: Option<OwnedMutexGuard<()>>,
+    turn: Option<OwnedMutexGuard<()>>,
 ) -> Result<Response<Body>, Unreachable> {
     let Some(link) = state.registry.wait_for(&route.agent).await else {
         let error = OpenError::AgentOffline(route.agent.clone());
         return Err(Unreachable { req, error });
     };
+    match forward_on(&link, req, upgrade, state, route, client, turn).await {
+        // The agent's session died under the open: after a blackout the
+        // edge may learn it only at its idle timeout, while the agent is
+        // already dialling. Nothing reached the service (the request is
+        // untouched), so it goes once more, on the agent's next session,
+        // waiting for it as any request does (`[edge] agent_wait`).
+        Err(Unreachable {
+            req,
+            error: OpenError::Lost(why),
+        }) if link.conn.close_reason().is_some() => {
+            info!(agent = %link.name, session = link.session, error = %why, "agent session lost under a request; sending it on the next session");
+            state.registry.remove(&link.name, link.session);
+            let Some(next) = state.registry.wait_for(&route.agent).await else {
+                let error = OpenError::AgentOffline(route.agent.clone());
+                return Err(Unreachable { req, error });
+            };
+            forward_on(&next, req, upgrade, state, route, client, None).await
+        }
+        other => other,
+    }
+}
+
+/// [`forward`] on one agent session.
+async fn forward_on(
+    link: &AgentLink,
+    req: Request<UpstreamBody>,
+    upgrade: bool,
+    state: &HttpState,
+    route: &RouteConfig,
+    client: SocketAddr,
+    mut turn: Option<OwnedMutexGuard<()>>,
+) -> Result<Response<Body>, Unreachable> {
     // One look at what the agent said of the service: its protocol, and
     // whether it can be woken.
     let status = state.registry.service(&route.agent, &route.service);
@@ -235,10 +267,10 @@ async fn forward(
         .as_ref()
         .is_some_and(|s| s.upstream == burrow_proto::Upstream::H2c);
     if h2c {
-        return super::h2c::forward_h2c(req, upgrade, state, route, client, &link, turn).await;
+        return super::h2c::forward_h2c(req, upgrade, state, route, client, link, turn).await;
     }
     if upgrade {
-        return forward_upgrade(req, state, route, client, &link, turn).await;
+        return forward_upgrade(req, state, route, client, link, turn).await;
     }
     let key = PoolKey {
         service: route.service.clone(),
@@ -260,7 +292,7 @@ async fn forward(
         };
         let (mut conn, reused) = match pooled {
             Some(conn) => (conn, true),
-            None => match connect(&link, StreamKind::Http, state, route, client).await {
+            None => match connect(link, StreamKind::Http, state, route, client).await {
                 Ok(Some(sender)) => (ServiceConn::new(sender), false),
                 Ok(None) => return Ok(connection_failed()),
                 Err(error) => return Err(Unreachable { req, error }),
