@@ -89,18 +89,33 @@ impl AdminState {
             &mut out,
             "burrow_agent_transport",
             "gauge",
-            "1 for each connected agent's transport (quic, or tcp when UDP is blocked); fallback says why.",
+            "1 for each connected agent's transport (quic, or tcp when UDP is blocked); fallback says why it is not on quic.",
         );
         for link in &links {
             let report = link.report();
             let _ = writeln!(
                 out,
-                "burrow_agent_transport{{agent=\"{}\",transport=\"{}\",fallback=\"{}\",last_probe=\"{}\"}} 1",
+                "burrow_agent_transport{{agent=\"{}\",transport=\"{}\",fallback=\"{}\"}} 1",
                 label(link.name.as_str()),
                 link.transport(),
                 label(&report.fallback),
-                label(&report.probe)
             );
+        }
+        family(
+            &mut out,
+            "burrow_agent_last_quic_probe_timestamp_seconds",
+            "gauge",
+            "When an agent on TCP last reported a failed QUIC probe (Unix time); see /status for why.",
+        );
+        for link in &links {
+            if let Some(at) = link.last_probe_at() {
+                let _ = writeln!(
+                    out,
+                    "burrow_agent_last_quic_probe_timestamp_seconds{{agent=\"{}\"}} {}",
+                    label(link.name.as_str()),
+                    unix(at)
+                );
+            }
         }
         family(
             &mut out,

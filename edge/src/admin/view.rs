@@ -30,6 +30,27 @@ pub struct Agent {
     pub name: String,
     pub session: u64,
     pub remote: String,
+    /// `quic`, or `tcp` when the agent's network blocks UDP.
+    #[serde(default)]
+    pub transport: Option<String>,
+    /// Unix time the session was welcomed.
+    #[serde(default)]
+    pub connected_since: Option<u64>,
+    /// Why the agent is not on QUIC.
+    #[serde(default)]
+    pub fallback: Option<String>,
+    #[serde(default)]
+    pub last_probe: Option<String>,
+}
+
+impl Agent {
+    fn transport(&self) -> String {
+        let t = self.transport.clone().unwrap_or_else(dash);
+        match &self.fallback {
+            Some(why) => format!("{t} ({why})"),
+            None => t,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -79,14 +100,20 @@ impl Status {
         if self.agents.is_empty() {
             o.push_str("<p class=\"none\">No agent connected.</p>\n");
         } else {
-            o.push_str("<table><tr><th>Name</th><th>Session</th><th>Address</th></tr>\n");
+            o.push_str(
+                "<table><tr><th>Name</th><th>Session</th><th>Connected</th>\
+                 <th>Transport</th><th>Address</th><th>Last QUIC probe</th></tr>\n",
+            );
             for a in &self.agents {
                 let _ = writeln!(
                     o,
-                    "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
+                    "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
                     escape(&a.name),
                     a.session,
-                    escape(&a.remote)
+                    escape(&a.connected_since.map_or_else(dash, |t| relative(t, now))),
+                    escape(&a.transport()),
+                    escape(&a.remote),
+                    escape(&a.last_probe.clone().unwrap_or_else(dash)),
                 );
             }
             o.push_str("</table>\n");
@@ -164,11 +191,19 @@ impl Status {
         if self.agents.is_empty() {
             o.push_str("  none connected\n");
         } else {
-            let mut rows = vec![row(["NAME", "SESSION", "ADDRESS"])];
+            let mut rows = vec![row([
+                "NAME",
+                "SESSION",
+                "CONNECTED",
+                "TRANSPORT",
+                "ADDRESS",
+            ])];
             for a in &self.agents {
                 rows.push(vec![
                     a.name.clone(),
                     a.session.to_string(),
+                    a.connected_since.map_or_else(dash, |t| relative(t, now)),
+                    a.transport(),
                     a.remote.clone(),
                 ]);
             }
@@ -342,7 +377,9 @@ mod tests {
             "version": "0.1.0",
             "started": NOW - 180,
             "counters_since": "start",
-            "agents": [{"name": "h<o>me", "session": 7, "remote": "192.0.2.1:4433", "services": []}],
+            "agents": [{"name": "h<o>me", "session": 7, "remote": "192.0.2.1:4433", "services": [],
+                        "transport": "tcp", "connected_since": NOW - 90,
+                        "fallback": "no QUIC handshake within 2s", "last_probe": null}],
             "services": [
                 {"agent": "h<o>me", "service": "ll&ama", "state": "up", "waking_since": null,
                  "last_wake": {"at": NOW - 7_200, "took_ms": 4_200}, "wake_requests": 2, "held": 0},
@@ -374,6 +411,11 @@ mod tests {
         assert!(page.contains("took 4.2 s, 2 h ago"));
         assert!(page.contains("20 s ago"));
         assert!(page.contains("3 min ago"));
+        assert!(
+            page.contains("<td>tcp (no QUIC handshake within 2s)</td>"),
+            "{page}"
+        );
+        assert!(page.contains("<td>1 min ago</td>"), "{page}");
         // Self-contained: nothing fetched from elsewhere.
         assert!(!page.contains("src=") && !page.contains("<link"));
     }

@@ -43,8 +43,9 @@ pub struct AgentLink {
     pub conn: Connection,
     /// When the session was welcomed.
     pub since: SystemTime,
-    /// Why the agent is on this transport, and its last QUIC probe.
-    report: Arc<Mutex<LinkReport>>,
+    /// Why the agent is on this transport, its last QUIC probe, and when
+    /// a probe was last reported.
+    report: Arc<Mutex<(LinkReport, Option<SystemTime>)>>,
     /// Idle HTTP connections to this session's services.
     pub pool: Arc<crate::http::pool::Pool>,
     services: Arc<Mutex<Vec<ServiceStatus>>>,
@@ -94,7 +95,11 @@ impl AgentLink {
     }
 
     pub fn set_report(&self, report: LinkReport) {
-        *self.report.lock().expect("report lock not poisoned") = report;
+        let mut r = self.report.lock().expect("report lock not poisoned");
+        if !report.probe.is_empty() && report.probe != r.0.probe {
+            r.1 = Some(SystemTime::now());
+        }
+        r.0 = report;
     }
 
     /// What the agent last said about its transport.
@@ -102,7 +107,14 @@ impl AgentLink {
         self.report
             .lock()
             .expect("report lock not poisoned")
+            .0
             .clone()
+    }
+
+    /// When the agent last reported a QUIC probe (it sends the report
+    /// right after the probe).
+    pub fn last_probe_at(&self) -> Option<SystemTime> {
+        self.report.lock().expect("report lock not poisoned").1
     }
 
     pub fn services(&self) -> Vec<ServiceStatus> {
