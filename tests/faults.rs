@@ -960,3 +960,73 @@ async fn after_a_60_second_blackout_of_an_idle_link_a_request_succeeds_within_3_
         down_cut.blacked_out,
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tcp_a_stall_keeps_the_session_and_a_cut_is_recovered_from() {
+    const STALL: Duration = Duration::from_secs(5);
+    let (test_addr, _up) = upstream().await;
+    let app = demo_app().await;
+    let tail = format!(
+        "transport = \"tcp\"\n\n[[service]]\nname = \"test\"\nurl = \"http://{test_addr}\"\n\n\
+         [[service]]\nname = \"app\"\nurl = \"http://{app}\"\n"
+    );
+    let (mut site, _, (_udp, tcp)) = site_via("", ROUTES, &tail, |tunnel, https| {
+        let (udp, tcp) = Relay::start_pair(tunnel, https, 0x16_000a);
+        (udp.addr(), (udp, tcp))
+    })
+    .await;
+    let session = site.agent.connected().await;
+    let mut feed = Feed::open(&site).await;
+    for _ in 0..20 {
+        feed.next().await;
+    }
+    let mut ws = websocket(&site).await;
+    round_trip(&mut ws, "before").await;
+
+    // Every byte held for 5 s, both ways: TCP delivers it all afterwards.
+    tcp.stall(true);
+    ws.send(Message::text("during the stall")).await.unwrap();
+    tokio::time::sleep(STALL).await;
+    tcp.stall(false);
+    let unstalled = Instant::now();
+    let resumed = feed.first_after(unstalled, WAIT).await - unstalled;
+    expect_echo(&mut ws, "during the stall").await;
+    round_trip(&mut ws, "after the stall").await;
+    assert!(!site.agent.status.has_changed().unwrap(), "same session");
+
+    // The connection cut, and new ones refused for a while: the agent
+    // comes back over TCP once they are taken again, and a request sent
+    // meanwhile waits for it (`agent_wait`).
+    tcp.cut();
+    site.agent
+        .wait("disconnected", |s| {
+            matches!(s, AgentStatus::Disconnected(_))
+        })
+        .await;
+    let request = {
+        let site = &site;
+        async move { site.get("test.test", "/headers").await }
+    };
+    let restore = async {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        tcp.restore();
+    };
+    let (resp, ()) = tokio::join!(request, restore);
+    assert_eq!(resp.status(), StatusCode::OK);
+    let now = site.agent.connected().await;
+    assert_ne!(now, session, "a new session after the cut");
+    assert!(matches!(
+        *site.agent.status.borrow(),
+        AgentStatus::Connected {
+            transport: Transport::Tcp,
+            ..
+        }
+    ));
+    assert!(tcp.accepted() >= 2, "{}", tcp.accepted());
+    eprintln!(
+        "over TCP: a {} stall kept the session, events resumed {} after it; after a cut the agent came back over TCP ({} connections accepted)",
+        secs(STALL),
+        secs(resumed),
+        tcp.accepted()
+    );
+}
