@@ -1030,3 +1030,35 @@ async fn over_tcp_a_stall_keeps_the_session_and_a_cut_is_recovered_from() {
         tcp.accepted()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_source_address_keeps_the_session_and_its_streams() {
+    let lab = lab(0x16_000b).await;
+    let mut feed = Feed::open(&lab.site).await;
+    let mut ws = websocket(&lab.site).await;
+    round_trip(&mut ws, "before").await;
+    let mut gaps = Vec::new();
+    for n in 2..=3u8 {
+        for _ in 0..50 {
+            feed.next().await;
+        }
+        assert_eq!(
+            lab.relay
+                .rebind_to(std::net::Ipv4Addr::new(127, 0, 0, n).into()),
+            1
+        );
+        let moved = Instant::now();
+        gaps.push(feed.first_after(moved, WAIT).await - moved);
+        round_trip(&mut ws, &format!("from 127.0.0.{n}")).await;
+    }
+    let ports = lab.relay.ports();
+    assert!(ports.iter().all(|p| p.from_edge > 0), "{ports:?}");
+    lab.assert_same_session();
+    eprintln!(
+        "two changes of the agent's source address: same session, {} events in order; first event after each move after {:?}",
+        feed.last,
+        gaps.iter()
+            .map(|g| format!("{:.0} ms", g.as_secs_f64() * 1000.0))
+            .collect::<Vec<_>>(),
+    );
+}

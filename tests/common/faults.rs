@@ -343,7 +343,12 @@ pub struct Relay {
 /// A UDP socket on loopback, port 0, with large buffers so that the
 /// kernel drops nothing the judge did not decide to drop.
 fn bind_loopback() -> UdpSocket {
-    let (socket, _) = burrow_proto::quic::bind_udp("127.0.0.1:0".parse().unwrap())
+    bind_loopback_on(std::net::Ipv4Addr::LOCALHOST.into())
+}
+
+/// Like [`bind_loopback`], on another loopback address (127.0.0.0/8).
+fn bind_loopback_on(ip: std::net::IpAddr) -> UdpSocket {
+    let (socket, _) = burrow_proto::quic::bind_udp(SocketAddr::new(ip, 0))
         .expect("relay binds a loopback UDP socket");
     socket.set_nonblocking(true).unwrap();
     UdpSocket::from_std(socket).expect("relay socket joins the runtime")
@@ -425,6 +430,13 @@ impl Relay {
     /// its mappings does; the old ports stop forwarding. Returns how many
     /// mappings moved.
     pub fn rebind(&self) -> usize {
+        self.rebind_to(std::net::Ipv4Addr::LOCALHOST.into())
+    }
+
+    /// Like [`Relay::rebind`], with the new mappings on `ip` (another
+    /// loopback address): the agent's address changes, not only its port,
+    /// as when a phone's hotspot or a redialled router hands out another.
+    pub fn rebind_to(&self, ip: std::net::IpAddr) -> usize {
         let flows: Vec<Arc<Flow>> = self
             .shared
             .flows
@@ -435,7 +447,7 @@ impl Relay {
             .collect();
         for flow in &flows {
             let old = flow.current();
-            let new = self.shared.clone().map(flow.clone());
+            let new = self.shared.clone().map_on(flow.clone(), ip);
             old.retired.store(true, Ordering::Relaxed);
             tracing::debug!(agent = %flow.agent, from = old.port, to = new.port, "relay rebinds");
         }
@@ -513,7 +525,11 @@ impl Shared {
     /// Binds a fresh upstream socket for `flow`, makes it the current
     /// mapping and starts reading what the edge sends to it.
     fn map(self: Arc<Self>, flow: Arc<Flow>) -> Arc<Mapping> {
-        let socket = Arc::new(bind_loopback());
+        self.map_on(flow, std::net::Ipv4Addr::LOCALHOST.into())
+    }
+
+    fn map_on(self: Arc<Self>, flow: Arc<Flow>, ip: std::net::IpAddr) -> Arc<Mapping> {
+        let socket = Arc::new(bind_loopback_on(ip));
         let port = socket.local_addr().unwrap().port();
         let mapping = Arc::new(Mapping {
             socket,
