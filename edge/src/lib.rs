@@ -337,7 +337,7 @@ impl Edge {
                 .map_err(TlsError::from)?;
             // Agents whose network blocks UDP come here over TCP.
             let agents = tunnel::agent_tls(self.certs.quic_resolver()).map_err(TlsError::from)?;
-            info!(%addr, routes = self.config.routes.len(), "serving https (and agents over TCP)");
+            info!(%addr, routes = self.config.routes.len(), agents = "also over TCP (ALPN burrow/1)", "serving https");
             let timeouts = (self.config.header_timeout, limits);
             tasks.spawn(http::serve_https(
                 listener,
