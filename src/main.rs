@@ -8,13 +8,14 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use burrow_agent::{Agent, AgentConfig};
-use burrow_edge::{Edge, EdgeConfig};
+use burrow_edge::{Edge, EdgeConfig, Prebound};
 use burrow_proto::confkit::{ConfigError, Source};
 use burrow_proto::identity::Identity;
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 use tracing::error;
 
+mod activation;
 mod notify;
 
 /// Exit code for a bad config (EX_CONFIG), so systemd does not restart-loop.
@@ -228,7 +229,19 @@ fn reload_on_sighup<C: Send + 'static>(
 }
 
 async fn run_edge(config: EdgeConfig, path: PathBuf) -> ExitCode {
-    let edge = match Edge::bind(config).await {
+    // Sockets from systemd socket activation, if it started us.
+    let prebound = match activation::prebound(&config) {
+        Ok(Some(p)) => {
+            tracing::info!("using the listening sockets systemd handed over");
+            p
+        }
+        Ok(None) => Prebound::default(),
+        Err(e) => {
+            error!(error = %e, "edge cannot start");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    let edge = match Edge::bind_with(config, prebound).await {
         Ok(e) => e,
         Err(e) => {
             error!(error = %e, "edge cannot start");

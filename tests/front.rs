@@ -334,10 +334,13 @@ async fn an_idle_http2_connection_that_answers_pings_is_closed_after_idle_timeou
         .await
         .unwrap();
     let conn = tokio::spawn(conn);
+    // The edge's idle clock starts when its response ends, which is after
+    // this and before the client has read the body: measured from here,
+    // the connection cannot close before the timeout.
+    let idle_from = Instant::now();
     let resp = sender.send_request(h2_get(HOST, "/headers")).await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     body_text(resp).await;
-    let idle_from = Instant::now();
     tokio::time::timeout(WAIT, conn)
         .await
         .expect("the edge closes the idle HTTP/2 connection")

@@ -55,6 +55,12 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// streams the edge opened on it just before it switched), then until its
 /// last stream has ended.
 pub const MOVE_GRACE: Duration = Duration::from_secs(2);
+/// After the edge said it is going away (a restart), attempts that fail
+/// within this window are retried every [`RESTART_RETRY`] instead of
+/// backing off: the next edge process is expected any moment, and
+/// WebSockets closed by the old one are reconnecting to it.
+pub const RESTART_WINDOW: Duration = Duration::from_secs(30);
+pub const RESTART_RETRY: Duration = Duration::from_millis(200);
 
 /// What the agent is doing, for status output and tests.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -197,6 +203,7 @@ impl Dialer {
     pub async fn run(self: Arc<Self>, endpoint: quinn::Endpoint, shutdown: CancellationToken) {
         let mut backoff = Backoff::new();
         let mut next: Option<Established> = None;
+        let mut restarting_until: Option<tokio::time::Instant> = None;
         loop {
             let (outcome, lasted) = match next.take() {
                 Some(moved) => self.serve_established(&endpoint, moved, &shutdown).await,
@@ -207,6 +214,8 @@ impl Dialer {
             };
             if let Some(lasted) = lasted {
                 backoff.session_ended(lasted);
+                // A session came up: whatever restart there was is over.
+                restarting_until = None;
             }
             let lasted_s = lasted.unwrap_or_default().as_secs();
             let delay = match outcome {
@@ -220,6 +229,7 @@ impl Dialer {
                     // the attempts that follow start short again.
                     info!(retry_in = ?hint, "edge is going away; reconnecting");
                     backoff.reset();
+                    restarting_until = Some(tokio::time::Instant::now() + RESTART_WINDOW);
                     self.status
                         .send_replace(AgentStatus::Disconnected("edge going away".into()));
                     hint
@@ -243,7 +253,13 @@ impl Dialer {
                     d
                 }
                 Outcome::Failed(why) => {
-                    let d = backoff.next_delay(rand::random());
+                    let d = match restarting_until {
+                        // Half to all of the retry: agents do not all come at once.
+                        Some(t) if tokio::time::Instant::now() < t => {
+                            RESTART_RETRY / 2 + (RESTART_RETRY / 2).mul_f64(rand::random())
+                        }
+                        _ => backoff.next_delay(rand::random()),
+                    };
                     warn!(reason = %why, retry_in = ?d, "cannot reach the edge");
                     self.status.send_replace(AgentStatus::Disconnected(why));
                     d

@@ -328,7 +328,7 @@ impl Edge {
             self.gate.clone(),
             self.certs.clone(),
             metrics.clone(),
-            tracker.clone(),
+            (tracker.clone(), shutdown.clone()),
         );
         let (http_tx, http_rx) = watch::channel(Arc::new(http_state));
         if let Some(listener) = self.https {
@@ -389,6 +389,7 @@ impl Edge {
             acme: self.acme.clone(),
             metrics,
             tracker: tracker.clone(),
+            going_away: shutdown.clone(),
         };
         loop {
             tokio::select! {
@@ -431,6 +432,7 @@ struct Reloader {
     acme: Option<Arc<AcmeManager>>,
     metrics: Arc<Metrics>,
     tracker: TaskTracker,
+    going_away: CancellationToken,
 }
 
 impl Reloader {
@@ -504,7 +506,7 @@ impl Reloader {
             gate,
             self.certs.clone(),
             self.metrics.clone(),
-            self.tracker.clone(),
+            (self.tracker.clone(), self.going_away.clone()),
         )));
 
         for (running, tx) in port_rules {

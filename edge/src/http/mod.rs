@@ -78,6 +78,10 @@ pub struct HttpState {
     /// Tasks that outlive their request (upgraded connections), so a
     /// graceful shutdown waits for them.
     pub tracker: TaskTracker,
+    /// Cancelled when the edge starts shutting down: upgraded connections
+    /// (WebSockets) then close at once with 1001 "going away", so clients
+    /// reconnect (to the next edge process) instead of holding the drain.
+    pub going_away: CancellationToken,
     /// `[limits] held_per_service` and `held_per_client`.
     pub hold_caps: HoldCaps,
     /// Request rate limiters of the routes that have one, by host.
@@ -94,13 +98,14 @@ impl HttpState {
         gate: Option<Arc<Gate>>,
         certs: Arc<CertStore>,
         metrics: Arc<Metrics>,
-        tracker: TaskTracker,
+        (tracker, going_away): (TaskTracker, CancellationToken),
     ) -> Self {
         let (routes, access, limits) = (&config.routes, &config.access, &config.limits);
         Self {
             certs,
             metrics,
             tracker,
+            going_away,
             hold_caps: HoldCaps {
                 per_service: limits.held_per_service,
                 per_client: limits.held_per_client,
