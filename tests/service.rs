@@ -388,6 +388,20 @@ fn unit_for_test(name: &str) -> std::path::PathBuf {
 
 #[test]
 fn systemd_units_verify_and_are_hardened() {
+    // The socket unit sits beside the service it names.
+    let socket = unit_for_test("burrow-edge.socket");
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&socket)
+        .arg(unit_for_test("burrow-edge.service"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "burrow-edge.socket: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     for name in ["burrow-edge.service", "burrow-agent.service"] {
         let unit = unit_for_test(name);
         let out = std::process::Command::new("systemd-analyze")

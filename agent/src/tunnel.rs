@@ -470,7 +470,12 @@ impl Dialer {
                         if transport == Transport::Quic {
                             quic_failure.get_or_insert_with(|| format!("{during}: {e}"));
                         }
-                        failure = Some(classify_close(e, &during));
+                        // Before a session exists nothing is lost: an
+                        // attempt that did not connect failed.
+                        failure = Some(match classify_close(e, &during) {
+                            Outcome::Lost(why) => Outcome::Failed(why),
+                            other => other,
+                        });
                     }
                     Err(e) => {
                         failure = Some(Outcome::Failed(format!("dialling the edge: {e}")));
@@ -662,7 +667,8 @@ impl Dialer {
                         Ok(Ok(quic)) => {
                             info!(session = quic.welcomed, "QUIC gets through again: new streams use it; streams on TCP finish there");
                             tokio::spawn(
-                                drain(conn, send, recv, session, allowance, self.clone()).in_current_span(),
+                                drain(Left::Moved, conn, send, recv, session, allowance, self.clone())
+                                    .in_current_span(),
                             );
                             return Outcome::Moved(Box::new(quic));
                         }
@@ -681,7 +687,16 @@ impl Dialer {
                 }
                 frame = recv.next::<EdgeToAgent>() => match frame {
                     Ok(Some(f)) => match session.handle_frame(f) {
-                        Ok(AgentEvent::EdgeGoingAway(g)) => return Outcome::GoingAway(g.reconnect_after),
+                        Ok(AgentEvent::EdgeGoingAway(g)) => {
+                            // The edge may still open streams here for the
+                            // requests it is draining: serve them while the
+                            // next session is dialled.
+                            tokio::spawn(
+                                drain(Left::EdgeGoingAway, conn, send, recv, session, allowance, self.clone())
+                                    .in_current_span(),
+                            );
+                            return Outcome::GoingAway(g.reconnect_after);
+                        }
                         Ok(AgentEvent::Wake(w)) => self.monitors.wake(&w.service, Origin::Edge),
                         Ok(other) => {
                             conn.close(code::PROTOCOL, b"protocol error");
@@ -746,10 +761,22 @@ impl Dialer {
     }
 }
 
-/// A session left behind by a move to QUIC: serves the streams still on
-/// it (and any the edge opened just before it switched) until none is
-/// left, then says goodbye and closes.
+/// Why a session is being drained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Left {
+    /// The agent moved to QUIC: the edge sends nothing new here, and the
+    /// agent closes the session once its last stream has ended.
+    Moved,
+    /// The edge is going away (a restart): it may still open streams for
+    /// the requests it is draining, and closes the session when done.
+    EdgeGoingAway,
+}
+
+/// A session left behind, by a move to QUIC or by an edge that is going
+/// away: serves the streams still on it and any the edge opens while it
+/// winds down, until it ends.
 async fn drain(
+    left: Left,
     conn: Connection,
     mut send: link::SendStream,
     mut recv: FramedRecv,
@@ -759,18 +786,21 @@ async fn drain(
 ) {
     let grace = tokio::time::Instant::now() + MOVE_GRACE;
     let mut check = tokio::time::interval(Duration::from_millis(250));
+    let mut control_open = true;
     loop {
         tokio::select! {
             stream = conn.accept_bi() => match stream {
                 Ok((s, r)) => dialer.spawn_stream(&conn, &mut allowance, s, r),
                 Err(_) => return,
             },
-            // The edge has nothing more to say on this session; reading
-            // notices it ending.
-            frame = recv.next::<EdgeToAgent>() => if !matches!(frame, Ok(Some(_))) {
-                return;
+            // Nothing more is expected on the control stream; reading it
+            // notices the session ending.
+            frame = recv.next::<EdgeToAgent>(), if control_open => match frame {
+                Ok(Some(_)) => {}
+                Ok(None) => control_open = false,
+                Err(_) => return,
             },
-            _ = check.tick() => {
+            _ = check.tick(), if left == Left::Moved => {
                 if tokio::time::Instant::now() >= grace && allowance.open() == 0 {
                     debug!("the old session's last stream ended; closing it");
                     session.go_away();

@@ -299,8 +299,11 @@ impl Front {
     {
         loop {
             let accepted = tokio::select! {
-                r = listener.accept() => r,
+                // Not one accept after the shutdown: on a restart, what is
+                // still queued is the next process's to take.
+                biased;
                 () = shutdown.cancelled() => return,
+                r = listener.accept() => r,
             };
             match accepted {
                 Ok((tcp, peer)) => match self.admit(peer) {

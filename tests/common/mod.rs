@@ -336,7 +336,7 @@ impl Process {
         Self::spawn_command(command)
     }
 
-    fn spawn_command(mut command: Command) -> Self {
+    pub fn spawn_command(mut command: Command) -> Self {
         if !command.get_envs().any(|(k, _)| k == "RUST_LOG") {
             command.env("RUST_LOG", "info");
         }
@@ -384,6 +384,24 @@ impl Process {
                 Err(_) => panic!("no log line {message:?}; saw {:#?}", self.seen),
             }
         }
+    }
+
+    /// The warning and error lines written so far.
+    pub fn warnings(&mut self) -> Vec<serde_json::Value> {
+        while let Ok(v) = self.lines.try_recv() {
+            self.seen.push(v);
+        }
+        self.seen
+            .iter()
+            .filter(|v| {
+                v["level"] == "WARN"
+                    || v["level"] == "ERROR"
+                    || v["message"].as_str().is_some_and(|m| {
+                        m.contains("client connection") || m.contains("tls handshake")
+                    })
+            })
+            .cloned()
+            .collect()
     }
 
     pub fn signal(&self, sig: &str) {

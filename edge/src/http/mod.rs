@@ -58,6 +58,10 @@ pub const MAX_HEADER_BYTES: usize = 32 * 1024;
 /// How long an idle connection asked to finish (HTTP/2 GOAWAY) may take
 /// before it is dropped.
 pub const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// On shutdown, how long a connection that has not sent its first request
+/// yet gets to send it: a client that connected just before the shutdown
+/// is answered (with `Connection: close`), not cut off before its request.
+pub const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
 /// HTTP/2 keep-alive pings find dead phones behind NATs.
 pub const H2_KEEP_ALIVE: Duration = Duration::from_secs(20);
 
@@ -247,6 +251,9 @@ fn http_builder(header_timeout: Duration, limits: &LimitsConfig) -> auto::Builde
 struct Activity {
     in_flight: AtomicUsize,
     idle_since: std::sync::Mutex<Instant>,
+    /// Requests started on the connection so far.
+    started: AtomicUsize,
+    first: tokio::sync::Notify,
 }
 
 impl Activity {
@@ -254,7 +261,19 @@ impl Activity {
         Arc::new(Self {
             in_flight: AtomicUsize::new(0),
             idle_since: std::sync::Mutex::new(Instant::now()),
+            started: AtomicUsize::new(0),
+            first: tokio::sync::Notify::new(),
         })
+    }
+
+    /// Resolves once the connection's first request has started.
+    async fn first_request(&self) {
+        let notified = self.first.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if self.started.load(Ordering::Acquire) == 0 {
+            notified.await;
+        }
     }
 
     fn idle_since(&self) -> Instant {
@@ -263,6 +282,9 @@ impl Activity {
 
     fn busy(self: &Arc<Self>) -> Busy {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
+        if self.started.fetch_add(1, Ordering::AcqRel) == 0 {
+            self.first.notify_waiters();
+        }
         Busy(self.clone())
     }
 
@@ -330,8 +352,18 @@ async fn serve_connection<C, E>(
     let result = tokio::select! {
         r = conn.as_mut() => r,
         () = shutdown.cancelled() => {
-            graceful(conn.as_mut());
-            conn.await
+            // A connection made just before the shutdown has its first
+            // request on the way: answer it rather than cut it off.
+            let first = async {
+                let _ = tokio::time::timeout(FIRST_REQUEST_GRACE, activity.first_request()).await;
+            };
+            tokio::select! {
+                r = conn.as_mut() => r,
+                () = first => {
+                    graceful(conn.as_mut());
+                    conn.await
+                }
+            }
         }
         () = activity.idle_for(idle_timeout) => {
             stats.closed_idle.fetch_add(1, Ordering::Relaxed);
