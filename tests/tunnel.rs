@@ -706,3 +706,144 @@ async fn the_edge_serves_on_a_socket_handed_to_it() {
         "{refused:?}"
     );
 }
+
+/// An edge serving HTTPS (where agents over TCP come) and the tunnel, with
+/// one listed agent "home".
+async fn https_edge(world: &World, fp: &burrow_proto::identity::Fingerprint) -> EdgeHandle {
+    start_edge(edge_config(&format!(
+        "[edge]\nstate_dir = {:?}\nhttps = \"127.0.0.1:0\"\ntunnel = \"127.0.0.1:0\"\n\n\
+         [tls]\nmode = \"self-signed\"\n\n[[agent]]\nname = \"home\"\nkey = \"{fp}\"\n\n\
+         [[route]]\nhost = \"app.test\"\nagent = \"home\"\nservice = \"app\"\nauth = \"none\"\n",
+        world.path("state")
+    )))
+    .await
+}
+
+#[tokio::test]
+async fn over_tcp_the_same_keys_are_checked_both_ways() {
+    let world = World::new();
+    let (key, fp) = world.agent_key("home");
+    let edge = https_edge(&world, &fp).await;
+    let https = edge.https.unwrap();
+    let agent_toml = |key: &std::path::Path, pin: &str| {
+        agent_config(&format!(
+            "[agent]\nname = \"home\"\nedge = \"{https}\"\nedge_key = \"{pin}\"\nkey = {key:?}\ntransport = \"tcp\"\n"
+        ))
+    };
+    // The listed key with the edge's own pin: a session over TCP.
+    let mut home = start_agent(agent_toml(&key, &edge.fingerprint.to_string()));
+    home.connected().await;
+    let link = edge.registry.get(&Name::new("home").unwrap()).unwrap();
+    assert_eq!(link.transport(), burrow_proto::link::Transport::Tcp);
+
+    // A key the edge does not list: refused, as over QUIC.
+    let (rogue_key, _) = world.agent_key("rogue");
+    let mut rogue = start_agent(agent_toml(&rogue_key, &edge.fingerprint.to_string()));
+    let AgentStatus::Refused(why) = rogue
+        .wait("refused", |s| matches!(s, AgentStatus::Refused(_)))
+        .await
+    else {
+        unreachable!()
+    };
+    assert!(why.contains("not listed"), "{why}");
+
+    // An edge with another key than the pinned one: no session.
+    let wrong_pin = Identity::generate().unwrap().fingerprint();
+    let mut pinned = start_agent(agent_toml(&key, &wrong_pin.to_string()));
+    let AgentStatus::Disconnected(why) = pinned
+        .wait("disconnected", |s| {
+            matches!(s, AgentStatus::Disconnected(_))
+        })
+        .await
+    else {
+        unreachable!()
+    };
+    assert!(why.contains("TLS"), "{why}");
+    // The listed agent kept its session through both.
+    let now = edge.registry.get(&Name::new("home").unwrap()).unwrap();
+    assert_eq!(now.session, link.session);
+}
+
+#[tokio::test]
+async fn the_https_listener_wants_a_client_certificate_only_from_agents() {
+    let world = World::new();
+    let (_, fp) = world.agent_key("home");
+    let edge = https_edge(&world, &fp).await;
+    let https = edge.https.unwrap();
+    let handshake = |alpn: &'static [u8], sni: &'static str| async move {
+        let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(std::sync::Arc::new(AnyServerCert))
+        .with_no_client_auth();
+        config.alpn_protocols = vec![alpn.to_vec()];
+        let tcp = TcpStream::connect(https).await.unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+            .connect(rustls::pki_types::ServerName::try_from(sni).unwrap(), tcp)
+            .await?;
+        // TLS 1.3: the edge's verdict on the client comes after the
+        // client's Finished. An HTTP/2 client's preface gets the server's
+        // SETTINGS; a refused client reads the alert instead.
+        let _ = tls
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+            .await;
+        let mut b = [0u8; 64];
+        match tokio::time::timeout(WAIT, tls.read(&mut b)).await {
+            Ok(Ok(n)) if n > 0 => Ok(tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec)),
+            other => Err(std::io::Error::other(format!("{other:?}"))),
+        }
+    };
+    // A browser (h2) is served without a certificate.
+    assert_eq!(
+        handshake(b"h2", "app.test").await.unwrap(),
+        Some(b"h2".to_vec())
+    );
+    // burrow/1 without a client certificate is refused.
+    let refused = handshake(quic::ALPN, IDENTITY_SNI).await;
+    assert!(refused.is_err(), "{refused:?}");
+}
+
+/// Accepts any server certificate: the test looks at the edge's handling
+/// of the client, not at the edge's identity.
+#[derive(Debug)]
+struct AnyServerCert;
+
+impl rustls::client::danger::ServerCertVerifier for AnyServerCert {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}

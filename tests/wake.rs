@@ -60,6 +60,16 @@ async fn bed_with_limits(
     probe_interval: &str,
     limits: &str,
 ) -> Bed {
+    bed_with_wake(stand_in, (hold, mac, probe_interval), limits, "").await
+}
+
+/// Like [`bed_with_limits`], with `wake_extra` added to `[service.wake]`.
+async fn bed_with_wake(
+    stand_in: StandIn,
+    (hold, mac, probe_interval): (&str, &str, &str),
+    limits: &str,
+    wake_extra: &str,
+) -> Bed {
     let routes = format!(
         r#"
 [limits]
@@ -91,6 +101,7 @@ probe_interval = "{probe_interval}"
 [service.wake]
 mac = "{mac}"
 broadcast = "{udp}"
+{wake_extra}
 
 [[lan]]
 listen = "127.0.0.1:0"
@@ -752,4 +763,99 @@ fn burrow_wake_sends_one_magic_packet() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "a usage error");
     assert!(String::from_utf8_lossy(&out.stderr).contains("six hex pairs"));
+}
+
+/// A GET on the `[[lan]]` proxy on a new connection, as Open WebUI's
+/// client makes them: status, the cache header, body.
+async fn lan_get(lan: std::net::SocketAddr, path: &str) -> (StatusCode, Option<String>, String) {
+    let tcp = TcpStream::connect(lan).await.unwrap();
+    let (mut client, conn) =
+        hyper::client::conn::http1::handshake::<_, TestBody>(TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let resp = tokio::time::timeout(
+        WAIT,
+        client.send_request(
+            Request::builder()
+                .uri(path)
+                .header(http::header::HOST, "localhost:11434")
+                .body(empty())
+                .unwrap(),
+        ),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let cache = resp
+        .headers()
+        .get("x-burrow-cache")
+        .map(|v| v.to_str().unwrap().to_owned());
+    (resp.status(), cache, body_text(resp).await)
+}
+
+/// Open WebUI lists models (`GET /api/tags`, `/api/ps`, `/api/version`
+/// to Ollama through the `[[lan]]` proxy) a few seconds after its page
+/// loads. With `cached`, that listing is answered from the last good
+/// answers while the PC sleeps and sends no magic packet; a chat wakes it.
+#[tokio::test]
+async fn model_listing_on_the_lan_proxy_is_answered_from_cache_and_only_a_chat_wakes() {
+    let stand_in = StandIn::start(Boot::After(BOOT), Power::Awake).await;
+    // /api/tags last: once the stand-in has served it, the agent has
+    // fetched all three.
+    let mut bed = bed_with_wake(
+        stand_in,
+        ("30s", MAC_TEXT, "200ms"),
+        "",
+        r#"cached = ["/api/version", "/api/ps", "/api/tags"]"#,
+    )
+    .await;
+    let deadline = Instant::now() + WAIT;
+    while bed
+        .stand_in
+        .shared
+        .listings
+        .load(std::sync::atomic::Ordering::Relaxed)
+        == 0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the agent never fetched /api/tags"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    bed.stand_in.sleep().await;
+    bed.wait_edge("down", |r| r.state == ServiceState::Down)
+        .await;
+    let lan = bed.agent.lan[0];
+    for path in ["/api/tags", "/api/ps", "/api/version"] {
+        let (status, cache, body) = lan_get(lan, path).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {body}");
+        assert_eq!(cache.as_deref(), Some("asleep"), "{path}");
+        if path == "/api/tags" {
+            assert_eq!(body, TAGS);
+        }
+    }
+    assert_eq!(
+        bed.stand_in.valid_packets(),
+        0,
+        "no magic packet for a listing"
+    );
+    assert_eq!(bed.agent_wakes(), 0);
+    assert_eq!(*bed.stand_in.power.borrow(), Power::Asleep);
+
+    // A chat is not in the cache: it wakes the PC and is answered by it.
+    let tcp = TcpStream::connect(lan).await.unwrap();
+    let (mut client, conn) =
+        hyper::client::conn::http1::handshake::<_, TestBody>(TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let (mut req, len, sha) = chat("lan-cache", 4 * 1024);
+    req.headers_mut().remove(AUTHORIZATION);
+    check_chat(client.send_request(req).await.unwrap(), len, &sha).await;
+    assert!(bed.stand_in.valid_packets() >= 1);
+    assert_eq!(bed.agent_wakes(), 1);
+    bed.stand_in.wait_power(Power::Awake).await;
 }

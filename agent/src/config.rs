@@ -78,6 +78,9 @@ struct WakeEntry {
     broadcast: Option<Spanned<String>>,
     /// SecureOn password: six hex pairs, written like a MAC.
     password: Option<Spanned<String>>,
+    /// GET paths answered from the last good response while the machine
+    /// sleeps, instead of waking it.
+    cached: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -132,6 +135,9 @@ pub struct WakeConfig {
     /// `host:port` magic packets are sent to.
     pub broadcast: String,
     pub password: Option<SecureOn>,
+    /// GET paths answered from a cache of the last good response while
+    /// the machine sleeps (see [`crate::cache`]); every other request wakes it.
+    pub cached: Vec<String>,
 }
 
 /// A Wake-on-LAN SecureOn password. `Debug` does not show it.
@@ -311,10 +317,37 @@ fn convert(src: &Source, file: File) -> Result<AgentConfig, ConfigError> {
                         )
                     })?)),
                 };
+                let mut cached = Vec::new();
+                for (k, p) in w.cached.iter().flatten().enumerate() {
+                    let path = p.get_ref();
+                    if k >= crate::cache::MAX_CACHED_PATHS {
+                        return Err(src.error_at(
+                            p.span(),
+                            format!(
+                                "service[{i}].wake.cached: at most {} paths",
+                                crate::cache::MAX_CACHED_PATHS
+                            ),
+                        ));
+                    }
+                    if !crate::cache::is_cacheable_path(path) {
+                        return Err(src.error_at(
+                            p.span(),
+                            format!("service[{i}].wake.cached: {path:?} is not a path like \"/api/tags\" (no query, no spaces)"),
+                        ));
+                    }
+                    if scheme != Scheme::Http {
+                        return Err(src.error_at(
+                            p.span(),
+                            format!("service[{i}].wake.cached: only http:// services have cacheable answers"),
+                        ));
+                    }
+                    cached.push(path.clone());
+                }
                 Some(WakeConfig {
                     mac,
                     broadcast,
                     password,
+                    cached,
                 })
             }
         };
@@ -412,6 +445,7 @@ mod tests {
                 mac: [0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff],
                 broadcast: "255.255.255.255:9".into(),
                 password: None,
+                cached: Vec::new(),
             })
         );
         assert_eq!(c.services[0].probe_interval, DEFAULT_PROBE_INTERVAL);

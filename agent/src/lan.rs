@@ -1,7 +1,9 @@
 //! `[[lan]]`: a wake-aware TCP proxy on the home network. Point a local
 //! client (Open WebUI's Ollama URL) at it: each connection goes straight to
 //! the service when it is up; otherwise the service's machine is woken and
-//! the connection waits, its bytes unread, until the service is ready.
+//! the connection waits, its bytes unread, until the service is ready. A
+//! GET for one of the service's `[service.wake] cached` paths is answered
+//! from [`crate::cache`] instead while the machine sleeps, and wakes nothing.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,10 +11,13 @@ use std::time::Duration;
 
 use burrow_proto::listener::{Front, Limits};
 use burrow_proto::{ServiceState, WakeMethod};
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span};
 
+use crate::cache::{ResponseCache, is_bodyless_get, read_request_head};
 use crate::config::ServiceConfig;
 use crate::forward::connect_timeout;
 use crate::monitor::{Monitors, Origin};
@@ -20,6 +25,9 @@ use crate::monitor::{Monitors, Origin};
 /// How long a LAN connection waits for its service to wake before it is
 /// closed. Matches the edge's default `[route.wake] hold`.
 pub const LAN_WAKE_WAIT: Duration = Duration::from_secs(180);
+/// How long a client of a sleeping service with cached answers has to send
+/// its request head; a slower one wakes the machine.
+pub const LAN_HEAD_WAIT: Duration = Duration::from_secs(10);
 
 /// Caps on a `[[lan]]` listener's connections. A home network's clients
 /// (Open WebUI, scripts) open a few each; the caps keep a runaway client
@@ -34,6 +42,7 @@ pub async fn serve(
     listener: TcpListener,
     service: Arc<ServiceConfig>,
     monitors: Monitors,
+    cache: Option<Arc<ResponseCache>>,
     shutdown: CancellationToken,
 ) {
     let front = Front::new("lan", LAN_LIMITS);
@@ -42,12 +51,13 @@ pub async fn serve(
             let span = info_span!("lan", service = %service.name, %peer);
             let service = service.clone();
             let monitors = monitors.clone();
+            let cache = cache.clone();
             let stop = shutdown.clone();
             tokio::spawn(
                 async move {
                     let _permit = permit;
                     tokio::select! {
-                        () = proxy(tcp, &service, &monitors) => {}
+                        () = proxy(tcp, &service, &monitors, cache.as_deref()) => {}
                         () = stop.cancelled() => {}
                     }
                 }
@@ -71,10 +81,19 @@ async fn connect(service: &ServiceConfig) -> Result<TcpStream, String> {
 }
 
 /// One client connection: connect (waking first when needed), then pipe.
-async fn proxy(mut client: TcpStream, service: &ServiceConfig, monitors: &Monitors) {
+async fn proxy(
+    mut client: TcpStream,
+    service: &ServiceConfig,
+    monitors: &Monitors,
+    cache: Option<&ResponseCache>,
+) {
     let _ = client.set_nodelay(true);
     let deadline = tokio::time::Instant::now() + LAN_WAKE_WAIT;
     let mut views = monitors.subscribe();
+    // What the client sent before the service was reached (its request
+    // head, read to decide whether the cache answers it).
+    let mut early = BytesMut::new();
+    let mut looked = false;
     let upstream = loop {
         let (state, wake) = views
             .borrow_and_update()
@@ -85,6 +104,27 @@ async fn proxy(mut client: TcpStream, service: &ServiceConfig, monitors: &Monito
             });
         let sleeping = wake == WakeMethod::MagicPacket
             && matches!(state, ServiceState::Down | ServiceState::Waking);
+        if sleeping && let Some(cache) = cache.filter(|_| !looked) {
+            looked = true;
+            let head =
+                tokio::time::timeout(LAN_HEAD_WAIT, read_request_head(&mut client, &mut early))
+                    .await;
+            match head {
+                Ok(Ok(Some((method, path)))) if method == "GET" && is_bodyless_get(&early) => {
+                    if let Some(answer) = cache.answer(&path) {
+                        info!(%path, "answered from the cache; the machine sleeps on");
+                        let _ = client.write_all(&answer).await;
+                        let _ = client.shutdown().await;
+                        return;
+                    }
+                }
+                Ok(Ok(_)) => {}
+                // The client is gone.
+                Ok(Err(_)) => return,
+                // A slow client: its request wakes the machine.
+                Err(_) => {}
+            }
+        }
         if !sleeping {
             match connect(service).await {
                 Ok(s) => break s,
@@ -115,6 +155,9 @@ async fn proxy(mut client: TcpStream, service: &ServiceConfig, monitors: &Monito
     };
     let _ = upstream.set_nodelay(true);
     let mut upstream = upstream;
+    if !early.is_empty() && upstream.write_all(&early).await.is_err() {
+        return;
+    }
     match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
         Ok((up, down)) => debug!(up, down, "lan connection closed"),
         Err(e) => debug!(error = %e, "lan connection aborted"),

@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod backoff;
+pub mod cache;
 pub mod config;
 pub mod forward;
 pub mod health;
@@ -153,6 +154,20 @@ impl Agent {
         );
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(self.monitor_task.run(shutdown.clone()));
+        // Cached answers for the services that have `[service.wake] cached`.
+        let mut caches = std::collections::HashMap::new();
+        for service in &self.config.services {
+            if service.wake.as_ref().is_some_and(|w| !w.cached.is_empty()) {
+                let cache = Arc::new(cache::ResponseCache::default());
+                caches.insert(service.name.clone(), cache.clone());
+                tasks.spawn(cache::refresh_while_up(
+                    Arc::new(service.clone()),
+                    cache,
+                    self.monitors.clone(),
+                    shutdown.clone(),
+                ));
+            }
+        }
         for (index, (l, listener)) in self.lan.into_iter().enumerate() {
             let listen = lan::local_addr(&listener);
             let listener = tokio::net::TcpListener::from_std(listener).map_err(|source| {
@@ -173,6 +188,7 @@ impl Agent {
                 listener,
                 Arc::new(service.clone()),
                 self.monitors.clone(),
+                caches.get(&service.name).cloned(),
                 shutdown.clone(),
             ));
         }

@@ -935,6 +935,7 @@ mod tests {
             health: None,
             probe_interval: INTERVAL,
             wake: Some(crate::config::WakeConfig {
+                cached: Vec::new(),
                 mac: [1, 2, 3, 4, 5, 6],
                 broadcast: udp.local_addr().unwrap().to_string(),
                 password: None,

@@ -61,7 +61,12 @@ pub struct Shared {
     pub boots: AtomicU64,
     /// (connection accept order, request tag) of every /api/chat.
     pub chats: Mutex<Vec<(u64, String)>>,
+    /// GET /api/tags requests answered (model listings).
+    pub listings: AtomicU64,
 }
+
+/// The model list the stand-in serves at /api/tags.
+pub const TAGS: &str = "{\"models\":[{\"name\":\"llama3:8b\",\"size\":4661224676}]}";
 
 pub struct StandIn {
     pub udp: SocketAddr,
@@ -294,6 +299,13 @@ async fn ollama(req: Request<Incoming>, index: u64, shared: Arc<Shared>) -> Resp
             "application/json",
             "{\"version\":\"0.9.0-standin\"}".into(),
         ),
+        ("GET", "/api/tags") => {
+            shared.listings.fetch_add(1, Ordering::Relaxed);
+            text_response(StatusCode::OK, "application/json", TAGS.into())
+        }
+        ("GET", "/api/ps") => {
+            text_response(StatusCode::OK, "application/json", "{\"models\":[]}".into())
+        }
         ("GET", "/ws") => websocket_echo(req),
         ("GET", "/") => text_response(
             StatusCode::OK,
