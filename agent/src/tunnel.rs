@@ -611,7 +611,9 @@ impl Dialer {
             conn.transport() == Transport::Tcp && self.config.transport == TransportChoice::Auto;
         let mut probe_wait = PROBE_FIRST;
         let mut next_probe = probing.then(|| tokio::time::Instant::now() + probe_wait);
-        let mut probe: Option<tokio::task::JoinHandle<Result<Established, String>>> = None;
+        // Aborted with the session: a probe must not log in for a session
+        // that is gone.
+        let mut probe: Option<AbortOnDrop<Result<Established, String>>> = None;
         let mut report = LinkReport {
             fallback: fallback.unwrap_or_default(),
             probe: String::new(),
@@ -657,11 +659,11 @@ impl Dialer {
                 },
                 () = probe_due => {
                     debug!("probing QUIC");
-                    probe = Some(tokio::spawn(
+                    probe = Some(AbortOnDrop(tokio::spawn(
                         self.clone().probe(endpoint.clone(), shutdown.clone()).in_current_span(),
-                    ));
+                    )));
                 }
-                done = async { probe.as_mut().expect("guarded by is_some").await }, if probe.is_some() => {
+                done = async { (&mut probe.as_mut().expect("guarded by is_some").0).await }, if probe.is_some() => {
                     probe = None;
                     match done {
                         Ok(Ok(quic)) => {
@@ -814,6 +816,15 @@ async fn drain(
                 }
             }
         }
+    }
+}
+
+/// A task that is aborted when this is dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
