@@ -795,11 +795,12 @@ async fn lan_get(lan: std::net::SocketAddr, path: &str) -> (StatusCode, Option<S
 }
 
 /// Open WebUI lists models (`GET /api/tags`, `/api/ps`, `/api/version`
-/// to Ollama through the `[[lan]]` proxy) a few seconds after its page
-/// loads. With `cached`, that listing is answered from the last good
-/// answers while the PC sleeps and sends no magic packet; a chat wakes it.
+/// to Ollama through the `[[lan]]` proxy, or a route) a few seconds after
+/// its page loads. With `cached`, that listing is answered from the last
+/// good answers while the PC sleeps and sends no magic packet; a chat wakes
+/// it.
 #[tokio::test]
-async fn model_listing_on_the_lan_proxy_is_answered_from_cache_and_only_a_chat_wakes() {
+async fn model_listing_on_the_lan_proxy_and_a_route_is_answered_from_cache_and_only_a_chat_wakes() {
     let stand_in = StandIn::start(Boot::After(BOOT), Power::Awake).await;
     // /api/tags last: once the stand-in has served it, the agent has
     // fetched all three.
@@ -837,6 +838,33 @@ async fn model_listing_on_the_lan_proxy_is_answered_from_cache_and_only_a_chat_w
             assert_eq!(body, TAGS);
         }
     }
+    // The same listing through the edge's route (Open WebUI's own
+    // backend, or an app on the phone): the agent answers it too.
+    for path in ["/api/tags", "/api/ps"] {
+        let mut client = bed.site.h1(HOST).await;
+        let resp = client
+            .send_request(
+                Request::builder()
+                    .uri(path)
+                    .header(http::header::HOST, HOST)
+                    .header(AUTHORIZATION, basic("alice", PASSWORD))
+                    .body(empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "{path}");
+        assert_eq!(resp.headers()["x-burrow-cache"], "asleep", "{path}");
+        let body = body_text(resp).await;
+        if path == "/api/tags" {
+            assert_eq!(body, TAGS);
+        }
+    }
+    assert_eq!(
+        bed.report().unwrap().wake_requests,
+        0,
+        "the edge asked for no wake"
+    );
     assert_eq!(
         bed.stand_in.valid_packets(),
         0,

@@ -2,6 +2,7 @@
 //! service, answer, then pipe bytes both ways. A failed connect is reported
 //! to the service's monitor, so a service believed up is marked down at once.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,10 +10,12 @@ use burrow_proto::framed::{FramedRecv, write_frames};
 use burrow_proto::link::{RecvStream, SendStream};
 use burrow_proto::pipe::pipe;
 use burrow_proto::quic::code;
-use burrow_proto::{Name, StreamOpen, StreamReply, StreamStatus};
+use burrow_proto::{Name, StreamKind, StreamOpen, StreamReply, StreamStatus};
+use bytes::{Bytes, BytesMut};
 use tokio::net::TcpStream;
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::cache::{ResponseCache, is_bodyless_get, read_request_head};
 use crate::config::ServiceConfig;
 use crate::monitor::Monitors;
 
@@ -40,13 +43,25 @@ pub fn connect_timeout(service: &ServiceConfig) -> Duration {
 #[derive(Debug)]
 pub struct Services {
     list: std::sync::RwLock<Vec<ServiceConfig>>,
+    /// Cached answers of the services with `[service.wake] cached`.
+    caches: HashMap<Name, Arc<ResponseCache>>,
 }
 
 impl Services {
     pub fn new(list: Vec<ServiceConfig>) -> Self {
         Self {
             list: std::sync::RwLock::new(list),
+            caches: HashMap::new(),
         }
+    }
+
+    pub fn with_caches(mut self, caches: HashMap<Name, Arc<ResponseCache>>) -> Self {
+        self.caches = caches;
+        self
+    }
+
+    pub fn cache(&self, name: &Name) -> Option<Arc<ResponseCache>> {
+        self.caches.get(name).cloned()
     }
 
     pub fn get(&self, name: &Name) -> Option<ServiceConfig> {
@@ -102,6 +117,9 @@ async fn serve(
     monitors: Monitors,
 ) {
     let reply = |status, message: String| StreamReply { status, message };
+    if open.kind == StreamKind::Cached {
+        return serve_cached(send, framed, services.cache(&open.service)).await;
+    }
     let Some(service) = services.get(&open.service) else {
         warn!("edge asked for an unknown service");
         let _ = write_frames(
@@ -157,4 +175,48 @@ async fn serve(
         ),
         Err(e) => debug!(error = %e, "stream aborted"),
     }
+}
+
+/// The answer to a GET whose path is not cached.
+const CACHE_MISS: &[u8] =
+    b"HTTP/1.1 404 Not Found\r\nX-Burrow-Cache: miss\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+
+/// A [`StreamKind::Cached`] stream: one GET answered from the service's
+/// cached answers, the machine left asleep.
+async fn serve_cached(mut send: SendStream, framed: FramedRecv, cache: Option<Arc<ResponseCache>>) {
+    let Some(cache) = cache else {
+        let refused = StreamReply {
+            status: StreamStatus::Refused,
+            message: "no cached answers for this service".into(),
+        };
+        let _ = write_frames(&mut send, [refused]).await;
+        let _ = send.finish();
+        return;
+    };
+    let connected = StreamReply {
+        status: StreamStatus::Connected,
+        message: String::new(),
+    };
+    if write_frames(&mut send, [connected]).await.is_err() {
+        return;
+    }
+    let (mut recv, initial) = framed.into_parts();
+    let mut buf = BytesMut::from(&initial[..]);
+    let head = tokio::time::timeout(
+        STREAM_HEADER_TIMEOUT,
+        read_request_head(&mut recv, &mut buf),
+    )
+    .await;
+    let answer = match head {
+        Ok(Ok(Some((method, path)))) if method == "GET" && is_bodyless_get(&buf) => {
+            let answer = cache.answer(&path);
+            info!(%path, hit = answer.is_some(), "a request for a sleeping machine, for the cache");
+            answer
+        }
+        _ => None,
+    };
+    let _ = send
+        .write_chunk(answer.unwrap_or_else(|| Bytes::from_static(CACHE_MISS)))
+        .await;
+    let _ = send.finish();
 }

@@ -154,7 +154,8 @@ impl Agent {
         );
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(self.monitor_task.run(shutdown.clone()));
-        // Cached answers for the services that have `[service.wake] cached`.
+        // Cached answers for the services that have `[service.wake] cached`,
+        // for the [[lan]] proxy and the edge's requests.
         let mut caches = std::collections::HashMap::new();
         for service in &self.config.services {
             if service.wake.as_ref().is_some_and(|w| !w.cached.is_empty()) {
@@ -192,7 +193,7 @@ impl Agent {
                 shutdown.clone(),
             ));
         }
-        let services = Arc::new(Services::new(self.config.services.clone()));
+        let services = Arc::new(Services::new(self.config.services.clone()).with_caches(caches));
         {
             let services = services.clone();
             let monitors = self.monitors.clone();

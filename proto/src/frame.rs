@@ -294,6 +294,12 @@ pub enum StreamKind {
     Tcp,
     Http,
     WebSocket,
+    /// An HTTP/1.1 GET for a sleeping service's machine, answered by the
+    /// agent from its cache of the service's last good answers without
+    /// reaching (or waking) the machine; a path not cached gets a 404 with
+    /// `X-Burrow-Cache: miss`. Refused when the agent keeps no cache for
+    /// the service.
+    Cached,
 }
 
 /// The header at the start of every stream the edge opens.
@@ -488,6 +494,7 @@ impl Frame for StreamOpen {
                 StreamKind::Tcp => 1,
                 StreamKind::Http => 2,
                 StreamKind::WebSocket => 3,
+                StreamKind::Cached => 4,
             });
             put_name(o, self.service.as_str());
             put_socket_addr(o, self.client);
@@ -504,6 +511,7 @@ impl Frame for StreamOpen {
                     1 => StreamKind::Tcp,
                     2 => StreamKind::Http,
                     3 => StreamKind::WebSocket,
+                    4 => StreamKind::Cached,
                     _ => {
                         return Err(DecodeError::Invalid {
                             field: "stream kind",
@@ -661,6 +669,14 @@ mod tests {
                     client: SocketAddr::new(Ipv6Addr::LOCALHOST.into(), 443),
                 },
                 "900016030177060000000000000000000000000000000101bb",
+            ),
+            (
+                StreamOpen {
+                    kind: StreamKind::Cached,
+                    service: name("o"),
+                    client: SocketAddr::new(Ipv4Addr::new(192, 0, 2, 1).into(), 1),
+                },
+                "90000a04016f04c00002010001",
             ),
         ]
     }

@@ -104,6 +104,13 @@ pub(super) async fn dispatch(
             Err(Unreachable { error, .. }) => return open_failure(&error, route),
         }
     };
+    // What the agent may answer for the sleeping machine (model listings
+    // from its cache, `[service.wake] cached`) wakes nothing.
+    if let Some(copy) = replay_copy(&req).filter(|r| r.method() == Method::GET)
+        && let Some(resp) = cached_answer(copy, state, route, client).await
+    {
+        return resp;
+    }
     if right == WakeRight::MayNot {
         debug!(host = %route.host, "public path for a sleeping service; not waking it");
         return wake::unavailable("the service is asleep");
@@ -212,6 +219,39 @@ fn hold_refused(
     info!(host = %route.host, service = %route.service, client = %client.ip(), ?why, limit, "too many requests held for a waking service; refusing");
     wake::unavailable("the service is waking up; too many requests are waiting")
 }
+
+/// Asks the agent for its cached answer to `req` (a GET without a body)
+/// for a service whose machine sleeps; `None` when it has none (no cache
+/// for the service, a path not cached, the agent away), and the request
+/// goes on to wake the machine.
+async fn cached_answer(
+    req: Request<UpstreamBody>,
+    state: &HttpState,
+    route: &RouteConfig,
+    client: SocketAddr,
+) -> Option<Response<Body>> {
+    let link = state.registry.get(&route.agent)?;
+    let mut sender = connect(&link, StreamKind::Cached, state, route, client)
+        .await
+        .ok()
+        .flatten()?;
+    let resp = tokio::time::timeout(CACHED_ANSWER_WAIT, sender.send_request(req))
+        .await
+        .ok()?
+        .ok()?;
+    let hit = resp
+        .headers()
+        .get("x-burrow-cache")
+        .is_some_and(|v| v == "asleep");
+    if !hit {
+        return None;
+    }
+    debug!(host = %route.host, service = %route.service, "answered from the agent's cache; the machine sleeps on");
+    Some(resp.map(|body| body.map_err(Into::into).boxed()))
+}
+
+/// How long the agent's cached answer may take (a round trip home).
+const CACHED_ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Sends `req` (already rewritten by [`upstream_request`]) to the service:
 /// over an idle connection from the session's pool when there is one, else
