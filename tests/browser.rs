@@ -373,6 +373,6 @@ async fn chromium_shows_the_admin_status_page() {
         .await;
     assert_eq!(
         sections,
-        json!(["Agents", "Services", "Certificates", "Counters"])
+        json!(["Agents", "Services", "Routes", "Certificates", "Counters"])
     );
 }

@@ -54,6 +54,26 @@ async fn the_page_and_the_command_show_the_agent_and_its_service() {
     .await;
     let admin = site.admin.unwrap();
     wait_for_service(admin, "chat").await;
+    // One request through the route, for its row.
+    let resp = site.get("chat.test", "/headers").await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let sent = body_text(resp).await.len() as u64;
+    let (_, _, json) = admin_get(admin, "/status").await;
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let route = &v["routes"][0];
+    assert_eq!(route["host"], "chat.test", "{v}");
+    assert_eq!(route["requests"], 1, "{v}");
+    assert_eq!(route["bytes_sent"].as_u64(), Some(sent), "{v}");
+    assert!(route["ttfb_p50_ms"].as_u64().is_some(), "{v}");
+    let (_, _, metrics) = admin_get(admin, "/metrics").await;
+    assert!(
+        metrics.contains("burrow_route_requests_total{route=\"chat.test\"} 1\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("burrow_route_time_to_first_byte_seconds_count{route=\"chat.test\"} 1\n"),
+        "{metrics}"
+    );
 
     let (status, content_type, page) = admin_get(admin, "/").await;
     assert_eq!(status, StatusCode::OK);
@@ -61,9 +81,10 @@ async fn the_page_and_the_command_show_the_agent_and_its_service() {
     assert!(page.starts_with("<!doctype html>"), "{page}");
     assert!(page.contains("<td>home</td>"), "{page}");
     assert!(page.contains("<td>home/chat</td>"), "{page}");
-    for id in ["agents", "services", "certificates", "counters"] {
+    for id in ["agents", "services", "routes", "certificates", "counters"] {
         assert!(page.contains(&format!("<section id=\"{id}\">")), "{page}");
     }
+    assert!(page.contains("<td>chat.test</td><td>1</td>"), "{page}");
     // The self-signed certificate is listed with its expiry.
     assert!(page.contains("<td>in "), "{page}");
 
@@ -74,7 +95,7 @@ async fn the_page_and_the_command_show_the_agent_and_its_service() {
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    for word in ["AGENTS", "SERVICES", "CERTIFICATES", "COUNTERS"] {
+    for word in ["AGENTS", "SERVICES", "ROUTES", "CERTIFICATES", "COUNTERS"] {
         assert!(stdout.contains(word), "{word} in\n{stdout}");
     }
     let agent_row = stdout
@@ -88,16 +109,22 @@ async fn the_page_and_the_command_show_the_agent_and_its_service() {
             .any(|l| l.trim_start().starts_with("home/chat ")),
         "no service row in\n{stdout}"
     );
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.trim_start().starts_with("chat.test ")),
+        "no route row in\n{stdout}"
+    );
     assert!(stdout.contains("streams open"), "{stdout}");
 }
 
 #[tokio::test]
 async fn the_command_fails_when_nothing_listens() {
-    // A port that was free a moment ago: the connection is refused.
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    // A port held bound but not listening: connects are refused, and no
+    // other test can take it meanwhile.
+    let held = tokio::net::TcpSocket::new_v4().unwrap();
+    held.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = held.local_addr().unwrap();
     let out = burrow_status(&addr.to_string()).await;
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);

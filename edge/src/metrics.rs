@@ -3,6 +3,7 @@
 //! (agents connected, throttled addresses, certificates) are read when the
 //! page is rendered.
 
+use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -71,9 +72,100 @@ pub struct Metrics {
     /// Responses by status code, index = code - 100.
     responses: Vec<AtomicU64>,
     auth_failures: AtomicU64,
-    ttfb_buckets: [AtomicU64; TTFB_BUCKETS.len()],
-    ttfb_count: AtomicU64,
-    ttfb_sum_micros: AtomicU64,
+    ttfb: Histogram,
+    /// By route host; only configured routes are counted, so bounded.
+    routes: Mutex<BTreeMap<String, Arc<RouteStats>>>,
+}
+
+/// A time-to-first-byte histogram over [`TTFB_BUCKETS`], cumulative.
+#[derive(Debug)]
+pub struct Histogram {
+    buckets: [AtomicU64; TTFB_BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Self {
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            count: AtomicU64::new(0),
+            sum_micros: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Histogram {
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        for (i, bound) in TTFB_BUCKETS.iter().enumerate() {
+            if secs <= *bound {
+                self.buckets[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros.fetch_add(
+            u64::try_from(d.as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// The upper bound (seconds) of the bucket the `q` quantile falls in;
+    /// `None` with no observation, or beyond the last bucket.
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        let count = self.count();
+        if count == 0 {
+            return None;
+        }
+        let rank = ((q * count as f64).ceil() as u64).max(1);
+        TTFB_BUCKETS
+            .iter()
+            .zip(&self.buckets)
+            .find(|(_, b)| b.load(Ordering::Relaxed) >= rank)
+            .map(|(bound, _)| *bound)
+    }
+
+    /// Writes the histogram as `name` with `labels` (`k="v",` each, or empty).
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        for (i, bound) in TTFB_BUCKETS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels}le=\"{bound}\"}} {}",
+                load(&self.buckets[i])
+            );
+        }
+        let count = self.count();
+        let _ = writeln!(out, "{name}_bucket{{{labels}le=\"+Inf\"}} {count}");
+        let plain = labels.trim_end_matches(',');
+        let braces = |s: &str| {
+            if s.is_empty() {
+                String::new()
+            } else {
+                format!("{{{s}}}")
+            }
+        };
+        let _ = writeln!(
+            out,
+            "{name}_sum{} {}",
+            braces(plain),
+            load(&self.sum_micros) as f64 / 1e6
+        );
+        let _ = writeln!(out, "{name}_count{} {count}", braces(plain));
+    }
+}
+
+/// What one route served: requests that reached its service (or its wake
+/// path), bytes sent to clients, and time to first byte.
+#[derive(Debug, Default)]
+pub struct RouteStats {
+    pub requests: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub ttfb: Histogram,
 }
 
 impl Default for Metrics {
@@ -87,9 +179,8 @@ impl Default for Metrics {
             bytes_from_agents: AtomicU64::new(0),
             responses: (100..600).map(|_| AtomicU64::new(0)).collect(),
             auth_failures: AtomicU64::new(0),
-            ttfb_buckets: std::array::from_fn(|_| AtomicU64::new(0)),
-            ttfb_count: AtomicU64::new(0),
-            ttfb_sum_micros: AtomicU64::new(0),
+            ttfb: Histogram::default(),
+            routes: Mutex::default(),
         }
     }
 }
@@ -153,17 +244,26 @@ impl Metrics {
     }
 
     pub fn time_to_first_byte(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        for (i, bound) in TTFB_BUCKETS.iter().enumerate() {
-            if secs <= *bound {
-                self.ttfb_buckets[i].fetch_add(1, Ordering::Relaxed);
-            }
+        self.ttfb.observe(d);
+    }
+
+    /// The counters of the route for `host` (a configured route's host).
+    pub fn route(&self, host: &str) -> Arc<RouteStats> {
+        let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(r) = routes.get(host) {
+            return r.clone();
         }
-        self.ttfb_count.fetch_add(1, Ordering::Relaxed);
-        self.ttfb_sum_micros.fetch_add(
-            u64::try_from(d.as_micros()).unwrap_or(u64::MAX),
-            Ordering::Relaxed,
-        );
+        routes.entry(host.to_owned()).or_default().clone()
+    }
+
+    /// Every route's counters, by host.
+    pub fn routes(&self) -> Vec<(String, Arc<RouteStats>)> {
+        self.routes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(h, r)| (h.clone(), r.clone()))
+            .collect()
     }
 
     /// Renders the counters this struct owns.
@@ -232,24 +332,50 @@ impl Metrics {
             "histogram",
             "Time from a request's arrival to the service's response headers.",
         );
-        for (i, bound) in TTFB_BUCKETS.iter().enumerate() {
+        self.ttfb
+            .render(out, "burrow_time_to_first_byte_seconds", "");
+        let routes = self.routes();
+        family(
+            out,
+            "burrow_route_requests_total",
+            "counter",
+            "Requests that reached a route's service (or its wake handling), by route host.",
+        );
+        for (host, r) in &routes {
             let _ = writeln!(
                 out,
-                "burrow_time_to_first_byte_seconds_bucket{{le=\"{bound}\"}} {}",
-                load(&self.ttfb_buckets[i])
+                "burrow_route_requests_total{{route=\"{}\"}} {}",
+                label(host),
+                load(&r.requests)
             );
         }
-        let count = load(&self.ttfb_count);
-        let _ = writeln!(
+        family(
             out,
-            "burrow_time_to_first_byte_seconds_bucket{{le=\"+Inf\"}} {count}"
+            "burrow_route_sent_bytes_total",
+            "counter",
+            "Response body bytes sent to clients, by route host.",
         );
-        let _ = writeln!(
+        for (host, r) in &routes {
+            let _ = writeln!(
+                out,
+                "burrow_route_sent_bytes_total{{route=\"{}\"}} {}",
+                label(host),
+                load(&r.bytes_sent)
+            );
+        }
+        family(
             out,
-            "burrow_time_to_first_byte_seconds_sum {}",
-            load(&self.ttfb_sum_micros) as f64 / 1e6
+            "burrow_route_time_to_first_byte_seconds",
+            "histogram",
+            "Time from a request's arrival to its response headers, by route host.",
         );
-        let _ = writeln!(out, "burrow_time_to_first_byte_seconds_count {count}");
+        for (host, r) in &routes {
+            r.ttfb.render(
+                out,
+                "burrow_route_time_to_first_byte_seconds",
+                &format!("route=\"{}\",", label(host)),
+            );
+        }
         family(
             out,
             "burrow_requests_refused_total",
@@ -345,6 +471,41 @@ pub fn label(v: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn route_counters_render_and_give_bucket_quantiles() {
+        let m = Metrics::default();
+        let r = m.route("chat.test");
+        assert!(Arc::ptr_eq(&r, &m.route("chat.test")));
+        assert_eq!(r.ttfb.quantile(0.5), None);
+        for ms in [3, 3, 3, 40, 2_000] {
+            r.ttfb.observe(Duration::from_millis(ms));
+        }
+        r.requests.fetch_add(5, Ordering::Relaxed);
+        assert_eq!(r.ttfb.quantile(0.5), Some(0.005));
+        assert_eq!(r.ttfb.quantile(0.8), Some(0.05));
+        assert_eq!(r.ttfb.quantile(0.99), Some(5.0));
+        r.ttfb.observe(Duration::from_secs(60));
+        assert_eq!(r.ttfb.quantile(1.0), None, "past the last bucket");
+        let mut out = String::new();
+        m.render(&mut out);
+        assert!(
+            out.contains("burrow_route_requests_total{route=\"chat.test\"} 5\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("burrow_route_time_to_first_byte_seconds_bucket{route=\"chat.test\",le=\"0.005\"} 3\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("burrow_route_time_to_first_byte_seconds_count{route=\"chat.test\"} 6\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("burrow_time_to_first_byte_seconds_count 0\n"),
+            "{out}"
+        );
+    }
 
     #[test]
     fn renders_counters_and_a_cumulative_histogram() {

@@ -257,9 +257,33 @@ impl AdminState {
             "agents": agents,
             "services": services,
             "certificates": certificates,
+            "routes": self.route_status(),
             "streams_open": self.metrics.streams_open(),
             "throttled_addresses": self.throttled(),
         })
+    }
+}
+
+impl AdminState {
+    /// Each route's requests, bytes sent and time-to-first-byte
+    /// percentiles (the upper bound of the histogram bucket each falls
+    /// in, in ms; `null` before the first request or past 30 s).
+    fn route_status(&self) -> Vec<serde_json::Value> {
+        let ms = |s: Option<f64>| s.map(|s| (s * 1000.0).round() as u64);
+        self.metrics
+            .routes()
+            .into_iter()
+            .map(|(host, r)| {
+                serde_json::json!({
+                    "host": host,
+                    "requests": r.requests.load(std::sync::atomic::Ordering::Relaxed),
+                    "bytes_sent": r.bytes_sent.load(std::sync::atomic::Ordering::Relaxed),
+                    "ttfb_p50_ms": ms(r.ttfb.quantile(0.5)),
+                    "ttfb_p90_ms": ms(r.ttfb.quantile(0.9)),
+                    "ttfb_p99_ms": ms(r.ttfb.quantile(0.99)),
+                })
+            })
+            .collect()
     }
 }
 

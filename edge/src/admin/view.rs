@@ -21,6 +21,8 @@ pub struct Status {
     pub agents: Vec<Agent>,
     pub services: Vec<Service>,
     pub certificates: Vec<Certificate>,
+    #[serde(default)]
+    pub routes: Vec<Route>,
     pub streams_open: i64,
     pub throttled_addresses: u64,
 }
@@ -50,6 +52,50 @@ impl Agent {
             Some(why) => format!("{t} ({why})"),
             None => t,
         }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Route {
+    pub host: String,
+    pub requests: u64,
+    pub bytes_sent: u64,
+    pub ttfb_p50_ms: Option<u64>,
+    pub ttfb_p90_ms: Option<u64>,
+    pub ttfb_p99_ms: Option<u64>,
+}
+
+impl Route {
+    fn cells(&self) -> [String; 6] {
+        let ttfb = |v: Option<u64>| match v {
+            Some(ms) => format!("≤ {ms} ms"),
+            None if self.requests > 0 => "> 30 s".into(),
+            None => dash(),
+        };
+        [
+            self.host.clone(),
+            self.requests.to_string(),
+            bytes(self.bytes_sent),
+            ttfb(self.ttfb_p50_ms),
+            ttfb(self.ttfb_p90_ms),
+            ttfb(self.ttfb_p99_ms),
+        ]
+    }
+}
+
+/// A byte count as people read it.
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
     }
 }
 
@@ -147,6 +193,25 @@ impl Status {
         }
         o.push_str("</section>\n");
 
+        o.push_str("<section id=\"routes\"><h2>Routes</h2>\n");
+        if self.routes.is_empty() {
+            o.push_str("<p class=\"none\">No request yet.</p>\n");
+        } else {
+            o.push_str(
+                "<table><tr><th>Host</th><th>Requests</th><th>Sent</th>\
+                 <th>First byte p50</th><th>p90</th><th>p99</th></tr>\n",
+            );
+            for r in &self.routes {
+                o.push_str("<tr>");
+                for cell in r.cells() {
+                    let _ = write!(o, "<td>{}</td>", escape(&cell));
+                }
+                o.push_str("</tr>\n");
+            }
+            o.push_str("</table>\n");
+        }
+        o.push_str("</section>\n");
+
         o.push_str("<section id=\"certificates\"><h2>Certificates</h2>\n");
         if self.certificates.is_empty() {
             o.push_str("<p class=\"none\">No certificate served yet.</p>\n");
@@ -231,6 +296,17 @@ impl Status {
                     s.wake_requests.to_string(),
                     s.held.to_string(),
                 ]);
+            }
+            table(&mut o, &rows);
+        }
+
+        o.push_str("\nROUTES\n");
+        if self.routes.is_empty() {
+            o.push_str("  no request yet\n");
+        } else {
+            let mut rows = vec![row(["HOST", "REQUESTS", "SENT", "TTFB P50", "P90", "P99"])];
+            for r in &self.routes {
+                rows.push(r.cells().to_vec());
             }
             table(&mut o, &rows);
         }
@@ -388,6 +464,8 @@ mod tests {
             ],
             "certificates": [{"name": "chat.example.com", "not_after": NOW + 42 * 86_400 + 5,
                               "renew_at": null, "last_error": "rate <limited>", "next_attempt": null}],
+            "routes": [{"host": "chat.example.com", "requests": 1234, "bytes_sent": 5_347_738,
+                        "ttfb_p50_ms": 25, "ttfb_p90_ms": 100, "ttfb_p99_ms": null}],
             "streams_open": 4,
             "throttled_addresses": 1,
         }))
@@ -416,6 +494,10 @@ mod tests {
             "{page}"
         );
         assert!(page.contains("<td>1 min ago</td>"), "{page}");
+        assert!(
+            page.contains("<td>chat.example.com</td><td>1234</td><td>5.1 MiB</td><td>≤ 25 ms</td><td>≤ 100 ms</td><td>&gt; 30 s</td>"),
+            "{page}"
+        );
         // Self-contained: nothing fetched from elsewhere.
         assert!(!page.contains("src=") && !page.contains("<link"));
     }

@@ -21,6 +21,8 @@ pub(super) struct AccessEntry {
     pub(super) path: String,
     pub(super) status: u16,
     pub(super) started: Instant,
+    /// The route's counters, once the host matched one.
+    pub(super) route: Option<std::sync::Arc<crate::metrics::RouteStats>>,
 }
 
 /// A response body that counts what it sends and writes the request's
@@ -61,6 +63,11 @@ impl LoggedBody {
 
     fn log(&mut self, outcome: &'static str) {
         if let Some(e) = self.entry.take() {
+            if let Some(route) = &e.route {
+                route
+                    .bytes_sent
+                    .fetch_add(self.bytes, std::sync::atomic::Ordering::Relaxed);
+            }
             info!(
                 target: "burrow::access",
                 client = %e.client,

@@ -59,6 +59,7 @@ pub(super) async fn handle(
         path: req.uri().path().to_owned(),
         status: 0,
         started,
+        route: None,
     };
     let resp = route_request(req, &state, peer, sni.as_deref(), &mut entry).await;
     state.metrics.response(resp.status().as_u16());
@@ -89,6 +90,11 @@ async fn route_request(
         debug!(%peer, host = %host.name, "no route for host");
         return refuse::response(Refusal::NotFound);
     };
+    let stats = state.metrics.route(&route.host);
+    stats
+        .requests
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    entry.route = Some(stats);
     // HTTP/2 lets a browser reuse a connection for another name the
     // certificate covers; a name it does not cover was misdirected here.
     if let Some(sni) = sni
@@ -187,7 +193,11 @@ async fn route_request(
         resp.headers_mut().append(header::SET_COOKIE, cookie);
     }
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-        state.metrics.time_to_first_byte(entry.started.elapsed());
+        let ttfb = entry.started.elapsed();
+        state.metrics.time_to_first_byte(ttfb);
+        if let Some(route) = &entry.route {
+            route.ttfb.observe(ttfb);
+        }
     }
     resp
 }
