@@ -345,6 +345,14 @@ async fn chromium_shows_the_admin_status_page() {
 
     let browser = Chromium::start(&spki_pin(&site));
     let mut cdp = Cdp::open_page(&browser.ws_url).await;
+    // The app first, through the route, so the page has a route to show.
+    cdp.events.clear();
+    cdp.call(
+        "Page.navigate",
+        json!({ "url": format!("https://localhost:{}/", site.https.port()) }),
+    )
+    .await;
+    cdp.wait_event("Page.loadEventFired").await;
     cdp.events.clear();
     cdp.call(
         "Page.navigate",
@@ -368,11 +376,25 @@ async fn chromium_shows_the_admin_status_page() {
         cells.iter().any(|c| c.starts_with("127.0.0.1:")),
         "the address shows: {agent_row}"
     );
+    let route_row = cdp
+        .eval("[...document.querySelectorAll('#routes td')].map(td => td.textContent)")
+        .await;
+    assert_eq!(route_row[0], "localhost", "{route_row}");
+    assert!(
+        route_row[3].as_str().unwrap().starts_with("≤ "),
+        "a first-byte time shows: {route_row}"
+    );
     let sections = cdp
         .eval("[...document.querySelectorAll('section h2')].map(h => h.textContent)")
         .await;
     assert_eq!(
         sections,
         json!(["Agents", "Services", "Routes", "Certificates", "Counters"])
+    );
+    // What the page showed, for the record (`-- --nocapture`).
+    let text = cdp.eval("document.body.innerText").await;
+    eprintln!(
+        "the status page in Chromium:\n{}",
+        text.as_str().unwrap_or_default()
     );
 }
