@@ -369,27 +369,8 @@ async fn two_percent_loss_and_20_ms_each_way_keep_a_10_mib_download_and_200_sse_
         .site
         .get("test.test", &format!("/download?bytes={DOWN}"))
         .await;
-    assert_eq!(resp.status(), StatusCode::OK);
-    let mut body = resp.into_body();
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    let mut got = 0u64;
-    while let Some(frame) = tokio::time::timeout(WAIT, body.frame()).await.unwrap() {
-        if let Ok(data) = frame.unwrap().into_data() {
-            got += data.len() as u64;
-            ctx.update(&data);
-        }
-    }
+    lab.up.check_download(resp, DOWN).await;
     let download = t.elapsed();
-    assert_eq!(got, DOWN);
-    let mut expected = ring::digest::Context::new(&ring::digest::SHA256);
-    for _ in 0..DOWN / lab.up.block.len() as u64 {
-        expected.update(&lab.up.block);
-    }
-    assert_eq!(
-        ctx.finish().as_ref(),
-        expected.finish().as_ref(),
-        "download hash"
-    );
 
     let gate = lab.up.gate();
     let resp = lab.site.get("test.test", "/gated-sse").await;
@@ -872,22 +853,7 @@ async fn pinned_to_tcp_the_agent_never_tries_quic_and_carries_a_download_intact(
     let resp = site
         .get("test.test", &format!("/download?bytes={DOWN}"))
         .await;
-    assert_eq!(resp.status(), StatusCode::OK);
-    let mut body = resp.into_body();
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    let mut got = 0u64;
-    while let Some(frame) = tokio::time::timeout(WAIT, body.frame()).await.unwrap() {
-        if let Ok(data) = frame.unwrap().into_data() {
-            got += data.len() as u64;
-            ctx.update(&data);
-        }
-    }
-    assert_eq!(got, DOWN);
-    let mut expected = ring::digest::Context::new(&ring::digest::SHA256);
-    for _ in 0..DOWN / up.block.len() as u64 {
-        expected.update(&up.block);
-    }
-    assert_eq!(ctx.finish().as_ref(), expected.finish().as_ref());
+    up.check_download(resp, DOWN).await;
     assert_eq!(udp.counters(Direction::AgentToEdge).forwarded, 0, "no QUIC");
     assert_eq!(tcp.accepted(), 1);
 }

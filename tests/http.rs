@@ -272,26 +272,7 @@ async fn one_gib_down_and_256_mib_up_keep_their_hashes() {
         ))
         .await
         .unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
-    let mut body = resp.into_body();
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    let mut got = 0u64;
-    while let Some(frame) = tokio::time::timeout(WAIT, body.frame()).await.unwrap() {
-        if let Ok(data) = frame.unwrap().into_data() {
-            got += data.len() as u64;
-            ctx.update(&data);
-        }
-    }
-    assert_eq!(got, DOWN);
-    let mut expected = ring::digest::Context::new(&ring::digest::SHA256);
-    for _ in 0..DOWN / up.block.len() as u64 {
-        expected.update(&up.block);
-    }
-    assert_eq!(
-        ctx.finish().as_ref(),
-        expected.finish().as_ref(),
-        "download hash"
-    );
+    up.check_download(resp, DOWN).await;
 
     // Upload in 1 MiB chunks of pseudo-random data, streamed (no length).
     let mut data = vec![0u8; UP];

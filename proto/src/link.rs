@@ -532,19 +532,8 @@ impl TcpLink {
             .await
             .map_err(|e| LinkError::Transport(format!("HTTP/2 handshake: {e}")))?;
         let pings = conn.ping_pong();
-        let (closed, _) = watch::channel(None);
-        let (close_tx, close_rx) = oneshot::channel();
         let (_, incoming) = mpsc::unbounded_channel();
-        let link = TcpLink {
-            shared: Arc::new(Shared {
-                remote,
-                opener: Some(opener),
-                incoming: tokio::sync::Mutex::new(incoming),
-                control: tokio::sync::Mutex::new(None),
-                closed,
-                close: Mutex::new(Some(close_tx)),
-            }),
-        };
+        let (link, close_rx) = Self::with(remote, Some(opener), incoming, None);
         // The connection must be driven for the link stream to open.
         let shared = link.shared.clone();
         let (link_tx, link_rx) = oneshot::channel();
@@ -589,20 +578,9 @@ impl TcpLink {
             .await
             .map_err(|e| LinkError::Transport(format!("HTTP/2 handshake: {e}")))?;
         let pings = conn.ping_pong();
-        let (closed, _) = watch::channel(None);
-        let (close_tx, close_rx) = oneshot::channel();
         let (incoming_tx, incoming) = mpsc::unbounded_channel();
         let (control_tx, control_rx) = oneshot::channel();
-        let link = TcpLink {
-            shared: Arc::new(Shared {
-                remote,
-                opener: None,
-                incoming: tokio::sync::Mutex::new(incoming),
-                control: tokio::sync::Mutex::new(Some(control_rx)),
-                closed,
-                close: Mutex::new(Some(close_tx)),
-            }),
-        };
+        let (link, close_rx) = Self::with(remote, None, incoming, Some(control_rx));
         let shared = link.shared.clone();
         tokio::spawn(async move {
             Driver::new(shared, close_rx, pings)
@@ -610,6 +588,27 @@ impl TcpLink {
                 .await;
         });
         Ok(Connection::Tcp(link))
+    }
+
+    /// The shared state of a new link, and the receiving end of its close.
+    fn with(
+        remote: SocketAddr,
+        opener: Option<h2::client::SendRequest<Bytes>>,
+        incoming: mpsc::UnboundedReceiver<Stream>,
+        control: Option<oneshot::Receiver<Stream>>,
+    ) -> (Self, oneshot::Receiver<(VarInt, Bytes)>) {
+        let (close_tx, close_rx) = oneshot::channel();
+        let link = TcpLink {
+            shared: Arc::new(Shared {
+                remote,
+                opener,
+                incoming: tokio::sync::Mutex::new(incoming),
+                control: tokio::sync::Mutex::new(control),
+                closed: watch::channel(None).0,
+                close: Mutex::new(Some(close_tx)),
+            }),
+        };
+        (link, close_rx)
     }
 
     async fn open(&self, purpose: Purpose) -> Result<(SendStream, RecvStream), LinkError> {

@@ -255,6 +255,36 @@ async fn handle(req: Request<Incoming>, up: Arc<Upstream>) -> Response<TestBody>
     }
 }
 
+impl Upstream {
+    /// Reads a `/download?bytes={len}` response to its end and checks it
+    /// is `len` bytes of the upstream's block over and over (SHA-256).
+    pub async fn check_download(&self, resp: Response<Incoming>, len: u64) {
+        assert_eq!(resp.status(), StatusCode::OK);
+        let mut body = resp.into_body();
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut got = 0u64;
+        while let Some(frame) = tokio::time::timeout(super::WAIT, body.frame())
+            .await
+            .unwrap()
+        {
+            if let Ok(data) = frame.unwrap().into_data() {
+                got += data.len() as u64;
+                ctx.update(&data);
+            }
+        }
+        assert_eq!(got, len, "download length");
+        let mut expected = ring::digest::Context::new(&ring::digest::SHA256);
+        for _ in 0..len / self.block.len() as u64 {
+            expected.update(&self.block);
+        }
+        assert_eq!(
+            ctx.finish().as_ref(),
+            expected.finish().as_ref(),
+            "download hash"
+        );
+    }
+}
+
 /// Starts the test upstream on loopback.
 pub async fn upstream() -> (SocketAddr, Arc<Upstream>) {
     let mut block = vec![0u8; 1024 * 1024];

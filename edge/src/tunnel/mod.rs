@@ -203,16 +203,8 @@ impl Tunnel {
         drained: CancellationToken,
     ) {
         let remote = incoming.remote_address();
-        let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
-            Ok(Ok(conn)) => conn,
-            Ok(Err(e)) => {
-                info!(error = %e, "agent handshake failed");
-                return;
-            }
-            Err(_) => {
-                info!("agent handshake timed out");
-                return;
-            }
+        let Some(conn) = within_handshake_time(incoming.into_future()).await else {
+            return;
         };
         let key = peer_fingerprint(&conn);
         self.admit(Connection::Quic(conn), key, remote, stop, drained)
@@ -239,16 +231,8 @@ impl Tunnel {
             .peer_certificates()
             .and_then(|c| c.first())
             .and_then(|c| Fingerprint::of_cert(c).ok());
-        let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpLink::edge(tls, remote)).await {
-            Ok(Ok(conn)) => conn,
-            Ok(Err(e)) => {
-                info!(error = %e, "agent handshake failed");
-                return;
-            }
-            Err(_) => {
-                info!("agent handshake timed out");
-                return;
-            }
+        let Some(conn) = within_handshake_time(TcpLink::edge(tls, remote)).await else {
+            return;
         };
         self.admit(conn, key, remote, stop, drained).await;
     }
@@ -434,6 +418,24 @@ impl Tunnel {
         };
         self.registry.remove(&name, id);
         result
+    }
+}
+
+/// Runs an agent's handshake (QUIC, or HTTP/2 after TLS) within
+/// [`HANDSHAKE_TIMEOUT`]; logs why it did not finish.
+async fn within_handshake_time<T, E: std::fmt::Display>(
+    handshake: impl std::future::Future<Output = Result<T, E>>,
+) -> Option<T> {
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(Ok(conn)) => Some(conn),
+        Ok(Err(e)) => {
+            info!(error = %e, "agent handshake failed");
+            None
+        }
+        Err(_) => {
+            info!("agent handshake timed out");
+            None
+        }
     }
 }
 
