@@ -144,14 +144,7 @@ async fn a_socket_activated_restart_refuses_nothing_and_websockets_are_back_with
          [[service]]\nname = \"test\"\nurl = \"http://{test_addr}\"\n"
     )));
     agent.connected().await;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in
-        rustls::pki_types::pem::PemObject::pem_file_iter(world.path("state/self-signed.pem"))
-            .unwrap()
-    {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let roots = Arc::new(roots);
+    let roots = self_signed_roots(&world);
 
     // 100 WebSockets; each waits for its close, then opens again.
     let mut sockets = Vec::new();
@@ -194,11 +187,7 @@ async fn a_socket_activated_restart_refuses_nothing_and_websockets_are_back_with
                         continue;
                     }
                 };
-                let (mut s, c) =
-                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(conn))
-                        .await
-                        .unwrap();
-                tokio::spawn(c);
+                let mut s = h1_over(conn).await;
                 match s
                     .send_request(request("GET", "test.test", "/headers", empty()))
                     .await

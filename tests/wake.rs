@@ -768,12 +768,7 @@ fn burrow_wake_sends_one_magic_packet() {
 /// A GET on the `[[lan]]` proxy on a new connection, as Open WebUI's
 /// client makes them: status, the cache header, body.
 async fn lan_get(lan: std::net::SocketAddr, path: &str) -> (StatusCode, Option<String>, String) {
-    let tcp = TcpStream::connect(lan).await.unwrap();
-    let (mut client, conn) =
-        hyper::client::conn::http1::handshake::<_, TestBody>(TokioIo::new(tcp))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut client = h1_over(TcpStream::connect(lan).await.unwrap()).await;
     let resp = tokio::time::timeout(
         WAIT,
         client.send_request(
@@ -874,12 +869,7 @@ async fn model_listing_on_the_lan_proxy_and_a_route_is_answered_from_cache_and_o
     assert_eq!(*bed.stand_in.power.borrow(), Power::Asleep);
 
     // A chat is not in the cache: it wakes the PC and is answered by it.
-    let tcp = TcpStream::connect(lan).await.unwrap();
-    let (mut client, conn) =
-        hyper::client::conn::http1::handshake::<_, TestBody>(TokioIo::new(tcp))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut client = h1_over(TcpStream::connect(lan).await.unwrap()).await;
     let (mut req, len, sha) = chat("lan-cache", 4 * 1024);
     req.headers_mut().remove(AUTHORIZATION);
     check_chat(client.send_request(req).await.unwrap(), len, &sha).await;

@@ -393,16 +393,13 @@ pub async fn site_via<L>(
     );
     let (mut agent, extras) = start_agent_with(agent_config(&agent_toml));
     agent.connected().await;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(world.path("state/self-signed.pem")).unwrap() {
-        roots.add(cert.unwrap()).unwrap();
-    }
+    let roots = self_signed_roots(&world);
     let site = Site {
         world,
         edge,
         https,
         agent,
-        roots: Arc::new(roots),
+        roots,
         gate,
         admin,
     };
@@ -466,12 +463,7 @@ impl Site {
         source: std::net::IpAddr,
         host: &str,
     ) -> hyper::client::conn::http1::SendRequest<TestBody> {
-        let tls = self.tls_from(source, host, &[b"http/1.1"]).await;
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-            .await
-            .unwrap();
-        tokio::spawn(conn.with_upgrades());
-        sender
+        h1_over(self.tls_from(source, host, &[b"http/1.1"]).await).await
     }
 
     /// An HTTP/2 client connection to the edge for `host`.
@@ -500,13 +492,32 @@ impl Site {
     }
 }
 
-/// GETs `path` from the admin listener; returns the status, content type and body.
-pub async fn admin_get(admin: SocketAddr, path: &str) -> (StatusCode, String, String) {
-    let tcp = tokio::net::TcpStream::connect(admin).await.unwrap();
-    let (mut s, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+/// An HTTP/1.1 client over `io` (plain TCP, or TLS), its connection
+/// driven by a task of its own (upgrades included).
+pub async fn h1_over<T>(io: T) -> hyper::client::conn::http1::SendRequest<TestBody>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
         .unwrap();
-    tokio::spawn(conn);
+    tokio::spawn(conn.with_upgrades());
+    sender
+}
+
+/// Roots that trust the self-signed certificate an edge with `world`'s
+/// state directory made.
+pub fn self_signed_roots(world: &World) -> Arc<rustls::RootCertStore> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(world.path("state/self-signed.pem")).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    Arc::new(roots)
+}
+
+/// GETs `path` from the admin listener; returns the status, content type and body.
+pub async fn admin_get(admin: SocketAddr, path: &str) -> (StatusCode, String, String) {
+    let mut s = h1_over(tokio::net::TcpStream::connect(admin).await.unwrap()).await;
     let r = s
         .send_request(request("GET", "localhost", path, empty()))
         .await
