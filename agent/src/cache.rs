@@ -94,17 +94,23 @@ impl ResponseCache {
             .insert(path.to_owned(), entry);
     }
 
-    /// Paths with an answer now.
-    pub fn paths(&self) -> Vec<String> {
-        let mut p: Vec<String> = self
-            .entries
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .keys()
-            .cloned()
-            .collect();
-        p.sort();
-        p
+    /// Reads a request head from `client` into `buf` (kept for the
+    /// service if the cache does not answer) and gives the cached answer
+    /// to it: `Some` only for a GET without a body for a cached path.
+    pub async fn answer_request<R: AsyncRead + Unpin>(
+        &self,
+        client: &mut R,
+        buf: &mut BytesMut,
+    ) -> io::Result<Option<Bytes>> {
+        let Some((method, path)) = read_request_head(client, buf).await? else {
+            return Ok(None);
+        };
+        if method != "GET" || !is_bodyless_get(buf) {
+            return Ok(None);
+        }
+        let answer = self.answer(&path);
+        info!(%path, hit = answer.is_some(), "a request for a sleeping machine, for the cache");
+        Ok(answer)
     }
 }
 
@@ -261,7 +267,7 @@ fn find_head_end(buf: &[u8]) -> Option<usize> {
 /// follows it in the same reads); returns its method and path (without the
 /// query), or `None` when the bytes are not a request head within
 /// [`MAX_HEAD`] or the client closed first.
-pub async fn read_request_head<R: AsyncRead + Unpin>(
+async fn read_request_head<R: AsyncRead + Unpin>(
     client: &mut R,
     buf: &mut BytesMut,
 ) -> io::Result<Option<(String, String)>> {
@@ -286,7 +292,7 @@ pub async fn read_request_head<R: AsyncRead + Unpin>(
 
 /// Whether `buf` holds a whole request without a body: a GET with neither
 /// `Content-Length` nor `Transfer-Encoding` (what a model listing is).
-pub fn is_bodyless_get(buf: &[u8]) -> bool {
+fn is_bodyless_get(buf: &[u8]) -> bool {
     let Some(end) = find_head_end(buf) else {
         return false;
     };

@@ -13,9 +13,9 @@ use burrow_proto::quic::code;
 use burrow_proto::{Name, StreamKind, StreamOpen, StreamReply, StreamStatus};
 use bytes::{Bytes, BytesMut};
 use tokio::net::TcpStream;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, info_span, warn};
 
-use crate::cache::{ResponseCache, is_bodyless_get, read_request_head};
+use crate::cache::ResponseCache;
 use crate::config::ServiceConfig;
 use crate::monitor::Monitors;
 
@@ -202,19 +202,14 @@ async fn serve_cached(mut send: SendStream, framed: FramedRecv, cache: Option<Ar
     }
     let (mut recv, initial) = framed.into_parts();
     let mut buf = BytesMut::from(&initial[..]);
-    let head = tokio::time::timeout(
+    let answer = tokio::time::timeout(
         STREAM_HEADER_TIMEOUT,
-        read_request_head(&mut recv, &mut buf),
+        cache.answer_request(&mut recv, &mut buf),
     )
-    .await;
-    let answer = match head {
-        Ok(Ok(Some((method, path)))) if method == "GET" && is_bodyless_get(&buf) => {
-            let answer = cache.answer(&path);
-            info!(%path, hit = answer.is_some(), "a request for a sleeping machine, for the cache");
-            answer
-        }
-        _ => None,
-    };
+    .await
+    .ok()
+    .and_then(Result::ok)
+    .flatten();
     let _ = send
         .write_chunk(answer.unwrap_or_else(|| Bytes::from_static(CACHE_MISS)))
         .await;

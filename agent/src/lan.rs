@@ -17,7 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span};
 
-use crate::cache::{ResponseCache, is_bodyless_get, read_request_head};
+use crate::cache::ResponseCache;
 use crate::config::ServiceConfig;
 use crate::forward::connect_timeout;
 use crate::monitor::{Monitors, Origin};
@@ -106,19 +106,16 @@ async fn proxy(
             && matches!(state, ServiceState::Down | ServiceState::Waking);
         if sleeping && let Some(cache) = cache.filter(|_| !looked) {
             looked = true;
-            let head =
-                tokio::time::timeout(LAN_HEAD_WAIT, read_request_head(&mut client, &mut early))
+            let answer =
+                tokio::time::timeout(LAN_HEAD_WAIT, cache.answer_request(&mut client, &mut early))
                     .await;
-            match head {
-                Ok(Ok(Some((method, path)))) if method == "GET" && is_bodyless_get(&early) => {
-                    if let Some(answer) = cache.answer(&path) {
-                        info!(%path, "answered from the cache; the machine sleeps on");
-                        let _ = client.write_all(&answer).await;
-                        let _ = client.shutdown().await;
-                        return;
-                    }
+            match answer {
+                Ok(Ok(Some(answer))) => {
+                    let _ = client.write_all(&answer).await;
+                    let _ = client.shutdown().await;
+                    return;
                 }
-                Ok(Ok(_)) => {}
+                Ok(Ok(None)) => {}
                 // The client is gone.
                 Ok(Err(_)) => return,
                 // A slow client: its request wakes the machine.
