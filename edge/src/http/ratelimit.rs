@@ -67,29 +67,33 @@ impl RateLimiter {
 
     /// Counts a request by `who`: `Err(wait)` when it is over the limit
     /// (`wait` is when one would be served again).
-    pub fn check(&self, who: Who) -> Result<(), Duration> {
+    pub fn check(&self, who: &Who) -> Result<(), Duration> {
         let now = Instant::now();
         let interval = self.limit.interval;
         let tolerance = interval.saturating_mul(self.limit.burst);
         let mut table = self.table.lock().expect("rate table lock not poisoned");
-        let next = table.next.get(&who).copied().unwrap_or(now).max(now);
-        let ahead = next - now;
-        if ahead > tolerance {
-            return Err(ahead - tolerance);
-        }
-        let pushed = next + interval;
-        match table.next.get_mut(&who) {
-            Some(n) => *n = pushed,
-            None => {
-                if table.next.len() >= MAX_KEYS
-                    && let Some(oldest) = table.order.pop_front()
-                {
-                    table.next.remove(&oldest);
-                }
-                table.order.push_back(who.clone());
-                table.next.insert(who, pushed);
+        // The theoretical arrival time, pushed one interval when served.
+        let admit = |next: Instant| {
+            let next = next.max(now);
+            let ahead = next - now;
+            if ahead > tolerance {
+                Err(ahead - tolerance)
+            } else {
+                Ok(next + interval)
             }
+        };
+        if let Some(next) = table.next.get_mut(who) {
+            *next = admit(*next)?;
+            return Ok(());
         }
+        let pushed = admit(now)?;
+        if table.next.len() >= MAX_KEYS
+            && let Some(oldest) = table.order.pop_front()
+        {
+            table.next.remove(&oldest);
+        }
+        table.order.push_back(who.clone());
+        table.next.insert(who.clone(), pushed);
         Ok(())
     }
 
@@ -147,19 +151,19 @@ mod tests {
     async fn the_burst_is_served_at_once_then_the_rate() {
         let l = limiter(10, 20);
         let a = client("192.0.2.1");
-        let served = (0..100).filter(|_| l.check(a.clone()).is_ok()).count();
+        let served = (0..100).filter(|_| l.check(&a).is_ok()).count();
         assert_eq!(served, 21, "one, and a burst of 20");
-        let wait = l.check(a.clone()).unwrap_err();
+        let wait = l.check(&a).unwrap_err();
         assert!(wait <= Duration::from_millis(100), "{wait:?}");
         // Another client is not affected.
-        assert!(l.check(client("192.0.2.2")).is_ok());
+        assert!(l.check(&client("192.0.2.2")).is_ok());
         // A tenth of a second later, one more.
         tokio::time::advance(Duration::from_millis(100)).await;
-        assert!(l.check(a.clone()).is_ok());
-        assert!(l.check(a.clone()).is_err());
+        assert!(l.check(&a).is_ok());
+        assert!(l.check(&a).is_err());
         // Idle for the burst's length: the whole burst again.
         tokio::time::advance(Duration::from_secs(3)).await;
-        assert_eq!((0..100).filter(|_| l.check(a.clone()).is_ok()).count(), 21);
+        assert_eq!((0..100).filter(|_| l.check(&a).is_ok()).count(), 21);
     }
 
     #[tokio::test(start_paused = true)]
@@ -167,7 +171,7 @@ mod tests {
         let l = limiter(1, 0);
         for i in 0..(MAX_KEYS as u32 + 100) {
             let ip = std::net::IpAddr::from(i.to_be_bytes());
-            let _ = l.check(Who::Client(ClientKey::of(ip)));
+            let _ = l.check(&Who::Client(ClientKey::of(ip)));
         }
         assert_eq!(l.len(), MAX_KEYS);
     }

@@ -166,7 +166,7 @@ async fn route_request(
         .flatten()
     {
         let who = rate_key(limiter.limit().key, ip, entry.user.as_deref());
-        if let Err(wait) = limiter.check(who) {
+        if let Err(wait) = limiter.check(&who) {
             state.metrics.refused(Refused::Rate);
             if let Some(count) = limiter.log_now() {
                 info!(host = %route.host, client = %ip, user = entry.user.as_deref().unwrap_or("-"), refused_since_last_line = count, "over a rate limit; refusing");
