@@ -467,6 +467,16 @@ impl Purpose {
         }
     }
 
+    /// The request URI, whole: built from a static string, no parse per
+    /// stream.
+    fn uri(self) -> http::Uri {
+        http::Uri::from_static(match self {
+            Self::Link => "https://burrow/link",
+            Self::Control => "https://burrow/control",
+            Self::Stream => "https://burrow/stream",
+        })
+    }
+
     fn from_path(path: &str) -> Option<Self> {
         [Self::Link, Self::Control, Self::Stream]
             .into_iter()
@@ -534,15 +544,14 @@ impl TcpLink {
         let pings = conn.ping_pong();
         let (_, incoming) = mpsc::unbounded_channel();
         let (link, close_rx) = Self::with(remote, Some(opener), incoming, None);
-        // The connection must be driven for the link stream to open.
-        let shared = link.shared.clone();
+        // The connection must be driven for the link stream to open. The
+        // driver holds the link weakly: when the last handle goes, so does
+        // the connection, as with QUIC.
+        let driver = Driver::new(Arc::downgrade(&link.shared), close_rx, pings);
+        let opener = link.clone();
         let (link_tx, link_rx) = oneshot::channel();
         tokio::spawn(async move {
-            let opener = TcpLink {
-                shared: shared.clone(),
-            };
-            let driver = Driver::new(shared, close_rx, pings);
-            let opening = async {
+            let opening = async move {
                 let opened = opener.open(Purpose::Link).await;
                 let _ = link_tx.send(opened.is_ok());
                 opened
@@ -581,11 +590,9 @@ impl TcpLink {
         let (incoming_tx, incoming) = mpsc::unbounded_channel();
         let (control_tx, control_rx) = oneshot::channel();
         let (link, close_rx) = Self::with(remote, None, incoming, Some(control_rx));
-        let shared = link.shared.clone();
+        let driver = Driver::new(Arc::downgrade(&link.shared), close_rx, pings);
         tokio::spawn(async move {
-            Driver::new(shared, close_rx, pings)
-                .run_server(&mut conn, incoming_tx, control_tx)
-                .await;
+            driver.run_server(&mut conn, incoming_tx, control_tx).await;
         });
         Ok(Connection::Tcp(link))
     }
@@ -619,9 +626,9 @@ impl TcpLink {
             return Err(LinkError::Lost("only the edge opens streams".into()));
         };
         let mut opener = opener.ready().await.map_err(|_| self.reason())?;
-        let request = http::Request::post(format!("https://burrow{}", purpose.path()))
-            .body(())
-            .expect("a static request is valid");
+        let mut request = http::Request::new(());
+        *request.method_mut() = http::Method::POST;
+        *request.uri_mut() = purpose.uri();
         let (response, send) = opener
             .send_request(request, false)
             .map_err(|_| self.reason())?;
@@ -665,7 +672,9 @@ fn ended(e: Option<h2::Error>) -> LinkError {
 /// exchanged on the link stream, and (on the agent) routing the streams the
 /// edge opens.
 struct Driver {
-    shared: Arc<Shared>,
+    /// Weak: the link's handles own it, and when the last is dropped its
+    /// close sender goes with it, which ends the driver.
+    shared: std::sync::Weak<Shared>,
     close_rx: oneshot::Receiver<(VarInt, Bytes)>,
     pings: Option<h2::PingPong>,
     /// The close the peer sent on the link stream, as far as received.
@@ -676,7 +685,7 @@ type Stream = (SendStream, RecvStream);
 
 impl Driver {
     fn new(
-        shared: Arc<Shared>,
+        shared: std::sync::Weak<Shared>,
         close_rx: oneshot::Receiver<(VarInt, Bytes)>,
         pings: Option<h2::PingPong>,
     ) -> Self {
@@ -690,7 +699,10 @@ impl Driver {
 
     /// Records how the link ended; the first reason stays.
     fn end(&self, e: LinkError) {
-        self.shared.closed.send_if_modified(|c| {
+        let Some(shared) = self.shared.upgrade() else {
+            return;
+        };
+        shared.closed.send_if_modified(|c| {
             if c.is_none() {
                 *c = Some(e);
                 true
@@ -717,8 +729,17 @@ impl Driver {
                 e = read_close(link, &mut self.peer_close) => e,
                 cmd = &mut self.close_rx => {
                     if let (Ok((code, reason)), Some((send, _))) = (cmd, link.as_mut()) {
-                        let _ = send_close(send, code, &reason).await;
-                        let _ = tokio::time::timeout(CLOSE_LINGER, &mut conn).await;
+                        // The close goes out while the connection is driven
+                        // (it may wait for credit), then the connection runs
+                        // on until the agent, having read it, drops it.
+                        let _ = tokio::time::timeout(CLOSE_LINGER, async {
+                            tokio::select! {
+                                _ = send_close(send, code, &reason) => {}
+                                _ = &mut conn => return,
+                            }
+                            let _ = (&mut conn).await;
+                        })
+                        .await;
                     }
                     LinkError::ClosedLocally
                 }
@@ -776,13 +797,21 @@ impl Driver {
                 e = read_close(&mut link, &mut self.peer_close) => break e,
                 cmd = &mut self.close_rx => {
                     if let (Ok((code, reason)), Some((send, _))) = (cmd, link.as_mut()) {
-                        let _ = send_close(send, code, &reason).await;
-                        // Keep the connection going until the edge, having
-                        // read the close, drops it.
+                        // The close goes out while the connection is driven
+                        // (refusing new streams), then the connection runs on
+                        // until the edge, having read it, drops it.
                         let _ = tokio::time::timeout(CLOSE_LINGER, async {
-                            while let Some(Ok((_, mut respond))) = conn.accept().await {
-                                respond.send_reset(h2::Reason::REFUSED_STREAM);
+                            let refuse_new = async {
+                                while let Some(Ok((_, mut respond))) = conn.accept().await {
+                                    respond.send_reset(h2::Reason::REFUSED_STREAM);
+                                }
+                            };
+                            tokio::pin!(refuse_new);
+                            tokio::select! {
+                                _ = send_close(send, code, &reason) => {}
+                                () = &mut refuse_new => return,
                             }
+                            refuse_new.await;
                         }).await;
                     }
                     break LinkError::ClosedLocally;
@@ -941,6 +970,32 @@ mod tests {
             }
         );
         assert!(edge.open_bi().await.is_err());
+    }
+
+    #[test]
+    fn each_purpose_has_a_uri_whose_path_names_it() {
+        for p in [Purpose::Link, Purpose::Control, Purpose::Stream] {
+            assert_eq!(Purpose::from_path(p.uri().path()), Some(p));
+        }
+    }
+
+    #[tokio::test]
+    async fn dropping_every_handle_ends_the_connection_as_with_quic() {
+        let (edge, agent) = pair().await;
+        drop(edge);
+        let why = tokio::time::timeout(Duration::from_secs(5), agent.closed())
+            .await
+            .expect("the agent sees the link end");
+        assert!(matches!(why, LinkError::Lost(_)), "{why:?}");
+        let (edge, agent) = pair().await;
+        drop(agent);
+        let why = tokio::time::timeout(Duration::from_secs(5), edge.closed())
+            .await
+            .expect("the edge sees the link end");
+        assert!(
+            matches!(why, LinkError::Lost(_) | LinkError::Transport(_)),
+            "{why:?}"
+        );
     }
 
     #[tokio::test]

@@ -456,12 +456,18 @@ pub fn strip_cookie(headers: &mut http::HeaderMap) {
         for item in value.as_bytes().split(|b| *b == b';') {
             let item = item.trim_ascii();
             // A `,`-joined item keeps its other parts (an app's value may
-            // hold a comma); only ours go.
-            let kept: Vec<&[u8]> = item
-                .split(|b| *b == b',')
-                .filter(|part| !ours(part))
-                .collect();
-            let kept = kept.join(&b","[..]);
+            // hold a comma); only ours go. Most items have no comma.
+            let kept: std::borrow::Cow<'_, [u8]> = if item.contains(&b',') {
+                let parts: Vec<&[u8]> = item
+                    .split(|b| *b == b',')
+                    .filter(|part| !ours(part))
+                    .collect();
+                parts.join(&b","[..]).into()
+            } else if ours(item) {
+                continue;
+            } else {
+                item.into()
+            };
             if kept.trim_ascii().is_empty() {
                 continue;
             }

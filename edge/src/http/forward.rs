@@ -106,7 +106,7 @@ pub(super) async fn dispatch(
     };
     // What the agent may answer for the sleeping machine (model listings
     // from its cache, `[service.wake] cached`) wakes nothing.
-    if let Some(copy) = replay_copy(&req).filter(|r| r.method() == Method::GET)
+    if let Some(copy) = replay_copy(&req).filter(|r| !upgrade && r.method() == Method::GET)
         && let Some(resp) = cached_answer(copy, state, route, client).await
     {
         return resp;

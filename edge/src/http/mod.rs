@@ -90,6 +90,8 @@ pub struct HttpState {
     pub hold_caps: HoldCaps,
     /// Request rate limiters of the routes that have one, by host.
     limiters: HashMap<String, ratelimit::RateLimiter>,
+    /// Each route's counters, looked up once here rather than per request.
+    route_stats: HashMap<String, Arc<crate::metrics::RouteStats>>,
     /// The API keys' own rate limiters, by `key:NAME`.
     key_limiters: HashMap<String, ratelimit::RateLimiter>,
 }
@@ -105,7 +107,12 @@ impl HttpState {
         (tracker, going_away): (TaskTracker, CancellationToken),
     ) -> Self {
         let (routes, access, limits) = (&config.routes, &config.access, &config.limits);
+        let route_stats = routes
+            .iter()
+            .map(|r| (r.host.clone(), metrics.route(&r.host)))
+            .collect();
         Self {
+            route_stats,
             certs,
             metrics,
             tracker,
@@ -139,6 +146,11 @@ impl HttpState {
 
     pub fn route(&self, host: &str) -> Option<&RouteConfig> {
         self.routes.get(host)
+    }
+
+    /// The counters of the route for `host`.
+    pub fn route_stats(&self, host: &str) -> Option<Arc<crate::metrics::RouteStats>> {
+        self.route_stats.get(host).cloned()
     }
 
     /// The rate limiter of the route for `host`, if it has a limit.

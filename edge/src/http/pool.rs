@@ -118,11 +118,16 @@ impl Pool {
 
     /// Parks a connection whose last response has completed.
     pub fn put(self: &Arc<Self>, key: PoolKey, conn: ServiceConn) {
-        if !conn.usable(Instant::now()) || self.retired.load(Ordering::Acquire) {
+        if !conn.usable(Instant::now()) {
             return;
         }
         {
             let mut idle = self.lock();
+            // Checked under the lock `retire` clears the pool under: a
+            // connection parked now cannot slip in after the clear.
+            if self.retired.load(Ordering::Acquire) {
+                return;
+            }
             let list = idle.entry(key).or_default();
             if list.len() >= MAX_IDLE_PER_SERVICE {
                 // The oldest goes; dropping its sender closes the stream.

@@ -90,11 +90,12 @@ async fn route_request(
         debug!(%peer, host = %host.name, "no route for host");
         return refuse::response(Refusal::NotFound);
     };
-    let stats = state.metrics.route(&route.host);
-    stats
-        .requests
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    entry.route = Some(stats);
+    entry.route = state.route_stats(&route.host);
+    if let Some(stats) = &entry.route {
+        stats
+            .requests
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
     // HTTP/2 lets a browser reuse a connection for another name the
     // certificate covers; a name it does not cover was misdirected here.
     if let Some(sni) = sni

@@ -335,7 +335,19 @@ impl Tunnel {
         let (link, mut control) =
             AgentLink::new(name.clone(), key, (id, hello.instance), conn.clone());
         let transport = conn.transport();
-        if let Some(old) = self.registry.insert(link.clone()) {
+        let old = self.registry.insert(link.clone());
+        if let Err(e) =
+            write_frames(&mut send, std::iter::from_fn(|| session.poll_transmit())).await
+        {
+            // Not welcomed: the session it would have taken over, if still
+            // alive, keeps serving.
+            self.registry.remove(&name, id);
+            if let Some(old) = old.filter(|o| o.conn.close_reason().is_none()) {
+                self.registry.insert(old);
+            }
+            return Err(SessionEnd::Lost(e.to_string()));
+        }
+        if let Some(old) = old {
             if old.instance == hello.instance && hello.instance != 0 {
                 // The same agent process on another transport (back on
                 // QUIC after a TCP fallback): the old session's streams
@@ -355,12 +367,6 @@ impl Tunnel {
                 old.conn
                     .close(code::REPLACED, b"replaced by a newer session");
             }
-        }
-        if let Err(e) =
-            write_frames(&mut send, std::iter::from_fn(|| session.poll_transmit())).await
-        {
-            self.registry.remove(&name, id);
-            return Err(SessionEnd::Lost(e.to_string()));
         }
         info!(session = id, %remote, %transport, "agent connected");
 
