@@ -16,7 +16,7 @@ use burrow_edge::access::api_key;
 use burrow_edge::access::throttle::ADDR_FREE_FAILURES;
 use bytes::Bytes;
 use common::web::*;
-use common::{Process, World, basic, burrow_bin, cheap_hash, field_addr, path_str};
+use common::{Process, World, basic, cheap_hash, field_addr, path_str, run};
 use http::StatusCode;
 use http::header::{AUTHORIZATION, COOKIE, SET_COOKIE, WWW_AUTHENTICATE};
 use http_body_util::{BodyExt, Full};
@@ -359,18 +359,6 @@ async fn wrong_keys_are_throttled_per_address_and_a_known_key_still_passes() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
-}
-
-fn run(args: &[&str]) -> (i32, String, String) {
-    let out = std::process::Command::new(burrow_bin())
-        .args(args)
-        .output()
-        .expect("run burrow");
-    (
-        out.status.code().expect("exit code"),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 /// `burrow keygen-api --name NAME`: the key, and the table that takes it.

@@ -7,19 +7,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{World, burrow_bin};
-
-fn run(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(burrow_bin())
-        .args(args)
-        .output()
-        .expect("run burrow");
-    (
-        out.status.code().expect("exit code"),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use common::{World, burrow_bin, run};
 
 #[test]
 fn every_shipped_config_passes_check() {

@@ -58,16 +58,7 @@ rate_key = "user"
 
 async fn metric(site: &Site, line_start: &str) -> u64 {
     let admin = site.admin.expect("an admin listener");
-    let tcp = tokio::net::TcpStream::connect(admin).await.unwrap();
-    let (mut s, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let r = s
-        .send_request(request("GET", "admin", "/metrics", empty()))
-        .await
-        .unwrap();
-    let text = body_text(r).await;
+    let (_, _, text) = admin_get(admin, "/metrics").await;
     text.lines()
         .find_map(|l| l.strip_prefix(line_start))
         .and_then(|v| v.trim().parse().ok())

@@ -305,6 +305,19 @@ pub struct Process {
     cursor: usize,
 }
 
+/// Runs `burrow` with `args` to its end: exit code, stdout, stderr.
+pub fn run(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(burrow_bin())
+        .args(args)
+        .output()
+        .expect("run burrow");
+    (
+        out.status.code().expect("exit code"),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 pub fn burrow_bin() -> &'static str {
     env!("CARGO_BIN_EXE_burrow")
 }
