@@ -15,7 +15,6 @@ use http_body_util::{BodyExt, Either, Empty};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
-use tokio::sync::OwnedMutexGuard;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
@@ -29,7 +28,7 @@ use super::{Body, HttpState, refuse};
 use crate::config::RouteConfig;
 use crate::metrics::Refused;
 use crate::refusal::Refusal;
-use crate::tunnel::registry::HoldRefused;
+use crate::tunnel::registry::{HoldRefused, Ticket};
 use crate::tunnel::{AgentLink, OpenError, open_stream_on};
 
 /// What a tunnel failure is refused as. Bodies stay short and generic; the
@@ -86,7 +85,7 @@ pub(super) async fn dispatch(
     };
     let registry = &state.registry;
     let mut after_failure = false;
-    let req = if wake::is_asleep(registry.service(&route.agent, &route.service).as_ref()) {
+    let req = if registry.is_asleep(&route.agent, &route.service) {
         req
     } else {
         match forward(req, upgrade, state, route, client, None).await {
@@ -134,9 +133,12 @@ pub(super) async fn dispatch(
 }
 
 /// Holds a request until the service is ready, then forwards it. Held
-/// requests take turns in arrival order, each keeping its turn until the
-/// agent has connected it to the service, so the service sees them in
-/// that order too.
+/// requests take turns in arrival order (the service's [`WakeLine`]), each
+/// keeping its turn until the agent has connected it to the service, so
+/// the service sees them in that order too; one that cannot connect keeps
+/// its place while the service is woken again.
+///
+/// [`WakeLine`]: crate::tunnel::wake_line::WakeLine
 async fn hold(
     mut req: Request<UpstreamBody>,
     upgrade: bool,
@@ -144,57 +146,36 @@ async fn hold(
     route: &RouteConfig,
     client: SocketAddr,
     deadline: Instant,
-    mut after_failure: bool,
+    after_failure: bool,
 ) -> Response<Body> {
     let registry = &state.registry;
-    let Some(queue) = registry.wake_queue(&route.agent, &route.service) else {
+    let key = ClientKey::of(client.ip());
+    let service = (&route.agent, &route.service);
+    let ticket = match registry.join(service, key, state.hold_caps, deadline, after_failure) {
+        Ok(ticket) => ticket,
         // The agent never listed the service: forwarding says what is wrong.
-        return match forward(req, upgrade, state, route, client, None).await {
-            Ok(resp) => resp,
-            Err(Unreachable { error, .. }) => open_failure(&error, route),
-        };
+        Err(HoldRefused::Unknown) => {
+            return match forward(req, upgrade, state, route, client, None).await {
+                Ok(resp) => resp,
+                Err(Unreachable { error, .. }) => open_failure(&error, route),
+            };
+        }
+        Err(why) => return hold_refused(state, route, client, why),
     };
     debug!(host = %route.host, service = %route.service, "holding request while the service wakes");
-    let too_long = || {
-        info!(host = %route.host, service = %route.service, hold = ?route.wake.hold, "service not ready within hold");
-        wake::unavailable("the service is waking up; try again shortly")
-    };
     loop {
-        let lock = queue.clone().lock_owned();
-        tokio::pin!(lock);
-        // The first poll takes our place in the line; only then does the
-        // request count as held, so the count follows the line's order.
-        // Counted (or refused) just before the first poll takes our place
-        // in line, with no await between: the count follows the line's order.
-        let key = ClientKey::of(client.ip());
-        let held = match registry.try_hold(&route.agent, &route.service, key, state.hold_caps) {
-            Ok(held) => held,
-            Err(why) => return hold_refused(state, route, client, why),
-        };
-        let first = std::future::poll_fn(|cx| Poll::Ready(lock.as_mut().poll(cx))).await;
-        let turn = match first {
-            Poll::Ready(turn) => turn,
-            Poll::Pending => match tokio::time::timeout_at(deadline, lock).await {
-                Ok(turn) => turn,
-                Err(_) => return too_long(),
-            },
-        };
-        if wake::wait_ready(registry, route, deadline, after_failure)
-            .await
-            .is_err()
-        {
-            return too_long();
+        if ticket.turn().await.is_err() {
+            info!(host = %route.host, service = %route.service, hold = ?route.wake.hold, "service not ready within hold");
+            return wake::unavailable("the service is waking up; try again shortly");
         }
-        drop(held);
-        match forward(req, upgrade, state, route, client, Some(turn)).await {
+        match forward(req, upgrade, state, route, client, Some(&ticket)).await {
             Ok(resp) => return resp,
             Err(Unreachable { req: r, error })
                 if wake::worth_waking(&error) && Instant::now() < deadline =>
             {
                 debug!(error = %error, "service still unreachable; waking again");
-                registry.request_wake(&route.agent, &route.service);
+                ticket.connect_failed();
                 req = r;
-                after_failure = true;
             }
             Err(Unreachable { error, .. }) => return open_failure(&error, route),
         }
@@ -211,9 +192,7 @@ fn hold_refused(
     let (refusal, limit) = match why {
         HoldRefused::Client => (Refused::HeldPerClient, state.hold_caps.per_client),
         HoldRefused::Service => (Refused::HeldPerService, state.hold_caps.per_service),
-        HoldRefused::Unknown => {
-            return wake::unavailable("the service is not available");
-        }
+        HoldRefused::Unknown => return wake::unavailable("the service is not available"),
     };
     state.metrics.refused(refusal);
     info!(host = %route.host, service = %route.service, client = %client.ip(), ?why, limit, "too many requests held for a waking service; refusing");
@@ -255,14 +234,15 @@ const CACHED_ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(1
 
 /// Sends `req` (already rewritten by [`upstream_request`]) to the service:
 /// over an idle connection from the session's pool when there is one, else
-/// over a new stream. `turn` is released once a connection is at hand.
+/// over a new stream. A held request's `turn` is given up once a connection
+/// is at hand.
 async fn forward(
     req: Request<UpstreamBody>,
     upgrade: bool,
     state: &HttpState,
     route: &RouteConfig,
     client: SocketAddr,
-    turn: Option<OwnedMutexGuard<()>>,
+    turn: Option<&Ticket>,
 ) -> Result<Response<Body>, Unreachable> {
     let Some(link) = state.registry.wait_for(&route.agent).await else {
         let error = OpenError::AgentOffline(route.agent.clone());
@@ -284,7 +264,7 @@ async fn forward(
                 let error = OpenError::AgentOffline(route.agent.clone());
                 return Err(Unreachable { req, error });
             };
-            forward_on(&next, req, upgrade, state, route, client, None).await
+            forward_on(&next, req, upgrade, state, route, client, turn).await
         }
         other => other,
     }
@@ -298,7 +278,7 @@ async fn forward_on(
     state: &HttpState,
     route: &RouteConfig,
     client: SocketAddr,
-    mut turn: Option<OwnedMutexGuard<()>>,
+    turn: Option<&Ticket>,
 ) -> Result<Response<Body>, Unreachable> {
     // One look at what the agent said of the service: its protocol, and
     // whether it can be woken.
@@ -338,7 +318,9 @@ async fn forward_on(
                 Err(error) => return Err(Unreachable { req, error }),
             },
         };
-        drop(turn.take());
+        if let Some(ticket) = turn {
+            ticket.connected();
+        }
         // A reused connection may be closing under us (the service's own
         // keep-alive timeout): a request it never sent goes on another
         // connection, and a safe one without a body that it sent goes once

@@ -36,7 +36,7 @@ pub(super) async fn forward_h2c(
     route: &RouteConfig,
     client: SocketAddr,
     link: &AgentLink,
-    turn: Option<tokio::sync::OwnedMutexGuard<()>>,
+    turn: Option<&crate::tunnel::registry::Ticket>,
 ) -> Result<Response<Body>, Unreachable> {
     if upgrade {
         warn!(host = %route.host, "a WebSocket upgrade for a service that speaks HTTP/2");
@@ -53,7 +53,9 @@ pub(super) async fn forward_h2c(
         Ok(s) => s,
         Err(error) => return Err(Unreachable { req, error }),
     };
-    drop(turn);
+    if let Some(ticket) = turn {
+        ticket.connected();
+    }
     let io = IdleIo::new(
         LinkIo::new(stream, state.metrics.clone()),
         route.idle_timeout,

@@ -11,7 +11,6 @@ use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::OwnedMutexGuard;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
@@ -38,15 +37,18 @@ pub(super) async fn forward_upgrade(
     route: &RouteConfig,
     client: SocketAddr,
     link: &AgentLink,
-    turn: Option<OwnedMutexGuard<()>>,
+    turn: Option<&crate::tunnel::registry::Ticket>,
 ) -> Result<Response<Body>, Unreachable> {
     let connected = connect(link, StreamKind::WebSocket, state, route, client).await;
-    drop(turn);
     let mut sender = match connected {
         Ok(Some(sender)) => sender,
         Ok(None) => return Ok(connection_failed()),
+        // A held request keeps its place in line for the next try.
         Err(error) => return Err(Unreachable { req, error }),
     };
+    if let Some(ticket) = turn {
+        ticket.connected();
+    }
     let client_upgrade = hyper::upgrade::on(&mut req);
     let ticket = req.extensions().get::<super::StreamTicket>().cloned();
     let mut response = match await_response(sender.send_request(req), route).await {

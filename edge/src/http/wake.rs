@@ -9,18 +9,16 @@ use std::convert::Infallible;
 use std::fmt::Write;
 use std::time::{Duration, SystemTime};
 
-use burrow_proto::{ServiceState, ServiceStatus, StreamStatus, WakeMethod};
+use burrow_proto::{ServiceState, StreamStatus, WakeMethod};
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
-use tokio::time::Instant;
 
 use super::Body;
 use crate::access::login::escape;
 use crate::config::RouteConfig;
 use crate::refusal::Refusal;
-use crate::tunnel::registry::WAKE_REQUEST_REPEAT;
 use crate::tunnel::{OpenError, Registry};
 
 /// The waiting page's status endpoint, on every route (behind its access
@@ -30,10 +28,6 @@ pub const WAKE_STATUS_PATH: &str = "/.burrow/wake-status";
 pub const RETRY_AFTER: Duration = Duration::from_secs(10);
 /// How often the waiting page asks for the status.
 pub const PAGE_POLL: Duration = Duration::from_secs(1);
-/// After a connect to a service believed up failed, how long a held
-/// request waits for the agent's news before it tries again anyway.
-pub const FAILED_RETRY_PAUSE: Duration = Duration::from_secs(1);
-
 /// Whether a request may switch a machine on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WakeRight {
@@ -41,14 +35,6 @@ pub enum WakeRight {
     May,
     /// A public path on a route with auth: anyone could send it.
     MayNot,
-}
-
-/// A service the agent can wake that is down or waking.
-pub fn is_asleep(status: Option<&ServiceStatus>) -> bool {
-    status.is_some_and(|s| {
-        s.wake == WakeMethod::MagicPacket
-            && matches!(s.state, ServiceState::Down | ServiceState::Waking)
-    })
 }
 
 /// The agent could not connect to the service: it may have gone to sleep
@@ -168,81 +154,11 @@ pub fn status_response(
     r
 }
 
-/// The hold ran out before the service was ready.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct NotReady;
-
-/// Waits until the route's service is worth trying: up (or not known), not
-/// wakeable, or its agent offline (forwarding then says so). Re-asks for a
-/// wake while it stays down. `after_failure`: a connect just failed, so a
-/// service still reported up is retried only after [`FAILED_RETRY_PAUSE`]
-/// or the agent's next news.
-pub async fn wait_ready(
-    registry: &Registry,
-    route: &RouteConfig,
-    deadline: Instant,
-    after_failure: bool,
-) -> Result<(), NotReady> {
-    let mut changes = registry.subscribe();
-    // Until the agent says something other than "up", its "up" is the one
-    // the failed connect just contradicted.
-    let mut pause_until = after_failure.then(|| Instant::now() + FAILED_RETRY_PAUSE);
-    loop {
-        changes.borrow_and_update();
-        let now = Instant::now();
-        let mut look_again = deadline;
-        match registry.service(&route.agent, &route.service) {
-            None => return Ok(()),
-            Some(s) => match s.state {
-                ServiceState::Up | ServiceState::Unknown => match pause_until {
-                    Some(p) if now < p => look_again = look_again.min(p),
-                    _ => return Ok(()),
-                },
-                ServiceState::Down if s.wake == WakeMethod::NotConfigured => return Ok(()),
-                ServiceState::Down => {
-                    pause_until = None;
-                    registry.request_wake(&route.agent, &route.service);
-                    look_again = look_again.min(now + WAKE_REQUEST_REPEAT);
-                }
-                ServiceState::Waking => pause_until = None,
-            },
-        }
-        if now >= deadline {
-            return Err(NotReady);
-        }
-        if let Ok(Err(_)) = tokio::time::timeout_at(look_again, changes.changed()).await {
-            // The registry is gone: the edge is stopping.
-            return Err(NotReady);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use burrow_proto::Name;
 
     use super::*;
-
-    fn status(state: ServiceState, wake: WakeMethod) -> ServiceStatus {
-        ServiceStatus {
-            name: Name::new("ollama").unwrap(),
-            state,
-            wake,
-            upstream: Default::default(),
-        }
-    }
-
-    #[test]
-    fn only_wakeable_services_that_are_down_or_waking_are_asleep() {
-        use ServiceState::*;
-        use WakeMethod::*;
-        assert!(is_asleep(Some(&status(Down, MagicPacket))));
-        assert!(is_asleep(Some(&status(Waking, MagicPacket))));
-        assert!(!is_asleep(Some(&status(Up, MagicPacket))));
-        assert!(!is_asleep(Some(&status(Unknown, MagicPacket))));
-        assert!(!is_asleep(Some(&status(Down, NotConfigured))));
-        assert!(!is_asleep(None));
-    }
 
     #[test]
     fn navigations_are_page_loads() {

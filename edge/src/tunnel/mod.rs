@@ -5,6 +5,7 @@
 //! forwarded streams the edge opens.
 
 pub mod registry;
+pub mod wake_line;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

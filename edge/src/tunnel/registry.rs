@@ -14,14 +14,14 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{debug, info};
 
+use super::wake_line::{Event, TicketId, Verdict, WakeLine};
+pub use super::wake_line::{FAILED_RETRY_PAUSE, WAKE_REQUEST_REPEAT, WakeRecord, WakeSent};
+
 /// How long a request for an agent that is not connected waits for it,
 /// from the request's arrival (`[edge] agent_wait`). Agents retry within a
 /// few seconds, so an edge restart or a router redial is bridged instead of
 /// failing.
 pub const DEFAULT_AGENT_WAIT: Duration = Duration::from_secs(10);
-/// After a wake request is sent for a service, more requests within this
-/// time send nothing (the agent deduplicates too; this spares the wire).
-pub const WAKE_REQUEST_REPEAT: Duration = Duration::from_secs(2);
 /// Control frames queued for one agent session at most.
 pub const CONTROL_QUEUE: usize = 64;
 
@@ -125,14 +125,6 @@ impl AgentLink {
     }
 }
 
-/// A finished wake, as the edge saw it: from the agent reporting
-/// "waking" to it reporting "up".
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct WakeRecord {
-    pub started: SystemTime,
-    pub took: Duration,
-}
-
 /// One service of one agent, for status pages and metrics.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceReport {
@@ -150,30 +142,11 @@ pub struct ServiceReport {
     pub held: usize,
 }
 
-/// Whether a wake request went out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WakeSent {
-    Sent,
-    /// The service is waking already.
-    AlreadyWaking,
-    /// One went out less than [`WAKE_REQUEST_REPEAT`] ago.
-    Recent,
-    /// The service cannot be woken.
-    NotWakeable,
-    /// The agent is not connected, or does not have the service.
-    Unavailable,
-}
-
 #[derive(Debug)]
 struct ServiceRecord {
     status: ServiceStatus,
-    waking_since: Option<(Instant, SystemTime)>,
-    last_wake: Option<WakeRecord>,
-    wake_requests: u64,
-    last_request: Option<Instant>,
-    /// Held requests take turns in arrival order (tokio's mutex is fair).
-    queue: Arc<tokio::sync::Mutex<()>>,
-    held: usize,
+    /// The sans-IO wake core: state, history and the line of held requests.
+    line: WakeLine,
 }
 
 impl ServiceRecord {
@@ -181,12 +154,46 @@ impl ServiceRecord {
         ServiceReport {
             agent: agent.clone(),
             service: self.status.name.clone(),
-            state: self.status.state,
-            wake: self.status.wake,
-            waking_since: self.waking_since.map(|(_, t)| t),
-            last_wake: self.last_wake,
-            wake_requests: self.wake_requests,
-            held: self.held,
+            state: self.line.state(),
+            wake: self.line.wake_method(),
+            waking_since: self.line.waking_since(),
+            last_wake: self.line.last_wake(),
+            wake_requests: self.line.wake_requests(),
+            held: self.line.held(),
+        }
+    }
+
+    /// Sends the wake request the line decided on, if any, on `link`'s
+    /// control stream; a full queue or an ending session leaves it to the
+    /// next asker.
+    fn send_due_wake(&mut self, agent: &Name, link: Option<&AgentLink>) -> bool {
+        if !self.line.take_wake_due() {
+            return false;
+        }
+        let sent = link.is_some_and(|l| {
+            l.control
+                .try_send(Control::Wake(self.status.name.clone()))
+                .is_ok()
+        });
+        if sent {
+            info!(%agent, service = %self.status.name, "asked agent to wake service");
+        } else {
+            self.line.wake_unsent();
+        }
+        sent
+    }
+
+    /// Logs what the line saw happen.
+    fn log_events(&mut self, agent: &Name) {
+        let service = &self.status.name;
+        while let Some(event) = self.line.poll_event() {
+            match event {
+                Event::State(state) => debug!(%agent, %service, %state, "service state"),
+                Event::Woke(w) => {
+                    info!(%agent, %service, took_ms = w.took.as_millis() as u64, "service woke");
+                }
+                Event::DidNotWake => info!(%agent, %service, "service did not wake"),
+            }
         }
     }
 }
@@ -282,6 +289,7 @@ impl Registry {
         let old = {
             let mut inner = self.lock();
             inner.offline_since.remove(&link.name);
+            inner.set_online(&link.name, true);
             inner.links.insert(link.name.clone(), link)
         };
         self.bump();
@@ -295,6 +303,7 @@ impl Registry {
             let mut inner = self.lock();
             if inner.links.get(name).is_some_and(|l| l.session == session) {
                 inner.links.remove(name);
+                inner.set_online(name, false);
                 inner.offline_since.insert(name.clone(), Instant::now());
                 true
             } else {
@@ -368,42 +377,16 @@ impl Registry {
                 return;
             }
             let records = inner.services.entry(link.name.clone()).or_default();
-            let now = Instant::now();
+            let (now, wall) = (Instant::now(), SystemTime::now());
             for status in list {
                 let record = records
                     .entry(status.name.clone())
                     .or_insert_with(|| ServiceRecord {
                         status: status.clone(),
-                        waking_since: None,
-                        last_wake: None,
-                        wake_requests: 0,
-                        last_request: None,
-                        queue: Arc::default(),
-                        held: 0,
+                        line: WakeLine::new(status.state, status.wake),
                     });
-                let before = record.status.state;
-                match (before, status.state) {
-                    (_, ServiceState::Waking) => {
-                        if record.waking_since.is_none() {
-                            record.waking_since = Some((now, SystemTime::now()));
-                        }
-                    }
-                    (_, ServiceState::Up) => {
-                        if let Some((at, started)) = record.waking_since.take() {
-                            let took = now.saturating_duration_since(at);
-                            info!(agent = %link.name, service = %status.name, took_ms = took.as_millis() as u64, "service woke");
-                            record.last_wake = Some(WakeRecord { started, took });
-                        }
-                    }
-                    (_, ServiceState::Down | ServiceState::Unknown) => {
-                        if record.waking_since.take().is_some() {
-                            info!(agent = %link.name, service = %status.name, "service did not wake");
-                        }
-                    }
-                }
-                if before != status.state {
-                    debug!(agent = %link.name, service = %status.name, state = %status.state, "service state");
-                }
+                record.line.update(now, wall, status.state, status.wake);
+                record.log_events(&link.name);
                 record.status = status;
             }
         }
@@ -436,63 +419,50 @@ impl Registry {
         Some(inner.services.get(agent)?.get(service)?.report(agent))
     }
 
+    /// A service the agent can wake that is down or waking, its agent
+    /// connected.
+    pub fn is_asleep(&self, agent: &Name, service: &Name) -> bool {
+        let inner = self.lock();
+        inner.links.contains_key(agent)
+            && inner
+                .services
+                .get(agent)
+                .and_then(|r| r.get(service))
+                .is_some_and(|r| r.line.is_asleep())
+    }
+
     /// Asks the agent to wake `service`, unless it is waking already or was
     /// asked less than [`WAKE_REQUEST_REPEAT`] ago.
     pub fn request_wake(&self, agent: &Name, service: &Name) -> WakeSent {
         let mut inner = self.lock();
-        let Some(link) = inner.links.get(agent).cloned() else {
+        let Inner {
+            links, services, ..
+        } = &mut *inner;
+        let Some(link) = links.get(agent) else {
             return WakeSent::Unavailable;
         };
-        let Some(record) = inner
-            .services
-            .get_mut(agent)
-            .and_then(|r| r.get_mut(service))
-        else {
+        let Some(record) = services.get_mut(agent).and_then(|r| r.get_mut(service)) else {
             return WakeSent::Unavailable;
         };
-        if record.status.wake == WakeMethod::NotConfigured {
-            return WakeSent::NotWakeable;
+        match record.line.request_wake(Instant::now()) {
+            WakeSent::Sent if !record.send_due_wake(agent, Some(link)) => WakeSent::Unavailable,
+            other => other,
         }
-        if record.status.state == ServiceState::Waking {
-            return WakeSent::AlreadyWaking;
-        }
-        let now = Instant::now();
-        if record
-            .last_request
-            .is_some_and(|at| now.saturating_duration_since(at) < WAKE_REQUEST_REPEAT)
-        {
-            return WakeSent::Recent;
-        }
-        if link
-            .control
-            .try_send(Control::Wake(service.clone()))
-            .is_err()
-        {
-            // The queue is full or the session is ending; a later request retries.
-            return WakeSent::Unavailable;
-        }
-        record.last_request = Some(now);
-        record.wake_requests += 1;
-        info!(%agent, %service, "asked agent to wake service");
-        WakeSent::Sent
     }
 
-    /// The queue held requests for `service` take turns in.
-    pub fn wake_queue(&self, agent: &Name, service: &Name) -> Option<Arc<tokio::sync::Mutex<()>>> {
-        let inner = self.lock();
-        Some(inner.services.get(agent)?.get(service)?.queue.clone())
-    }
-
-    /// Counts a request from `client` as held until the guard is dropped,
-    /// unless the service or the client has as many held as `caps` allow.
-    pub fn try_hold(
+    /// A request from `client` joins the line of requests held until
+    /// `service` is ready (or `deadline`), unless the service or the client
+    /// has as many held as `caps` allow. `after_failure`: a connect just
+    /// failed on a service reported up.
+    pub fn join(
         self: &Arc<Self>,
-        agent: &Name,
-        service: &Name,
+        (agent, service): (&Name, &Name),
         client: ClientKey,
         caps: HoldCaps,
-    ) -> Result<HeldGuard, HoldRefused> {
-        {
+        deadline: Instant,
+        after_failure: bool,
+    ) -> Result<Ticket, HoldRefused> {
+        let id = {
             let mut inner = self.lock();
             let by_client = inner.held_by_client.get(&client).copied().unwrap_or(0);
             let Some(r) = inner
@@ -502,25 +472,44 @@ impl Registry {
             else {
                 return Err(HoldRefused::Unknown);
             };
-            if r.held >= caps.per_service {
-                return Err(HoldRefused::Service);
-            }
             if by_client >= caps.per_client {
                 return Err(HoldRefused::Client);
             }
-            r.held += 1;
+            let id = r
+                .line
+                .join(Instant::now(), deadline, caps.per_service, after_failure)
+                .map_err(|_| HoldRefused::Service)?;
             *inner.held_by_client.entry(client).or_default() += 1;
-        }
+            id
+        };
         self.bump();
-        Ok(HeldGuard {
+        Ok(Ticket {
             registry: self.clone(),
             agent: agent.clone(),
             service: service.clone(),
             client,
+            id,
+            in_line: std::sync::atomic::AtomicBool::new(true),
         })
     }
 
-    fn release_held(&self, agent: &Name, service: &Name, client: ClientKey) {
+    /// One look at where held request `id` stands; sends the wake request
+    /// the line decides on.
+    fn poll_line(&self, agent: &Name, service: &Name, id: TicketId) -> Verdict {
+        let mut inner = self.lock();
+        let Inner {
+            links, services, ..
+        } = &mut *inner;
+        let Some(record) = services.get_mut(agent).and_then(|r| r.get_mut(service)) else {
+            return Verdict::Gone;
+        };
+        let verdict = record.line.poll(Instant::now(), id);
+        record.send_due_wake(agent, links.get(agent));
+        verdict
+    }
+
+    /// Held request `id` leaves its line (connected, given up or gone).
+    fn leave_line(&self, agent: &Name, service: &Name, id: TicketId, client: ClientKey) {
         {
             let mut inner = self.lock();
             if let Some(r) = inner
@@ -528,7 +517,7 @@ impl Registry {
                 .get_mut(agent)
                 .and_then(|r| r.get_mut(service))
             {
-                r.held = r.held.saturating_sub(1);
+                r.line.leave(id);
             }
             if let Some(n) = inner.held_by_client.get_mut(&client) {
                 *n = n.saturating_sub(1);
@@ -538,6 +527,31 @@ impl Registry {
             }
         }
         self.bump();
+    }
+
+    /// Held request `id` had the turn and could not connect.
+    fn line_connect_failed(&self, agent: &Name, service: &Name, id: TicketId) {
+        {
+            let mut inner = self.lock();
+            let Inner {
+                links, services, ..
+            } = &mut *inner;
+            if let Some(record) = services.get_mut(agent).and_then(|r| r.get_mut(service)) {
+                record.line.connect_failed(Instant::now(), id);
+                record.send_due_wake(agent, links.get(agent));
+            }
+        }
+        self.bump();
+    }
+}
+
+impl Inner {
+    fn set_online(&mut self, agent: &Name, online: bool) {
+        if let Some(records) = self.services.get_mut(agent) {
+            for r in records.values_mut() {
+                r.line.set_online(online);
+            }
+        }
     }
 }
 
@@ -561,18 +575,73 @@ pub enum HoldRefused {
     Unknown,
 }
 
-/// A request counted in [`ServiceReport::held`].
+/// The hold ran out before the service was ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotReady;
+
+/// A request held in its service's line (counted in
+/// [`ServiceReport::held`]) until it is connected or dropped.
 #[derive(Debug)]
-pub struct HeldGuard {
+pub struct Ticket {
     registry: Arc<Registry>,
     agent: Name,
     service: Name,
     client: ClientKey,
+    id: TicketId,
+    in_line: std::sync::atomic::AtomicBool,
 }
 
-impl Drop for HeldGuard {
+impl Ticket {
+    /// Waits for this request's turn: the requests before it connected and
+    /// the service is worth trying. `Err` when its deadline passes first
+    /// (or the edge is stopping).
+    pub async fn turn(&self) -> Result<(), NotReady> {
+        let mut changes = self.registry.subscribe();
+        loop {
+            changes.borrow_and_update();
+            match self.registry.poll_line(&self.agent, &self.service, self.id) {
+                Verdict::Go => return Ok(()),
+                Verdict::Wait(until) => {
+                    if let Ok(Err(_)) = tokio::time::timeout_at(until, changes.changed()).await {
+                        // The registry is gone: the edge is stopping.
+                        return Err(NotReady);
+                    }
+                }
+                Verdict::TimedOut | Verdict::Gone => {
+                    self.leave();
+                    return Err(NotReady);
+                }
+            }
+        }
+    }
+
+    /// The request has its connection to the service: the next may go.
+    pub fn connected(&self) {
+        self.leave();
+    }
+
+    /// The request had its turn and could not connect: it keeps its place
+    /// and a wake is asked for.
+    pub fn connect_failed(&self) {
+        if self.in_line.load(std::sync::atomic::Ordering::Relaxed) {
+            self.registry
+                .line_connect_failed(&self.agent, &self.service, self.id);
+        }
+    }
+
+    fn leave(&self) {
+        if self
+            .in_line
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            self.registry
+                .leave_line(&self.agent, &self.service, self.id, self.client);
+        }
+    }
+}
+
+impl Drop for Ticket {
     fn drop(&mut self) {
-        self.registry
-            .release_held(&self.agent, &self.service, self.client);
+        self.leave();
     }
 }
