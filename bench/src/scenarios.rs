@@ -31,6 +31,13 @@ const HOLD_CONCURRENCY: usize = 64;
 const HOLD_LIMIT: Duration = Duration::from_secs(120);
 /// How long memory may settle after connections open or close.
 const SETTLE: Duration = Duration::from_secs(2);
+/// How long edge and agent have to give memory back after a held set
+/// closes (issue 17: under twice their idle RSS within 60 s).
+const RETURN_LIMIT: Duration = Duration::from_secs(60);
+/// Pause between RSS samples while waiting for memory to come back.
+const RETURN_SAMPLE: Duration = Duration::from_millis(250);
+/// Back means under this many times the RSS before holding.
+const RETURN_FACTOR: f64 = 2.0;
 /// Pause between probes while waiting for a restarted edge.
 const RECOVERY_PROBE: Duration = Duration::from_millis(5);
 /// A probe that takes longer than this counts as failed.
@@ -614,6 +621,13 @@ pub async fn memory(targets: &[&Target], s: &Settings, report: &mut Report) -> R
     for t in targets {
         idle_memory(&[*t], "before holding", report);
         push_fds(t, "before holding", report);
+        // Idle is the RSS before any scenario ran, when there is one.
+        let idle = |side: &str, pids: &[u32]| {
+            report
+                .get("memory", &format!("idle at start {side}"), t.name)
+                .unwrap_or_else(|| rss_mib(pids))
+        };
+        let (edge_idle, agent_idle) = (idle("edge", &t.edge_pids), idle("agent", &t.agent_pids));
         // The largest count runs twice: RSS that stays put after the
         // second cycle is the allocator keeping pages, growth is a leak.
         let mut counts = s.held.clone();
@@ -703,12 +717,67 @@ pub async fn memory(targets: &[&Target], s: &Settings, report: &mut Report) -> R
                 per(e0 + a0, e1 + a1),
             );
             drop(held);
-            tokio::time::sleep(SETTLE).await;
+            given_back(t, &label, (edge_idle, agent_idle), report).await;
         }
         idle_memory(&[*t], "after a second cycle", report);
         push_fds(t, "after a second cycle", report);
     }
     Ok(())
+}
+
+/// After a held set closes: how long until edge and agent are both back
+/// under `RETURN_FACTOR` times their RSS before holding, sampled every
+/// `RETURN_SAMPLE` for at most `RETURN_LIMIT`; and the RSS at that moment
+/// (or at the limit). Memory that never comes back reports the limit's
+/// RSS and an infinite time, which fails the check.
+async fn given_back(
+    t: &Target,
+    label: &str,
+    (edge_idle, agent_idle): (f64, f64),
+    report: &mut Report,
+) {
+    let start = Instant::now();
+    let (back, edge, agent) = loop {
+        let (e, a) = (rss_mib(&t.edge_pids), rss_mib(&t.agent_pids));
+        if e < RETURN_FACTOR * edge_idle && a < RETURN_FACTOR * agent_idle {
+            break (start.elapsed().as_secs_f64(), e, a);
+        }
+        if start.elapsed() >= RETURN_LIMIT {
+            break (f64::INFINITY, e, a);
+        }
+        tokio::time::sleep(RETURN_SAMPLE).await;
+    };
+    eprintln!(
+        "memory: {} after {label} closed: edge {edge:.1} MiB (idle {edge_idle:.1}), agent {agent:.1} MiB (idle {agent_idle:.1}), back under {RETURN_FACTOR}x idle after {back:.2} s",
+        t.name
+    );
+    let metric = |what: &str| format!("{label} closed: {what}");
+    report.push(
+        "memory",
+        &metric("edge RSS"),
+        "MiB",
+        Better::Lower,
+        t.name,
+        edge,
+    );
+    report.push(
+        "memory",
+        &metric("agent RSS"),
+        "MiB",
+        Better::Lower,
+        t.name,
+        agent,
+    );
+    report.push(
+        "memory",
+        &metric("back under 2x idle after"),
+        "s",
+        Better::Lower,
+        t.name,
+        back,
+    );
+    // The rest of the close (descriptors, tasks) settles as before.
+    tokio::time::sleep(SETTLE).await;
 }
 
 /// Probes until a request succeeds; returns how long that took.
