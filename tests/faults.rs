@@ -14,7 +14,8 @@ use std::time::Duration;
 
 use burrow_agent::AgentStatus;
 use burrow_agent::tunnel::{
-    CONNECT_TIMEOUT, PROBE_FIRST, PROBE_TIMEOUT, QUIC_HEAD_START, WELCOME_TIMEOUT,
+    CONNECT_TIMEOUT, PROBE_FIRST, PROBE_TIMEOUT, QUIC_HEAD_START, RENEW_AFTER_PEAK, RENEW_CHECK,
+    WELCOME_TIMEOUT,
 };
 use burrow_proto::framed::{FramedRecv, write_frames};
 use burrow_proto::identity::Identity;
@@ -1030,5 +1031,95 @@ async fn a_new_source_address_keeps_the_session_and_its_streams() {
         gaps.iter()
             .map(|g| format!("{:.0} ms", g.as_secs_f64() * 1000.0))
             .collect::<Vec<_>>(),
+    );
+}
+
+/// A burst of streams that is over leaves nothing behind: once the agent
+/// has carried `RENEW_AFTER_PEAK` streams at once and carries an eighth of
+/// that or fewer, it moves to a fresh connection (quinn keeps what a burst
+/// allocated for as long as a connection lives). A WebSocket open across
+/// the move keeps working on the old connection, new requests use the new
+/// one, and the old one closes once its last stream has ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_burst_of_streams_the_agent_renews_its_connection_and_open_streams_keep_working() {
+    let (test_addr, _up) = upstream().await;
+    let app = demo_app().await;
+    let mut site = site(
+        "",
+        ROUTES,
+        &[
+            ("test", format!("http://{test_addr}")),
+            ("app", format!("http://{app}")),
+        ],
+    )
+    .await;
+    let first = site.agent.connected().await;
+    let home = Name::new("home").unwrap();
+    let mut ws = websocket(&site).await;
+    round_trip(&mut ws, "before the burst").await;
+
+    // The burst: forwarded streams to the service, all open at once.
+    let link = site.edge.registry.get(&home).unwrap();
+    let metrics = Arc::new(burrow_edge::metrics::Metrics::default());
+    let mut burst = Vec::new();
+    for _ in 0..RENEW_AFTER_PEAK {
+        let open = burrow_proto::StreamOpen {
+            kind: burrow_proto::StreamKind::Http,
+            service: Name::new("test").unwrap(),
+            client: "192.0.2.1:1234".parse().unwrap(),
+        };
+        let stream = burrow_edge::tunnel::open_stream_on(&link, open, &metrics)
+            .await
+            .expect("a stream of the burst opens");
+        burst.push(stream);
+    }
+    assert_eq!(
+        site.edge.registry.get(&home).unwrap().session,
+        first,
+        "one session while the burst lasts"
+    );
+    drop(burst);
+    let over = Instant::now();
+    let AgentStatus::Connected {
+        session: second, ..
+    } = site
+        .agent
+        .wait(
+            "a fresh session",
+            |s| matches!(s, AgentStatus::Connected { session, .. } if *session != first),
+        )
+        .await
+    else {
+        unreachable!("waited for Connected")
+    };
+    let renewed_after = over.elapsed();
+    assert!(
+        renewed_after <= RENEW_CHECK + PROBE_TIMEOUT,
+        "renewed {renewed_after:?} after the burst"
+    );
+    assert_eq!(site.edge.registry.get(&home).unwrap().session, second);
+
+    // New requests use the new session; the WebSocket stays where it was.
+    let resp = site.get("test.test", "/headers").await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    round_trip(&mut ws, "across the renewal").await;
+    assert!(
+        link.conn.close_reason().is_none(),
+        "the old connection serves its WebSocket"
+    );
+
+    // Once its last stream has ended, the old connection closes.
+    drop(ws);
+    let deadline = Instant::now() + WAIT;
+    while link.conn.close_reason().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the old connection outlived its streams"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "a burst of {RENEW_AFTER_PEAK} streams: renewed {} after it ended; the WebSocket open across it kept working",
+        secs(renewed_after)
     );
 }

@@ -55,6 +55,18 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// streams the edge opened on it just before it switched), then until its
 /// last stream has ended.
 pub const MOVE_GRACE: Duration = Duration::from_secs(2);
+/// A session that once carried this many streams at once (its allowance
+/// grew past the initial one) and now carries [`RENEW_BELOW`] of that or
+/// fewer is replaced by a fresh connection, the old one draining like a
+/// move. What the burst left behind goes with it: quinn keeps every
+/// stream's receive state for reuse and bookkeeping for the whole
+/// allowance as long as the connection lives (about 1 KiB per stream of
+/// the peak, on each side), and h2's stream store does not shrink either.
+pub const RENEW_AFTER_PEAK: u32 = quic::INITIAL_STREAMS_PER_AGENT;
+/// See [`RENEW_AFTER_PEAK`]: the share of the peak still open, at most.
+pub const RENEW_BELOW: u32 = 8;
+/// How often a session checks whether to renew (see [`RENEW_AFTER_PEAK`]).
+pub const RENEW_CHECK: Duration = Duration::from_secs(5);
 /// After the edge said it is going away (a restart), attempts that fail
 /// within this window are retried every [`RESTART_RETRY`] instead of
 /// backing off: the next edge process is expected any moment, and
@@ -567,23 +579,26 @@ impl Dialer {
         }
     }
 
-    /// One QUIC probe from a TCP session: dial QUIC only, and log in.
+    /// A second session beside the running one: dial `transport` only,
+    /// and log in. A QUIC probe from a TCP session, or a fresh connection
+    /// after a burst (see [`RENEW_AFTER_PEAK`]).
     async fn probe(
         self: Arc<Self>,
         endpoint: quinn::Endpoint,
+        transport: TransportChoice,
         shutdown: CancellationToken,
     ) -> Result<Established, String> {
         let attempt = async {
             let addrs = self.resolve().await?;
             let dialled = self
-                .dial(&endpoint, addrs, TransportChoice::Quic, &shutdown)
+                .dial(&endpoint, addrs, transport, &shutdown)
                 .await
                 .map_err(|o| describe(&o))?;
             self.login(dialled).await.map_err(|o| describe(&o))
         };
         match tokio::time::timeout(PROBE_TIMEOUT, attempt).await {
             Ok(r) => r,
-            Err(_) => Err(format!("no QUIC handshake within {PROBE_TIMEOUT:?}")),
+            Err(_) => Err(format!("no {transport:?} login within {PROBE_TIMEOUT:?}")),
         }
     }
 
@@ -614,6 +629,11 @@ impl Dialer {
         // Aborted with the session: a probe must not log in for a session
         // that is gone.
         let mut probe: Option<AbortOnDrop<Result<Established, String>>> = None;
+        // Whether the running probe is a renewal (same transport) rather
+        // than a QUIC probe from TCP.
+        let mut renewing = false;
+        let mut renew_check = tokio::time::interval(RENEW_CHECK);
+        renew_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut report = LinkReport {
             fallback: fallback.unwrap_or_default(),
             probe: String::new(),
@@ -659,20 +679,49 @@ impl Dialer {
                 },
                 () = probe_due => {
                     debug!("probing QUIC");
+                    renewing = false;
                     probe = Some(AbortOnDrop(tokio::spawn(
-                        self.clone().probe(endpoint.clone(), shutdown.clone()).in_current_span(),
+                        self.clone().probe(endpoint.clone(), TransportChoice::Quic, shutdown.clone()).in_current_span(),
                     )));
+                }
+                // Checked in the handler, not a guard: a guard is read once
+                // when select! starts, and a quiet session may not loop again.
+                _ = renew_check.tick() => {
+                    if probe.is_none() && worth_renewing(&allowance) {
+                        info!(peak = allowance.peak(), open = allowance.open(), "a burst of streams is over; renewing the connection to give back what it kept");
+                        renewing = true;
+                        let transport = match conn.transport() {
+                            Transport::Quic => TransportChoice::Quic,
+                            Transport::Tcp => TransportChoice::Tcp,
+                        };
+                        probe = Some(AbortOnDrop(tokio::spawn(
+                            self.clone().probe(endpoint.clone(), transport, shutdown.clone()).in_current_span(),
+                        )));
+                    }
                 }
                 done = async { (&mut probe.as_mut().expect("guarded by is_some").0).await }, if probe.is_some() => {
                     probe = None;
                     match done {
-                        Ok(Ok(quic)) => {
-                            info!(session = quic.welcomed, "QUIC gets through again: new streams use it; streams on TCP finish there");
+                        Ok(Ok(mut quic)) => {
+                            if renewing {
+                                // Same transport, same reason for it.
+                                if quic.fallback.is_none() && !report.fallback.is_empty() {
+                                    quic.fallback = Some(report.fallback.clone());
+                                }
+                                info!(session = quic.welcomed, "renewed: new streams use the fresh connection; open ones finish on the old");
+                            } else {
+                                info!(session = quic.welcomed, "QUIC gets through again: new streams use it; streams on TCP finish there");
+                            }
                             tokio::spawn(
                                 drain(Left::Moved, conn, send, recv, session, allowance, self.clone())
                                     .in_current_span(),
                             );
                             return Outcome::Moved(Box::new(quic));
+                        }
+                        Ok(Err(why)) if renewing => {
+                            // Tried once per burst: the session goes on as it is.
+                            info!(reason = %why, "renewing the connection failed; keeping it");
+                            allowance.forget_peak();
                         }
                         Ok(Err(why)) => {
                             probe_wait = (probe_wait * 2).min(PROBE_CAP);
@@ -680,6 +729,10 @@ impl Dialer {
                             next_probe = Some(tokio::time::Instant::now() + probe_wait);
                             report.probe = format!("{}: {why}", humantime::format_rfc3339_seconds(std::time::SystemTime::now()));
                             session.report_link(report.clone());
+                        }
+                        Err(e) if renewing => {
+                            warn!(error = %e, "renewal task failed");
+                            allowance.forget_peak();
                         }
                         Err(e) => {
                             warn!(error = %e, "QUIC probe task failed");
@@ -766,8 +819,9 @@ impl Dialer {
 /// Why a session is being drained.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Left {
-    /// The agent moved to QUIC: the edge sends nothing new here, and the
-    /// agent closes the session once its last stream has ended.
+    /// The agent moved (to QUIC, or to a fresh connection after a burst):
+    /// the edge sends nothing new here, and the agent closes the session
+    /// once its last stream has ended.
     Moved,
     /// The edge is going away (a restart): it may still open streams for
     /// the requests it is draining, and closes the session when done.
@@ -811,12 +865,19 @@ async fn drain(
                     // The edge closes when it reads the goodbye; close here
                     // too if it does not.
                     let _ = tokio::time::timeout(Duration::from_secs(1), conn.closed()).await;
-                    conn.close(code::OK, b"moved to QUIC");
+                    conn.close(code::OK, b"moved");
                     return;
                 }
             }
         }
     }
+}
+
+/// A burst of streams is over: the session once carried
+/// [`RENEW_AFTER_PEAK`] streams at once and carries [`RENEW_BELOW`] of that
+/// or fewer now.
+fn worth_renewing(allowance: &quic::StreamAllowance) -> bool {
+    allowance.peak() >= RENEW_AFTER_PEAK && allowance.open() <= allowance.peak() / RENEW_BELOW
 }
 
 /// A task that is aborted when this is dropped.

@@ -159,6 +159,8 @@ pub fn transport_config(role: Role) -> TransportConfig {
 pub struct StreamAllowance {
     limit: u32,
     open: Arc<AtomicU32>,
+    /// The most streams open at once so far.
+    peak: u32,
 }
 
 /// Held by each accepted stream's task; counts the stream as open.
@@ -176,6 +178,7 @@ impl Default for StreamAllowance {
         Self {
             limit: INITIAL_STREAMS_PER_AGENT,
             open: Arc::default(),
+            peak: 0,
         }
     }
 }
@@ -186,10 +189,21 @@ impl StreamAllowance {
         self.open.load(Ordering::Relaxed)
     }
 
+    /// The most streams open at once so far.
+    pub fn peak(&self) -> u32 {
+        self.peak
+    }
+
+    /// Starts counting the peak afresh from what is open now.
+    pub fn forget_peak(&mut self) {
+        self.peak = self.open();
+    }
+
     /// Counts a newly accepted stream; returns the guard that uncounts it
     /// and, when the allowance should grow, the new limit to give quinn.
     pub fn accepted(&mut self) -> (StreamSlot, Option<u32>) {
         let open = self.open.fetch_add(1, Ordering::Relaxed) + 1;
+        self.peak = self.peak.max(open);
         let raise = (open > self.limit / 2 && self.limit < MAX_STREAMS_PER_AGENT).then(|| {
             self.limit = (self.limit * 2).min(MAX_STREAMS_PER_AGENT);
             self.limit
