@@ -770,15 +770,23 @@ async fn the_https_listener_wants_a_client_certificate_only_from_agents() {
     let (_, fp) = world.agent_key("home");
     let edge = https_edge(&world, &fp).await;
     let https = edge.https.unwrap();
-    let handshake = |alpn: &'static [u8], sni: &'static str| async move {
-        let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
+    // Each client checks the edge as its kind does: a browser against the
+    // self-signed CA, an agent against the edge's pinned identity.
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let browser = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(common::web::self_signed_roots(&world))
+        .with_no_client_auth();
+    let agent = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .unwrap()
         .dangerous()
-        .with_custom_certificate_verifier(std::sync::Arc::new(AnyServerCert))
+        .with_custom_certificate_verifier(std::sync::Arc::new(
+            burrow_proto::identity::PinnedServerVerifier::new(edge.fingerprint),
+        ))
         .with_no_client_auth();
+    let handshake = |mut config: rustls::ClientConfig, alpn: &'static [u8], sni: &'static str| async move {
         config.alpn_protocols = vec![alpn.to_vec()];
         let tcp = TcpStream::connect(https).await.unwrap();
         let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
@@ -798,52 +806,10 @@ async fn the_https_listener_wants_a_client_certificate_only_from_agents() {
     };
     // A browser (h2) is served without a certificate.
     assert_eq!(
-        handshake(b"h2", "app.test").await.unwrap(),
+        handshake(browser, b"h2", "app.test").await.unwrap(),
         Some(b"h2".to_vec())
     );
     // burrow/1 without a client certificate is refused.
-    let refused = handshake(quic::ALPN, IDENTITY_SNI).await;
+    let refused = handshake(agent, quic::ALPN, IDENTITY_SNI).await;
     assert!(refused.is_err(), "{refused:?}");
-}
-
-/// Accepts any server certificate: the test looks at the edge's handling
-/// of the client, not at the edge's identity.
-#[derive(Debug)]
-struct AnyServerCert;
-
-impl rustls::client::danger::ServerCertVerifier for AnyServerCert {
-    fn verify_server_cert(
-        &self,
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &[rustls::pki_types::CertificateDer<'_>],
-        _: &rustls::pki_types::ServerName<'_>,
-        _: &[u8],
-        _: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _: &[u8],
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        _: &[u8],
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        rustls::crypto::ring::default_provider()
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
 }

@@ -420,15 +420,13 @@ impl Registry {
     }
 
     /// A service the agent can wake that is down or waking, its agent
-    /// connected.
+    /// connected (the line knows: `insert` and `remove` tell it).
     pub fn is_asleep(&self, agent: &Name, service: &Name) -> bool {
-        let inner = self.lock();
-        inner.links.contains_key(agent)
-            && inner
-                .services
-                .get(agent)
-                .and_then(|r| r.get(service))
-                .is_some_and(|r| r.line.is_asleep())
+        self.lock()
+            .services
+            .get(agent)
+            .and_then(|r| r.get(service))
+            .is_some_and(|r| r.line.is_asleep())
     }
 
     /// Asks the agent to wake `service`, unless it is waking already or was
