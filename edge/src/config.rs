@@ -113,6 +113,8 @@ struct EdgeSection {
     agent_wait: Option<Spanned<HumanDuration>>,
     /// Worker threads; more than one only pays with many busy clients.
     threads: Option<Spanned<usize>>,
+    /// Serve HTTP/3 on the tunnel's UDP port (ALPN `h3`) beside agents.
+    http3: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -252,6 +254,8 @@ pub struct EdgeConfig {
     pub agent_wait: Duration,
     /// Worker threads for the runtime (read before it starts).
     pub threads: usize,
+    /// Serve HTTP/3 on the tunnel's UDP port, and say so with Alt-Svc.
+    pub http3: bool,
     pub tls: TlsConfig,
     pub access: AccessConfig,
     pub agents: Vec<AgentConfig>,
@@ -911,6 +915,16 @@ fn convert(src: &Source, file: File) -> Result<EdgeConfig, ConfigError> {
             ),
         ));
     }
+    let http3 = file.edge.http3.as_ref().is_some_and(|v| *v.get_ref());
+    if http3
+        && routes.is_empty()
+        && let Some(v) = &file.edge.http3
+    {
+        return Err(src.error_at(
+            v.span(),
+            "edge.http3: needs at least one [[route]] (HTTP/3 serves the routes)",
+        ));
+    }
     let limits = convert_limits(src, file.limits.unwrap_or_default())?;
     for r in &mut routes {
         if r.rate.is_none() {
@@ -936,6 +950,7 @@ fn convert(src: &Source, file: File) -> Result<EdgeConfig, ConfigError> {
         grace,
         agent_wait,
         threads: burrow_proto::confkit::threads(src, file.edge.threads.as_ref(), "edge.threads")?,
+        http3,
         tls,
         access,
         agents,

@@ -180,7 +180,14 @@ impl Edge {
             addr: tunnel_addr,
             source,
         })?;
-        let server = tunnel::server_config(certs.quic_resolver()).map_err(TlsError::from)?;
+        let http3 = match config.http3 {
+            true => Some(tunnel::Http3 {
+                tls: http::h3::tls_config(certs.https_resolver()).map_err(TlsError::from)?,
+                streams: config.limits.streams_per_connection,
+            }),
+            false => None,
+        };
+        let server = tunnel::server_config(certs.quic_resolver(), http3).map_err(TlsError::from)?;
         let endpoint =
             quic::endpoint(socket, Some(server), identity.endpoint_keys()).map_err(|source| {
                 EdgeError::Bind {
@@ -300,6 +307,7 @@ impl Edge {
         let mut tasks = tokio::task::JoinSet::new();
 
         let limits = self.config.limits;
+        let tunnel_addr = self.tunnel_addr();
         let mut port_rules = Vec::new();
         for (port, listener) in self.ports {
             let addr = http::local_addr(&listener);
@@ -339,11 +347,27 @@ impl Edge {
             let agents = tunnel::agent_tls(self.certs.quic_resolver()).map_err(TlsError::from)?;
             info!(%addr, routes = self.config.routes.len(), agents = "also over TCP (ALPN burrow/1)", "serving https");
             let timeouts = (self.config.header_timeout, limits);
+            let alt_svc = if self.config.http3 {
+                let port = tunnel_addr.port();
+                info!(udp = %tunnel_addr, "serving http/3 beside agents (ALPN h3)");
+                tasks.spawn(http::h3::serve(
+                    self.tunnel.h3_intake(),
+                    http_rx.clone(),
+                    timeouts,
+                    front("h3", limits.connections(), &metrics),
+                    shutdown.clone(),
+                    tracker.clone(),
+                ));
+                Some(http::h3::alt_svc(port))
+            } else {
+                None
+            };
             tasks.spawn(http::serve_https(
                 listener,
                 (tls, Some((agents, self.tunnel.tcp_intake()))),
                 http_rx.clone(),
                 timeouts,
+                alt_svc,
                 front("https", limits.connections(), &metrics),
                 shutdown.clone(),
                 tracker.clone(),

@@ -256,8 +256,9 @@ impl Front {
         self.clients.clone()
     }
 
-    /// Decides on a connection just accepted from `peer`.
-    fn admit(&self, peer: SocketAddr) -> Option<ConnPermit> {
+    /// Decides on a connection just accepted from `peer` (by [`Front::serve`],
+    /// or by a server that accepts its own connections, as HTTP/3 does).
+    pub fn admit(&self, peer: SocketAddr) -> Option<ConnPermit> {
         let key = ClientKey::of(peer.ip());
         let open = self.stats.open.load(Ordering::Relaxed);
         if usize::try_from(open).unwrap_or(usize::MAX) >= self.limits.total {

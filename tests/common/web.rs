@@ -363,6 +363,35 @@ pub async fn site_via<L>(
     agent_tail: &str,
     link: impl FnOnce(SocketAddr, SocketAddr) -> (SocketAddr, L),
 ) -> (Site, AgentExtras, L) {
+    site_on(extra_edge, routes, agent_tail, Prebound::default(), link).await
+}
+
+/// TCP and UDP sockets bound on the same loopback port, as an edge on
+/// port 443 has them: HTTPS and the tunnel (and HTTP/3) share the number.
+pub fn same_port_sockets() -> Prebound {
+    for _ in 0..50 {
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = tcp.local_addr().unwrap().port();
+        // Both stay bound from here on; a taken UDP port means another try.
+        if let Ok(udp) = std::net::UdpSocket::bind(("127.0.0.1", port)) {
+            return Prebound {
+                https: Some(tcp),
+                tunnel: Some(udp),
+                ..Prebound::default()
+            };
+        }
+    }
+    panic!("no loopback port free for both TCP and UDP in 50 tries");
+}
+
+/// Like [`site_via`], serving on the sockets in `prebound`.
+pub async fn site_on<L>(
+    extra_edge: &str,
+    routes: &str,
+    agent_tail: &str,
+    prebound: Prebound,
+    link: impl FnOnce(SocketAddr, SocketAddr) -> (SocketAddr, L),
+) -> (Site, AgentExtras, L) {
     let world = World::new();
     let (key, fp) = world.agent_key("home");
     let (_, ghost_fp) = world.agent_key("ghost");
@@ -372,7 +401,9 @@ pub async fn site_via<L>(
         world.path("state")
     );
     let config = edge_config(&edge_toml);
-    let edge_bound = burrow_edge::Edge::bind(config).await.unwrap();
+    let edge_bound = burrow_edge::Edge::bind_with(config, prebound)
+        .await
+        .unwrap();
     let https = edge_bound.https_addr().unwrap();
     let gate = edge_bound.gate();
     let admin = edge_bound.admin_addr();

@@ -14,12 +14,12 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use crate::http::io::RequestBody;
 use base64::Engine;
 use burrow_proto::listener::ClientKey;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request};
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
 use tracing::{info, warn};
 
 use super::api_key;
@@ -44,7 +44,7 @@ pub enum Admission {
     /// Forward it (the edge's credentials removed); add `set_cookies` to
     /// the response.
     Forward {
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         user: Option<String>,
         set_cookies: Vec<HeaderValue>,
     },
@@ -109,7 +109,7 @@ pub struct Gate {
 }
 
 /// A browser navigation wants a page, an API client a 401 it can act on.
-fn wants_html(req: &Request<Incoming>) -> bool {
+fn wants_html(req: &Request<RequestBody>) -> bool {
     (req.method() == Method::GET || req.method() == Method::HEAD)
         && req
             .headers()
@@ -124,7 +124,7 @@ fn is_public(path: &str, patterns: &[PublicPath]) -> bool {
 }
 
 /// The user and password of a Basic Authorization header.
-fn basic_credentials(req: &Request<Incoming>) -> Option<(String, String)> {
+fn basic_credentials(req: &Request<RequestBody>) -> Option<(String, String)> {
     let value = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, rest) = value.split_once(' ')?;
     if !scheme.eq_ignore_ascii_case("basic") {
@@ -243,7 +243,11 @@ impl Gate {
     }
 
     /// The signed-in user, and whether the session is due for renewal.
-    fn session_user(&self, req: &Request<Incoming>, route: &RouteConfig) -> Option<(String, bool)> {
+    fn session_user(
+        &self,
+        req: &Request<RequestBody>,
+        route: &RouteConfig,
+    ) -> Option<(String, bool)> {
         let s = self
             .sessions
             .verify(session::find_cookie(req.headers())?, &route.host)?;
@@ -428,7 +432,7 @@ impl Gate {
     /// Decides on `req` for `route`; `path` is its canonical path.
     pub async fn admit(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<RequestBody>,
         path: &str,
         route: &RouteConfig,
         client: IpAddr,
@@ -498,7 +502,7 @@ impl Gate {
     }
 
     /// GET shows the button; a POST from the site itself signs out.
-    fn logout(&self, req: &Request<Incoming>, route: &RouteConfig) -> Admission {
+    fn logout(&self, req: &Request<RequestBody>, route: &RouteConfig) -> Admission {
         let host = route.host.clone();
         match *req.method() {
             Method::GET | Method::HEAD => Admission::Reply(Reply::LogoutForm { host }),
@@ -515,7 +519,7 @@ impl Gate {
 
     async fn login_form(
         &self,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         route: &RouteConfig,
         client: IpAddr,
     ) -> Admission {
@@ -563,7 +567,11 @@ impl Gate {
 
 /// 401: the login page for a browser navigation, a Basic challenge (and a
 /// Bearer one where the route takes API keys) for everyone else.
-fn challenge(req: &Request<Incoming>, route: &RouteConfig, error: Option<&'static str>) -> Refusal {
+fn challenge(
+    req: &Request<RequestBody>,
+    route: &RouteConfig,
+    error: Option<&'static str>,
+) -> Refusal {
     let next = req.uri().path_and_query().map_or("/", |p| p.as_str());
     Refusal::Unauthorized(Challenge {
         page: wants_html(req),

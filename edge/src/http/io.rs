@@ -212,12 +212,164 @@ impl Pace {
     }
 }
 
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The receiving half of an HTTP/3 request stream.
+pub type H3Recv = h3::server::RequestStream<h3_quinn::RecvStream, Bytes>;
+
+/// Where an HTTP/3 request body is in its stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum H3Part {
+    Data,
+    Trailers,
+    Done,
+}
+
+/// A client's request body as its connection delivers it: hyper's for
+/// HTTP/1.1 and HTTP/2, an HTTP/3 request stream's for HTTP/3. Everything
+/// after the connection (gate, forwarding, pacing) reads it the same way.
+pub enum RequestBody {
+    Hyper(hyper::body::Incoming),
+    H3 {
+        stream: H3Recv,
+        /// A chunk (or the error) read ahead, see [`RequestBody::peek_h3`].
+        peeked: Option<Result<Bytes, BoxError>>,
+        part: H3Part,
+    },
+}
+
+impl std::fmt::Debug for RequestBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Hyper(b) => b.fmt(f),
+            Self::H3 { part, .. } => f.debug_struct("H3").field("part", part).finish(),
+        }
+    }
+}
+
+impl RequestBody {
+    pub fn h3(stream: H3Recv) -> Self {
+        Self::H3 {
+            stream,
+            peeked: None,
+            part: H3Part::Data,
+        }
+    }
+
+    /// Reads ahead until the body's first chunk or its end, so a request
+    /// without a body says so (HTTP/3 has no end-of-stream flag on the
+    /// head, and an unknown-length body would be forwarded chunked).
+    /// Cancel-safe: what was read stays in the body.
+    pub async fn peek_h3(&mut self) {
+        if let Self::H3 { peeked, part, .. } = self
+            && peeked.is_none()
+            && *part == H3Part::Data
+        {
+            let first = std::future::poll_fn(|cx| Pin::new(&mut *self).poll_h3_data(cx)).await;
+            if let (Self::H3 { peeked, .. }, Some(first)) = (self, first) {
+                *peeked = Some(first);
+            }
+        }
+    }
+
+    /// The next data chunk of an HTTP/3 body; `None` once the data part is
+    /// over (then trailers may follow).
+    fn poll_h3_data(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Bytes, BoxError>>> {
+        let Self::H3 { stream, part, .. } = self.get_mut() else {
+            return Poll::Ready(None);
+        };
+        loop {
+            match stream.poll_recv_data(cx) {
+                Poll::Ready(Ok(Some(mut buf))) => {
+                    let data = buf.copy_to_bytes(buf.remaining());
+                    if data.is_empty() {
+                        continue;
+                    }
+                    return Poll::Ready(Some(Ok(data)));
+                }
+                Poll::Ready(Ok(None)) => {
+                    *part = H3Part::Trailers;
+                    return Poll::Ready(None);
+                }
+                Poll::Ready(Err(e)) => {
+                    *part = H3Part::Done;
+                    return Poll::Ready(Some(Err(e.into())));
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+impl hyper::body::Body for RequestBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        let (peeked, part) = match self.as_mut().get_mut() {
+            Self::Hyper(b) => return Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Self::H3 { peeked, part, .. } => (peeked, part),
+        };
+        if let Some(first) = peeked.take() {
+            return Poll::Ready(Some(first.map(hyper::body::Frame::data)));
+        }
+        match *part {
+            H3Part::Data => match self.as_mut().poll_h3_data(cx) {
+                Poll::Ready(Some(r)) => return Poll::Ready(Some(r.map(hyper::body::Frame::data))),
+                Poll::Ready(None) => {}
+                Poll::Pending => return Poll::Pending,
+            },
+            H3Part::Trailers => {}
+            H3Part::Done => return Poll::Ready(None),
+        }
+        let Self::H3 { stream, part, .. } = self.get_mut() else {
+            return Poll::Ready(None);
+        };
+        match stream.poll_recv_trailers(cx) {
+            Poll::Ready(Ok(Some(trailers))) => {
+                *part = H3Part::Done;
+                Poll::Ready(Some(Ok(hyper::body::Frame::trailers(trailers))))
+            }
+            Poll::Ready(Ok(None)) => {
+                *part = H3Part::Done;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Err(e)) => {
+                *part = H3Part::Done;
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Hyper(b) => b.is_end_stream(),
+            Self::H3 { peeked, part, .. } => peeked.is_none() && *part != H3Part::Data,
+        }
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match self {
+            Self::Hyper(b) => b.size_hint(),
+            _ if self.is_end_stream() => hyper::body::SizeHint::with_exact(0),
+            Self::H3 { .. } => hyper::body::SizeHint::default(),
+        }
+    }
+}
+
 /// A client's request body on its way to the service. When paced, a body
 /// that falls behind fails with an error, so the service sees an aborted
 /// request, never a complete one.
 #[derive(Debug)]
 pub struct ClientBody {
-    inner: hyper::body::Incoming,
+    inner: RequestBody,
     pace: Option<Pace>,
     /// The route's `max_body`, the bytes read so far, and where a cut is
     /// counted.
@@ -225,7 +377,7 @@ pub struct ClientBody {
 }
 
 impl ClientBody {
-    pub fn new(inner: hyper::body::Incoming, paced: Paced, metrics: &Arc<Metrics>) -> Self {
+    pub fn new(inner: RequestBody, paced: Paced, metrics: &Arc<Metrics>) -> Self {
         let pace =
             (paced == Paced::Yes && !hyper::body::Body::is_end_stream(&inner)).then(|| Pace {
                 started: None,
@@ -303,7 +455,7 @@ impl hyper::body::Body for ClientBody {
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
             Poll::Ready(None) => {
                 this.pace = None;
                 Poll::Ready(None)

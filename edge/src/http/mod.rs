@@ -5,6 +5,7 @@
 mod access_log;
 mod forward;
 mod h2c;
+pub mod h3;
 pub mod handshake;
 pub mod io;
 pub mod pool;
@@ -406,11 +407,13 @@ pub type AgentIntake = (rustls::ServerConfig, mpsc::Sender<TcpAgent>);
 /// connection is closed after `[limits] idle_timeout` without a request in
 /// flight, and a client address gets 429 beyond `streams_per_ip` requests
 /// in flight.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve_https(
     listener: TcpListener,
     (tls, agents): (rustls::ServerConfig, Option<AgentIntake>),
     state: watch::Receiver<Arc<HttpState>>,
     timeouts: (Duration, LimitsConfig),
+    alt_svc: Option<header::HeaderValue>,
     front: Arc<Front>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -431,6 +434,7 @@ pub async fn serve_https(
             let clients = clients.clone();
             let stats = stats.clone();
             let agent_intake = agent_intake.clone();
+            let alt_svc = alt_svc.clone();
             tracker.spawn(async move {
                 let key = permit.key;
                 // The TLS handshake gets the same budget as a request head.
@@ -469,8 +473,11 @@ pub async fn serve_https(
                 let activity = Activity::new();
                 let per_request = activity.clone();
                 let streams_per_ip = limits.streams_per_ip;
-                let service = service_fn(move |mut req: Request<Incoming>| {
+                let alt_svc = alt_svc.clone();
+                let service = service_fn(move |req: Request<Incoming>| {
+                    let mut req = req.map(io::RequestBody::Hyper);
                     let state = state.borrow().clone();
+                    let alt_svc = alt_svc.clone();
                     let sni = sni.clone();
                     let busy = per_request.busy();
                     let in_flight = clients.try_stream(key, streams_per_ip).map(|p| {
@@ -491,7 +498,13 @@ pub async fn serve_https(
                                 crate::refusal::Refusal::TooManyStreams,
                             ));
                         };
-                        Ok(route::handle(req, state, peer, sni, in_flight).await)
+                        let mut resp = route::handle(req, state, peer, sni, in_flight).await;
+                        if let Some(v) = alt_svc
+                            && resp.status() != StatusCode::SWITCHING_PROTOCOLS
+                        {
+                            resp.headers_mut().insert(header::ALT_SVC, v);
+                        }
+                        Ok(resp)
                     }
                 });
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);

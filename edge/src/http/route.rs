@@ -22,13 +22,12 @@ use http::header;
 use http::uri::{Authority, Uri};
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use tokio::time::Instant;
 use tracing::{debug, info};
 
 use super::access_log::{AccessEntry, LoggedBody};
 use super::forward::dispatch;
-use super::io::{ClientBody, Paced};
+use super::io::{ClientBody, Paced, RequestBody};
 use super::ratelimit::Who;
 use super::refuse;
 use super::wake::{self, WAKE_STATUS_PATH, WakeRight};
@@ -44,7 +43,7 @@ use burrow_proto::listener::ClientKey;
 /// Answers one request; `in_flight` stays counted until the response body
 /// ends or is dropped.
 pub(super) async fn handle(
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     state: Arc<HttpState>,
     peer: SocketAddr,
     sni: Option<Arc<str>>,
@@ -68,7 +67,7 @@ pub(super) async fn handle(
 }
 
 async fn route_request(
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     state: &HttpState,
     peer: SocketAddr,
     sni: Option<&str>,

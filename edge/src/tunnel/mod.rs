@@ -4,6 +4,7 @@
 //! ([`burrow_proto::link`]): one control stream per agent session, and the
 //! forwarded streams the edge opens.
 
+pub mod alpn;
 pub mod registry;
 pub mod wake_line;
 
@@ -67,6 +68,14 @@ pub fn agent_tls(
     Ok(tls)
 }
 
+/// Whether a QUIC connection negotiated HTTP/3 (a browser, not an agent).
+fn is_h3(conn: &quinn::Connection) -> bool {
+    conn.handshake_data()
+        .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|d| d.protocol)
+        .is_some_and(|p| p == alpn::H3_ALPN)
+}
+
 /// An agent that reached the HTTPS listener over TCP and finished its TLS
 /// handshake (ALPN `burrow/1`), on its way to the tunnel.
 #[derive(Debug)]
@@ -77,16 +86,42 @@ pub struct TcpAgent {
     pub permit: ConnPermit,
 }
 
-/// Builds the QUIC server config from [`agent_tls`].
+/// What the QUIC endpoint needs to serve HTTP/3 beside agents.
+#[derive(Debug)]
+pub struct Http3 {
+    /// The browsers' TLS config ([`crate::http::h3::tls_config`]).
+    pub tls: rustls::ServerConfig,
+    /// Requests a browser may have open at once on one connection.
+    pub streams: u32,
+}
+
+/// Builds the QUIC server config from [`agent_tls`]; with `http3`, the
+/// endpoint also takes browsers, told apart by ALPN ([`alpn::AlpnSplit`]).
 pub fn server_config(
     certs: Arc<dyn ResolvesServerCert>,
+    http3: Option<Http3>,
 ) -> Result<quinn::ServerConfig, rustls::Error> {
-    let tls = agent_tls(certs)?;
-    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
-        .map_err(|e| rustls::Error::General(e.to_string()))?;
-    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    config.transport_config(Arc::new(quic::transport_config(Role::Edge)));
-    // Agents dial from home connections whose address changes on redial.
+    let quic_config = |tls: rustls::ServerConfig| {
+        quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+            .map_err(|e| rustls::Error::General(e.to_string()))
+    };
+    let agents = quic_config(agent_tls(certs)?)?;
+    let mut transport = quic::transport_config(Role::Edge);
+    let mut config = match http3 {
+        None => quinn::ServerConfig::with_crypto(Arc::new(agents)),
+        Some(h3) => {
+            // The limits are the browsers': an agent opens one stream, and
+            // is held to that once it is known to be one (`handle_incoming`).
+            transport
+                .max_concurrent_bidi_streams(quinn::VarInt::from_u32(h3.streams.max(1)))
+                .max_concurrent_uni_streams(quinn::VarInt::from_u32(crate::http::h3::UNI_STREAMS));
+            let browsers = quic_config(h3.tls)?;
+            quinn::ServerConfig::with_crypto(Arc::new(alpn::AlpnSplit::new(agents, browsers)))
+        }
+    };
+    config.transport_config(Arc::new(transport));
+    // Agents dial from home connections whose address changes on redial;
+    // phones move between networks.
     config.migration(true);
     Ok(config)
 }
@@ -99,6 +134,9 @@ pub struct Tunnel {
     next_session: AtomicU64,
     tcp_tx: mpsc::Sender<TcpAgent>,
     tcp_rx: std::sync::Mutex<Option<mpsc::Receiver<TcpAgent>>>,
+    /// Where browser connections (ALPN `h3`) go once their handshake is
+    /// done; nowhere unless HTTP/3 is on.
+    h3_tx: std::sync::OnceLock<mpsc::Sender<quinn::Connection>>,
 }
 
 impl Tunnel {
@@ -110,7 +148,18 @@ impl Tunnel {
             next_session: AtomicU64::new(1),
             tcp_tx,
             tcp_rx: std::sync::Mutex::new(Some(tcp_rx)),
+            h3_tx: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Starts handing browser connections (ALPN `h3`) to the HTTP/3
+    /// server; returns where they arrive.
+    pub fn h3_intake(&self) -> mpsc::Receiver<quinn::Connection> {
+        let (tx, rx) = mpsc::channel(crate::http::h3::INTAKE);
+        if self.h3_tx.set(tx).is_err() {
+            warn!("http/3 intake taken twice; the first keeps the connections");
+        }
+        rx
     }
 
     /// Where the HTTPS listener hands agents that came over TCP.
@@ -207,6 +256,19 @@ impl Tunnel {
         let Some(conn) = within_handshake_time(incoming.into_future()).await else {
             return;
         };
+        if let Some(h3) = self.h3_tx.get() {
+            if is_h3(&conn) {
+                if let Err(e) = h3.try_send(conn) {
+                    debug!("http/3 intake full; closing a browser connection");
+                    let conn = e.into_inner();
+                    conn.close(crate::http::h3::EXCESSIVE_LOAD, b"busy");
+                }
+                return;
+            }
+            // Advertised for browsers; an agent opens its control stream only.
+            conn.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(1));
+            conn.set_max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
+        }
         let key = peer_fingerprint(&conn);
         self.admit(Connection::Quic(conn), key, remote, stop, drained)
             .await;

@@ -1,0 +1,348 @@
+//! HTTP/3 for browsers, on the tunnel's UDP port (`[edge] http3 = true`).
+//!
+//! The tunnel's endpoint tells browsers from agents by ALPN
+//! ([`crate::tunnel::alpn`]) and hands each browser connection here once
+//! its handshake is done. From there a request takes the same path as over
+//! HTTP/1.1 and HTTP/2 ([`super::route::handle`]: access, routing, wake,
+//! forwarding, the error map); only the two ends differ: the request body
+//! is the stream's ([`RequestBody::H3`]) and the response is written frame
+//! by frame as it comes, ending with FIN, or with a reset when the service's
+//! body broke off (so a cut response never looks complete).
+//!
+//! 0-RTT is refused (a replayed request could change state before the
+//! handshake proves anything), connection migration is allowed (phones
+//! change networks), and WebSockets stay on HTTP/1.1 and HTTP/2: no
+//! browser speaks RFC 9220 (WebSockets over HTTP/3).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use h3::error::Code;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::BodyExt;
+use rustls::server::ResolvesServerCert;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::debug;
+
+use burrow_proto::listener::{ClientKey, Front};
+
+use super::io::RequestBody;
+use super::{
+    Activity, Body, HttpState, IDLE_CLOSE_GRACE, InFlight, MAX_HEADER_BYTES, StreamTicket,
+    error_response, refuse, route,
+};
+use crate::config::LimitsConfig;
+use crate::metrics::Refused;
+use crate::refusal::Refusal;
+use crate::tunnel::alpn::H3_ALPN;
+
+/// Unidirectional streams a browser may open: HTTP/3's control stream and
+/// QPACK's encoder and decoder streams, and one spare (RFC 9114 6.2 asks
+/// for at least three).
+pub const UNI_STREAMS: u32 = 4;
+
+/// Browser connections the tunnel may have handed over and not yet been
+/// taken here.
+pub const INTAKE: usize = 256;
+
+/// H3_EXCESSIVE_LOAD, as a QUIC application close code.
+pub const EXCESSIVE_LOAD: quinn::VarInt = quinn::VarInt::from_u32(0x107);
+
+/// The sending half of a request stream.
+type H3Send = h3::server::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>;
+
+/// The TLS config browsers meet on the UDP port: TLS 1.3, ALPN `h3`, the
+/// HTTPS listener's certificates, no early data (0-RTT refused: a replayed
+/// request would be served before the handshake proves anything), and
+/// stateless session tickets so a phone that comes back resumes.
+pub fn tls_config(
+    certs: Arc<dyn ResolvesServerCert>,
+) -> Result<rustls::ServerConfig, rustls::Error> {
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        burrow_proto::quic::crypto_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])?
+    .with_no_client_auth()
+    .with_cert_resolver(certs);
+    config.alpn_protocols = vec![H3_ALPN.to_vec()];
+    config.max_early_data_size = 0;
+    config.ticketer = rustls::crypto::ring::Ticketer::new()?;
+    Ok(config)
+}
+
+/// The `Alt-Svc` value the HTTPS listener sends when HTTP/3 is on: the
+/// same host, this UDP port, remembered for a day.
+pub fn alt_svc(port: u16) -> header::HeaderValue {
+    header::HeaderValue::from_str(&format!("h3=\":{port}\"; ma=86400"))
+        .expect("an Alt-Svc value with a port is a valid header value")
+}
+
+/// Serves the browser connections the tunnel hands over on `intake`
+/// until `shutdown`; then each connection gets GOAWAY, finishes what it
+/// has in flight and closes. Connection tasks are tracked by `tracker`.
+pub async fn serve(
+    mut intake: mpsc::Receiver<quinn::Connection>,
+    state: watch::Receiver<Arc<HttpState>>,
+    (header_timeout, limits): (Duration, LimitsConfig),
+    front: Arc<Front>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        let conn = tokio::select! {
+            c = intake.recv() => match c {
+                Some(c) => c,
+                None => return,
+            },
+            () = shutdown.cancelled() => return,
+        };
+        let peer = conn.remote_address();
+        let Some(permit) = front.admit(peer) else {
+            conn.close(EXCESSIVE_LOAD, b"too many connections");
+            continue;
+        };
+        let conn_state = Connection {
+            state: state.clone(),
+            header_timeout,
+            limits,
+            front: front.clone(),
+            shutdown: shutdown.clone(),
+            tracker: tracker.clone(),
+            key: permit.key,
+        };
+        tracker.spawn(async move {
+            let _permit = permit;
+            conn_state.serve(conn).await;
+        });
+    }
+}
+
+/// What one browser connection's requests share.
+struct Connection {
+    state: watch::Receiver<Arc<HttpState>>,
+    header_timeout: Duration,
+    limits: LimitsConfig,
+    front: Arc<Front>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    key: ClientKey,
+}
+
+impl Connection {
+    async fn serve(self, conn: quinn::Connection) {
+        let peer = conn.remote_address();
+        let sni: Option<Arc<str>> = conn
+            .handshake_data()
+            .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+            .and_then(|d| d.server_name)
+            .map(Arc::from);
+        let quic = conn.clone();
+        let mut h3 = match h3::server::builder()
+            .max_field_section_size(MAX_HEADER_BYTES as u64)
+            .build::<_, Bytes>(h3_quinn::Connection::new(conn))
+            .await
+        {
+            Ok(h3) => h3,
+            Err(e) => {
+                debug!(%peer, error = %e, "http/3 connection failed to start");
+                return;
+            }
+        };
+        let activity = Activity::new();
+        let mut closing = false;
+        loop {
+            tokio::select! {
+                accepted = h3.accept() => match accepted {
+                    Ok(Some(resolver)) => {
+                        let request = self.request(&quic, &activity, sni.clone());
+                        self.tracker.spawn(async move {
+                            match request {
+                                Some(request) => request.run(resolver).await,
+                                None => refuse_stream(resolver).await,
+                            }
+                        });
+                    }
+                    // The client said GOAWAY and its requests are done.
+                    Ok(None) => break,
+                    Err(e) => {
+                        debug!(%peer, error = %e, "http/3 connection ended");
+                        break;
+                    }
+                },
+                () = self.shutdown.cancelled(), if !closing => {
+                    closing = true;
+                    let _ = h3.shutdown(0).await;
+                }
+                // After GOAWAY, what was in flight has ended: the client
+                // closes now, or is closed on.
+                () = activity.idle_for(IDLE_CLOSE_GRACE), if closing => break,
+                () = activity.idle_for(self.limits.idle_timeout), if !closing => {
+                    self.front.stats().closed_idle.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    debug!(%peer, idle_timeout = ?self.limits.idle_timeout, "closing idle http/3 connection");
+                    let _ = h3.shutdown(0).await;
+                    break;
+                }
+            }
+        }
+        // Dropping `h3` closes the connection (H3_NO_ERROR).
+    }
+
+    /// A request's share of the connection: its place under
+    /// `streams_per_ip` and its count on the connection's activity; `None`
+    /// when the client has `streams_per_ip` requests in flight already.
+    fn request(
+        &self,
+        quic: &quinn::Connection,
+        activity: &Arc<Activity>,
+        sni: Option<Arc<str>>,
+    ) -> Option<H3Request> {
+        let busy = activity.busy();
+        let clients = self.front.clients();
+        let ticket = clients.try_stream(self.key, self.limits.streams_per_ip);
+        let state = self.state.borrow().clone();
+        let Some(ticket) = ticket else {
+            state.metrics.refused(Refused::StreamsPerIp);
+            debug!(peer = %quic.remote_address(), limit = self.limits.streams_per_ip, "too many requests in flight from one client");
+            return None;
+        };
+        Some(H3Request {
+            state,
+            // Where the client is now: a phone that moved networks
+            // mid-connection is judged by its current address.
+            peer: quic.remote_address(),
+            sni,
+            header_timeout: self.header_timeout,
+            in_flight: InFlight {
+                _busy: busy,
+                _ticket: StreamTicket(Arc::new(ticket)),
+            },
+        })
+    }
+}
+
+/// Answers a request stream with 429 when the client has too many in
+/// flight.
+async fn refuse_stream<C>(resolver: h3::server::RequestResolver<C, Bytes>)
+where
+    C: h3::quic::Connection<Bytes, BidiStream = h3_quinn::BidiStream<Bytes>>,
+{
+    if let Ok((_, stream)) = resolver.resolve_request().await {
+        let (mut send, _recv) = stream.split();
+        respond(&mut send, refuse::response(Refusal::TooManyStreams)).await;
+    }
+}
+
+/// One request on its way.
+struct H3Request {
+    state: Arc<HttpState>,
+    peer: SocketAddr,
+    sni: Option<Arc<str>>,
+    header_timeout: Duration,
+    in_flight: InFlight,
+}
+
+impl H3Request {
+    async fn run<C>(self, resolver: h3::server::RequestResolver<C, Bytes>)
+    where
+        C: h3::quic::Connection<Bytes, BidiStream = h3_quinn::BidiStream<Bytes>>,
+    {
+        let peer = self.peer;
+        // The request head gets the same time as over TCP.
+        let (head, stream) =
+            match tokio::time::timeout(self.header_timeout, resolver.resolve_request()).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) => {
+                    debug!(%peer, error = %e, "http/3 request head refused");
+                    return;
+                }
+                Err(_) => {
+                    debug!(%peer, "http/3 request head timed out");
+                    return;
+                }
+            };
+        let (mut send, recv) = stream.split();
+        if head.method() == Method::CONNECT {
+            // Extended CONNECT (WebSockets over HTTP/3) is not offered in
+            // SETTINGS; plain CONNECT is a proxy's job.
+            let resp = error_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "CONNECT is not served over HTTP/3",
+            );
+            respond(&mut send, resp).await;
+            return;
+        }
+        let mut body = RequestBody::h3(recv);
+        if !head.headers().contains_key(header::CONTENT_LENGTH) && bodiless(head.method()) {
+            // Cancel-safe; a body still unknown after the head's time is
+            // forwarded as streamed.
+            let _ = tokio::time::timeout(self.header_timeout, body.peek_h3()).await;
+        }
+        let req: Request<RequestBody> = head.map(|()| body);
+        let resp = route::handle(req, self.state, peer, self.sni, self.in_flight).await;
+        respond(&mut send, resp).await;
+    }
+}
+
+/// Methods whose requests normally carry no body.
+fn bodiless(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS | Method::TRACE
+    )
+}
+
+/// Headers HTTP/3 forbids (RFC 9114 4.2): what HTTP/1.1 uses to manage
+/// its connection.
+const CONNECTION_SPECIFIC: &[&str] = &[
+    "connection",
+    "transfer-encoding",
+    "upgrade",
+    "keep-alive",
+    "proxy-connection",
+];
+
+/// Writes `resp` to the stream as it comes: the head, each data frame as
+/// the service sends it, trailers, then FIN. A body that fails midway
+/// resets the stream instead, so the client sees a cut response as cut.
+async fn respond(send: &mut H3Send, resp: Response<Body>) {
+    let (mut parts, mut body) = resp.into_parts();
+    for name in CONNECTION_SPECIFIC {
+        parts.headers.remove(*name);
+    }
+    if let Err(e) = send.send_response(Response::from_parts(parts, ())).await {
+        debug!(error = %e, "http/3 response head not sent");
+        return;
+    }
+    while let Some(frame) = body.frame().await {
+        let sent = match frame {
+            Ok(frame) => match frame.into_data() {
+                Ok(data) if data.is_empty() => Ok(()),
+                Ok(data) => send.send_data(data).await,
+                Err(frame) => match frame.into_trailers() {
+                    Ok(trailers) => send.send_trailers(trailers).await,
+                    Err(_) => Ok(()),
+                },
+            },
+            Err(e) => {
+                debug!(error = %e, "response body failed; resetting the http/3 stream");
+                send.stop_stream(Code::H3_INTERNAL_ERROR);
+                return;
+            }
+        };
+        if let Err(e) = sent {
+            // The client went away or reset the stream: dropping the body
+            // cancels the request upstream.
+            debug!(error = %e, "http/3 client stopped reading the response");
+            return;
+        }
+    }
+    // The body is over (and its access-log line written) before FIN.
+    drop(body);
+    if let Err(e) = send.finish().await {
+        debug!(error = %e, "http/3 response not finished");
+    }
+}
