@@ -341,3 +341,26 @@ async fn a_download_carries_on_when_the_clients_udp_port_changes_mid_stream() {
     assert_eq!(end["len"], len);
     assert_eq!(end["sha256"], download_sha256(&up, len));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_the_service_cuts_off_is_reset_not_finished() {
+    let (site, _up) = h3_site().await;
+    let client = H3Client::start(
+        &site,
+        "open.test",
+        json!({ "requests": [
+            { "method": "GET", "path": "/cut", "headers": [], "stream": true },
+            get("/headers"),
+        ]}),
+    );
+    let events = client.finish().await;
+    let cut = find(&events, "end", 0);
+    // A FIN here would pass a truncated body off as the whole response.
+    // (A reset may overtake the head and the first bytes, which QUIC lets
+    // the receiver drop.)
+    assert_eq!(cut["how"], "reset", "{cut}");
+    assert_eq!(cut["code"], 0x102, "H3_INTERNAL_ERROR: {cut}");
+    assert!(cut["len"].as_u64().unwrap() < 1 << 20, "{cut}");
+    // The connection carries on.
+    assert_eq!(find(&events, "end", 1)["how"], "fin");
+}

@@ -40,6 +40,8 @@ pub fn empty() -> ReqBody {
 pub enum Proto {
     H1,
     H2,
+    /// HTTP/3 over QUIC, to an endpoint's `h3` address.
+    H3,
 }
 
 /// TLS client settings that trust the bench's certificate.
@@ -77,6 +79,74 @@ pub struct Endpoint {
     pub addr: SocketAddr,
     /// None: plain HTTP (the direct column).
     pub tls: Option<Tls>,
+    /// Where it serves HTTP/3, if it does.
+    pub h3: Option<Arc<H3Endpoint>>,
+}
+
+/// An HTTP/3 server address and the QUIC client config that trusts the
+/// bench's certificate.
+pub struct H3Endpoint {
+    pub addr: SocketAddr,
+    config: quinn::ClientConfig,
+}
+
+/// One HTTP/3 connection, ready for requests.
+pub struct H3Sender {
+    send: h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>,
+    /// The UDP socket's endpoint; the connection lives while it does.
+    _endpoint: quinn::Endpoint,
+}
+
+/// A response on its way over HTTP/3.
+pub type H3Stream = h3::client::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
+
+impl H3Endpoint {
+    pub fn new(addr: SocketAddr, cert: CertificateDer<'static>) -> Result<Self, Error> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert)?;
+        let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        tls.alpn_protocols = vec![b"h3".to_vec()];
+        let quic =
+            quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;
+        Ok(Self {
+            addr,
+            config: quinn::ClientConfig::new(Arc::new(quic)),
+        })
+    }
+
+    /// A fresh connection from its own UDP socket (as each phone has).
+    pub async fn connect(&self) -> Result<H3Sender, Error> {
+        let mut endpoint = quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+        endpoint.set_default_client_config(self.config.clone());
+        let conn = tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect(self.addr, HOST)?)
+            .await
+            .map_err(|_| "quic handshake timed out")??;
+        let (mut driver, send) = h3::client::new(h3_quinn::Connection::new(conn)).await?;
+        tokio::spawn(async move {
+            let _ = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
+        });
+        Ok(H3Sender {
+            send,
+            _endpoint: endpoint,
+        })
+    }
+}
+
+impl H3Sender {
+    /// Sends a bodiless GET for `path`; the response head is in.
+    pub async fn get(&mut self, path: &str) -> Result<(http::StatusCode, H3Stream), Error> {
+        let uri: Uri = format!("https://{HOST}{path}").parse()?;
+        let req = Request::builder().uri(uri).body(())?;
+        let mut stream = self.send.send_request(req).await?;
+        stream.finish().await?;
+        let resp = stream.recv_response().await?;
+        Ok((resp.status(), stream))
+    }
 }
 
 /// Loopback source addresses the bench's clients take turns at, as many
@@ -123,6 +193,7 @@ impl Endpoint {
         let connector = match proto {
             Proto::H1 => &tls.h1,
             Proto::H2 => &tls.h2,
+            Proto::H3 => return Err("HTTP/3 does not run over TCP".into()),
         };
         let name = ServerName::try_from(HOST)?;
         let stream = tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name, tcp))
@@ -162,7 +233,7 @@ impl Endpoint {
     ) -> Request<ReqBody> {
         let builder = match proto {
             Proto::H1 => Request::builder().uri(path).header(header::HOST, HOST),
-            Proto::H2 => {
+            Proto::H2 | Proto::H3 => {
                 let scheme = if self.tls.is_some() { "https" } else { "http" };
                 let uri: Uri = format!("{scheme}://{HOST}{path}")
                     .parse()

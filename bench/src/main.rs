@@ -16,12 +16,13 @@ mod upstream;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 use serde::Serialize;
 
-use client::{Endpoint, Tls};
+use client::{Endpoint, H3Endpoint, Tls};
 use report::{Check, Report};
 use stack::{Burrow, CaddyAlone, CertFiles, PeerBins, RatholeStack};
 
@@ -311,6 +312,7 @@ async fn run(args: Args, nofile: u64) -> Result<(), Error> {
     let burrow_endpoint = Endpoint {
         addr: burrow.https,
         tls: Some(tls.clone()),
+        h3: Some(Arc::new(H3Endpoint::new(burrow.tunnel, certs.der.clone())?)),
     };
     burrow.wait_ready(&burrow_endpoint).await?;
 
@@ -330,12 +332,14 @@ async fn run(args: Args, nofile: u64) -> Result<(), Error> {
                     .wait_ready(&Endpoint {
                         addr: rathole.https,
                         tls: Some(tls.clone()),
+                        h3: None,
                     })
                     .await?;
                 stack::wait_ready(
                     &Endpoint {
                         addr: caddy.https,
                         tls: Some(tls.clone()),
+                        h3: None,
                     },
                     &mut [&mut caddy.caddy],
                 )
@@ -354,6 +358,7 @@ async fn run(args: Args, nofile: u64) -> Result<(), Error> {
         endpoint: Endpoint {
             addr: upstream,
             tls: None,
+            h3: None,
         },
         edge_pids: vec![],
         agent_pids: vec![],
@@ -371,6 +376,7 @@ async fn run(args: Args, nofile: u64) -> Result<(), Error> {
                 endpoint: Endpoint {
                     addr: p.rathole.https,
                     tls: Some(tls.clone()),
+                    h3: None,
                 },
                 edge_pids: vec![p.rathole.caddy.pid(), p.rathole.server.pid()],
                 agent_pids: vec![p.rathole.client.pid()],
@@ -380,6 +386,7 @@ async fn run(args: Args, nofile: u64) -> Result<(), Error> {
                 endpoint: Endpoint {
                     addr: p.caddy.https,
                     tls: Some(tls.clone()),
+                    h3: None,
                 },
                 edge_pids: vec![p.caddy.caddy.pid()],
                 agent_pids: vec![],
@@ -391,6 +398,7 @@ async fn run(args: Args, nofile: u64) -> Result<(), Error> {
         endpoint: Endpoint {
             addr: relays_addr,
             tls: None,
+            h3: None,
         },
         edge_pids: vec![relay_procs[0].pid()],
         agent_pids: relay_procs[1..].iter().map(stack::Proc::pid).collect(),
@@ -440,6 +448,7 @@ async fn run(args: Args, nofile: u64) -> Result<(), Error> {
                 let endpoint = Endpoint {
                     addr: p.rathole.https,
                     tls: Some(tls.clone()),
+                    h3: None,
                 };
                 let stopped = p.rathole.restart_edge().await?;
                 let recovered = scenarios::recovery(&endpoint).await?;

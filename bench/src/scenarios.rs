@@ -153,6 +153,7 @@ pub async fn bulk(targets: &[&Target], s: &Settings, report: &mut Report) -> Res
 enum Sender {
     H1(hyper::client::conn::http1::SendRequest<ReqBody>),
     H2(hyper::client::conn::http2::SendRequest<ReqBody>),
+    H3(crate::client::H3Sender),
 }
 
 impl Sender {
@@ -168,6 +169,17 @@ impl Sender {
                 s.send_request(endpoint.request(Proto::H2, Method::GET, path, empty()))
                     .await?
             }
+            Self::H3(s) => {
+                let (status, mut stream) = s.get(path).await?;
+                if !status.is_success() {
+                    return Err(format!("got {status}").into());
+                }
+                let mut n = 0u64;
+                while let Some(chunk) = stream.recv_data().await? {
+                    n += bytes::Buf::remaining(&chunk) as u64;
+                }
+                return Ok(n);
+            }
         };
         read_body(resp).await
     }
@@ -177,6 +189,14 @@ async fn sender(endpoint: &Endpoint, proto: Proto) -> Result<Sender, Error> {
     Ok(match proto {
         Proto::H1 => Sender::H1(endpoint.h1().await?),
         Proto::H2 => Sender::H2(endpoint.h2().await?),
+        Proto::H3 => Sender::H3(
+            endpoint
+                .h3
+                .as_ref()
+                .ok_or("no HTTP/3 on this target")?
+                .connect()
+                .await?,
+        ),
     })
 }
 
@@ -240,7 +260,11 @@ async fn load(endpoint: &Endpoint, proto: Proto, conns: usize, secs: f64) -> Res
 pub async fn small(targets: &[&Target], s: &Settings, report: &mut Report) -> Result<(), Error> {
     for round in 0..s.rounds {
         for t in rotated(targets, round) {
-            for (proto, label) in [(Proto::H1, "HTTP/1.1"), (Proto::H2, "HTTP/2")] {
+            let h3 = t.endpoint.h3.is_some().then_some((Proto::H3, "HTTP/3"));
+            for (proto, label) in [(Proto::H1, "HTTP/1.1"), (Proto::H2, "HTTP/2")]
+                .into_iter()
+                .chain(h3)
+            {
                 let (e0, a0) = t.cpu();
                 let mut l = load(&t.endpoint, proto, s.conns, s.small_secs).await?;
                 let (e1, a1) = t.cpu();
@@ -372,6 +396,54 @@ async fn sse_run(t: &Target, events: u64, interval_us: u64) -> Result<SseRun, Er
     })
 }
 
+/// [`sse_run`] over HTTP/3, on a warm connection too.
+async fn sse_run_h3(t: &Target, events: u64, interval_us: u64) -> Result<Option<SseRun>, Error> {
+    let Some(h3) = &t.endpoint.h3 else {
+        return Ok(None);
+    };
+    let mut s = h3.connect().await?;
+    for _ in 0..3 {
+        let (_, mut stream) = s.get("/small").await?;
+        while stream.recv_data().await?.is_some() {}
+    }
+    let path = format!("/sse?n={events}&interval_us={interval_us}");
+    let sent = now_ns();
+    let (status, mut stream) = s.get(&path).await?;
+    if !status.is_success() {
+        return Err(format!("{}: sse over h3 got {status}", t.name).into());
+    }
+    let mut buf: Vec<u8> = Vec::new();
+    let mut first = None;
+    let mut latencies_us = Vec::with_capacity(usize::try_from(events).unwrap_or(0));
+    while let Some(mut chunk) = stream.recv_data().await? {
+        let arrived = now_ns();
+        let n = bytes::Buf::remaining(&chunk);
+        buf.extend_from_slice(&bytes::Buf::copy_to_bytes(&mut chunk, n));
+        while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
+            let event: Vec<u8> = buf.drain(..end + 2).collect();
+            let stamp = std::str::from_utf8(&event)?
+                .trim()
+                .strip_prefix("data: ")
+                .and_then(|v| v.parse::<u64>().ok())
+                .ok_or("malformed sse event")?;
+            first.get_or_insert(arrived);
+            latencies_us.push(arrived.saturating_sub(stamp) as f64 / 1e3);
+        }
+    }
+    if latencies_us.len() as u64 != events {
+        return Err(format!(
+            "{}: got {} of {events} events over h3",
+            t.name,
+            latencies_us.len()
+        )
+        .into());
+    }
+    Ok(Some(SseRun {
+        first_ms: first.map_or(f64::NAN, |f| f.saturating_sub(sent) as f64 / 1e6),
+        latencies_us,
+    }))
+}
+
 /// Records `value` and, for non-direct targets, its excess over direct in
 /// the same round.
 fn push_with_added(
@@ -419,6 +491,30 @@ pub async fn sse(targets: &[&Target], s: &Settings, report: &mut Report) -> Resu
         push_with_added(report, "sse", "first event", "ms", &first);
         push_with_added(report, "sse", "per-event p50", "µs", &p50s);
         push_with_added(report, "sse", "per-event p99", "µs", &p99s);
+        // The same stream over HTTP/3 where a target serves it, beside
+        // the direct figures of this round.
+        let direct = |v: &[(&'static str, f64)]| v.iter().find(|(n, _)| *n == DIRECT).copied();
+        for t in targets {
+            let Some(mut r) = sse_run_h3(t, s.sse_events, s.sse_interval_us).await? else {
+                continue;
+            };
+            let (p50, p99) = p50_p99(&mut r.latencies_us);
+            eprintln!(
+                "sse {}/{}: {} over HTTP/3 first event {:.2} ms, per event p50 {p50:.0} µs p99 {p99:.0} µs",
+                round + 1,
+                s.rounds,
+                t.name,
+                r.first_ms
+            );
+            for (metric, unit, all, v) in [
+                ("HTTP/3 first event", "ms", &first, r.first_ms),
+                ("HTTP/3 per-event p50", "µs", &p50s, p50),
+                ("HTTP/3 per-event p99", "µs", &p99s, p99),
+            ] {
+                let round: Vec<_> = direct(all).into_iter().chain([(t.name, v)]).collect();
+                push_with_added(report, "sse", metric, unit, &round);
+            }
+        }
     }
     Ok(())
 }

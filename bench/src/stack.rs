@@ -249,6 +249,8 @@ pub struct Burrow {
     pub edge: Proc,
     pub agent: Proc,
     pub https: SocketAddr,
+    /// The tunnel's UDP port, where browsers get HTTP/3 too.
+    pub tunnel: SocketAddr,
     dir: PathBuf,
 }
 
@@ -269,7 +271,7 @@ impl Burrow {
         let edge_fp = keygen(burrow, &dir.join("edge.key"))?;
         let edge_toml = |https: SocketAddr, tunnel: SocketAddr| {
             format!(
-                "[edge]\nstate_dir = {state:?}\nkey = {key:?}\nhttps = \"{https}\"\ntunnel = \"{tunnel}\"\n\n\
+                "[edge]\nstate_dir = {state:?}\nkey = {key:?}\nhttps = \"{https}\"\ntunnel = \"{tunnel}\"\nhttp3 = true\n\n\
                  [tls]\nmode = \"files\"\ncert = {cert:?}\nkey = {tls_key:?}\n\n\
                  [[agent]]\nname = \"home\"\nkey = \"{agent_fp}\"\n\n\
                  [[route]]\nhost = \"{HOST}\"\nagent = \"home\"\nservice = \"app\"\nauth = \"none\"\n{rate}",
@@ -325,6 +327,7 @@ impl Burrow {
             edge,
             agent,
             https,
+            tunnel,
             dir: dir.to_owned(),
         })
     }

@@ -1510,6 +1510,27 @@ service = \"s\"
     }
 
     #[test]
+    fn http3_is_off_by_default_and_needs_routes() {
+        let with = |v: &str, routes: &str| {
+            parse(&format!(
+                "[edge]\nstate_dir = \"/tmp/s\"\n{v}\n\n[[agent]]\nname = \"home\"\nkey = \"{KEY}\"\n{routes}"
+            ))
+        };
+        let route = "\n[[route]]\nhost = \"chat.example.com\"\nagent = \"home\"\nservice = \"app\"\nauth = \"none\"\n";
+        assert!(!with("", route).unwrap().http3);
+        assert!(with("http3 = true", route).unwrap().http3);
+        assert!(!with("http3 = false", "").unwrap().http3);
+        let err = with("http3 = true", "").unwrap_err();
+        assert_eq!(err.position, Some((3, 9)), "{err}");
+        assert!(
+            err.message
+                .starts_with("edge.http3: needs at least one [[route]]"),
+            "{err}"
+        );
+        assert!(with("http3 = \"yes\"", route).is_err());
+    }
+
+    #[test]
     fn agent_wait_defaults_to_ten_seconds_allows_zero_and_is_capped() {
         let with = |v: &str| {
             parse(&format!(

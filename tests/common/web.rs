@@ -224,6 +224,18 @@ async fn handle(req: Request<Incoming>, up: Arc<Upstream>) -> Response<TestBody>
             });
             stream_response("text/event-stream", rx)
         }
+        "/cut" => {
+            // Promises a megabyte, sends a line and stops: a response cut
+            // off midway, as when the service crashes.
+            let (tx, rx) = mpsc::channel(1);
+            tokio::spawn(async move {
+                let _ = tx.send(Bytes::from_static(b"data: partial\n\n")).await;
+            });
+            let mut r = stream_response("text/event-stream", rx);
+            r.headers_mut()
+                .insert(http::header::CONTENT_LENGTH, (1u64 << 20).into());
+            r
+        }
         "/hang" => {
             std::future::pending::<()>().await;
             unreachable!()

@@ -49,6 +49,11 @@ Output: one JSON object per line on stdout, flushed after each line.
   {"event":"done"}
   {"event":"error","message":"..."}               # then exit code 1
 
+"early_data_offered": aioquic put early_data in the ClientHello and installed
+0-RTT keys; "request_sent_early": requests[0] went out before the handshake
+completed, in 0-RTT packets; "early_data_accepted"/"session_resumed": what
+the server answered (aioquic's quic.tls, via HandshakeCompleted).
+
 "end" says "fin" only when the response stream ended with a QUIC FIN (an H3
 DATA/HEADERS event with stream_ended=True) and "reset" only when the server
 reset the stream (QUIC RESET_STREAM; "code" is its error code). Header names
@@ -242,6 +247,7 @@ class Connection:
         self.ticket = None
         self.connected = False
         self.closing = False
+        self.peer_closed = False
         self.request_sent_early = False
         self.early_data_offered = False
         self.ping_uid = 0
@@ -284,12 +290,24 @@ class Connection:
                 continue
             self.quic.receive_datagram(data, self._norm_addr(addr), now)
 
+    def _on_closed(self, ev):
+        """The connection is closing (by the peer or by aioquic itself)."""
+        if self.closing or self.peer_closed:
+            return
+        if self.connected and self._done():
+            self.peer_closed = True  # after the last response: not an error
+            return
+        raise ClientError(
+            f"connection closed: code={ev.error_code:#x} "
+            f"frame_type={ev.frame_type} reason={ev.reason_phrase!r}")
+
     def _check_closed(self):
+        # aioquic reports its own close (e.g. a failed certificate check) as
+        # an event only after the closing period; its pending close is seen
+        # at once here
         ev = getattr(self.quic, "_close_event", None)
-        if ev is not None and not self.closing:
-            raise ClientError(
-                f"connection closed: code={ev.error_code:#x} "
-                f"frame_type={ev.frame_type} reason={ev.reason_phrase!r}")
+        if ev is not None:
+            self._on_closed(ev)
 
     def _emit(self, **obj):
         emit(event=obj.pop("event"), conn=self.conn_no, **obj)
@@ -418,10 +436,7 @@ class Connection:
                 if self.requests and self.requests[0].stream_id is None:
                     self._start_next()
             elif isinstance(ev, ConnectionTerminated):
-                if not self.closing:
-                    raise ClientError(
-                        f"connection closed: code={ev.error_code:#x} "
-                        f"frame_type={ev.frame_type} reason={ev.reason_phrase!r}")
+                self._on_closed(ev)
             req = self._active()
             if isinstance(ev, StreamReset) and req and ev.stream_id == req.stream_id:
                 self._finish(req, "reset", ev.error_code)
@@ -450,6 +465,8 @@ class Connection:
             if self._done() and self.connected:
                 if not need_ticket or self.ticket is not None:
                     break
+                if self.peer_closed:
+                    raise ClientError("no session ticket from the server")
                 if ticket_wait_until is None:
                     ticket_wait_until = time.monotonic() + 5
                 elif time.monotonic() > ticket_wait_until:
@@ -549,5 +566,8 @@ if __name__ == "__main__":
         main()
     except Exception as exc:  # report everything as one "error" line
         msg = str(exc) if isinstance(exc, ClientError) else f"{type(exc).__name__}: {exc}"
-        emit(event="error", message=msg)
+        try:
+            emit(event="error", message=msg)
+        except OSError:
+            pass  # stdout is gone
         sys.exit(1)
