@@ -364,3 +364,65 @@ async fn a_response_the_service_cuts_off_is_reset_not_finished() {
     // The connection carries on.
     assert_eq!(find(&events, "end", 1)["how"], "fin");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_head_declaring_a_gigabyte_is_refused_before_it_is_buffered() {
+    let (site, _up) = h3_site().await;
+    // HEADERS (type 0x01) declaring 2^30 - 1 bytes, then 8 MiB of it: the
+    // h3 crate alone would read and keep it all, granting credit as it goes.
+    let head = [0x01, 0xbf, 0xff, 0xff, 0xff];
+    let client = H3Client::start(
+        &site,
+        "open.test",
+        json!({ "requests": [
+            { "raw_b64": base64::engine::general_purpose::STANDARD.encode(head),
+              "raw_flood_bytes": 8 << 20 },
+            get("/headers"),
+        ]}),
+    );
+    let events = client.finish().await;
+    let refused = find(&events, "end", 0);
+    // Stopped at the frame's header with H3_EXCESSIVE_LOAD, not after a
+    // head timeout (which stops with code 0).
+    assert!(
+        refused["how"] == "stop_sending" || refused["how"] == "reset",
+        "{refused}"
+    );
+    assert_eq!(refused["code"], 0x107, "{refused}");
+    assert!(
+        !events
+            .iter()
+            .any(|e| e["event"] == "headers" && e["index"] == 0),
+        "{events:?}"
+    );
+    // The connection itself carries on.
+    assert_eq!(find(&events, "headers", 1)["status"], 200);
+    assert_eq!(find(&events, "end", 1)["how"], "fin");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_longer_than_its_content_length_never_reaches_the_service_whole() {
+    let (site, up) = h3_site().await;
+    let client = H3Client::start(
+        &site,
+        "open.test",
+        json!({ "requests": [
+            { "method": "POST", "path": "/upload", "headers": [["content-length", "5"]],
+              "body_b64": base64::engine::general_purpose::STANDARD.encode("0123456789") },
+            get("/headers"),
+        ]}),
+    );
+    let events = client.finish().await;
+    // RFC 9114 4.1.2: a malformed request. The service must not take the
+    // first five bytes for the whole body.
+    let status = find(&events, "headers", 0)["status"].as_u64().unwrap();
+    assert!(status >= 400, "{status}");
+    let started = up
+        .uploads_started
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let aborted = up
+        .uploads_aborted
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(started, aborted, "every upload that started was cut off");
+    assert_eq!(find(&events, "headers", 1)["status"], 200);
+}

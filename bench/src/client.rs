@@ -104,12 +104,16 @@ impl H3Endpoint {
     pub fn new(addr: SocketAddr, cert: CertificateDer<'static>) -> Result<Self, Error> {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(cert)?;
-        let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        // AES-128-GCM first, as browsers (and the TCP columns' server
+        // choice) have it; ring's default list starts with AES-256.
+        let mut provider = rustls::crypto::ring::default_provider();
+        provider
+            .cipher_suites
+            .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+        let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
         tls.alpn_protocols = vec![b"h3".to_vec()];
         let quic =
             quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;
@@ -119,9 +123,11 @@ impl H3Endpoint {
         })
     }
 
-    /// A fresh connection from its own UDP socket (as each phone has).
+    /// A fresh connection from its own UDP socket (as each phone has),
+    /// from the next of the bench's source addresses as over TCP.
     pub async fn connect(&self) -> Result<H3Sender, Error> {
-        let mut endpoint = quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+        let from = source_for(self.addr).unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)));
+        let mut endpoint = quinn::Endpoint::client(from)?;
         endpoint.set_default_client_config(self.config.clone());
         let conn = tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect(self.addr, HOST)?)
             .await

@@ -22,7 +22,12 @@ Input: one JSON object on stdin (it may be followed by more lines, see
                                         #     to a new UDP socket (new port)
        "migrate_change_cid": false,     # optional: also switch to a fresh
                                         #     connection ID when migrating
-       "wait_stdin_line": false}        # optional, see below
+       "wait_stdin_line": false,        # optional, see below
+       "raw_b64": null,                 # optional: these bytes as they are on
+                                        #   the stream instead of a request,
+       "raw_flood_bytes": 0}            #   then this many zero bytes, no FIN;
+                                        #   "end" says "stop_sending" or "reset"
+                                        #   when the server refuses the stream
     ],
     "zero_rtt": false,                  # see below
     "timeout": 30                       # seconds, for the whole run
@@ -108,7 +113,8 @@ from aioquic.h3.connection import H3_ALPN, ErrorCode, H3Connection
 from aioquic.h3.events import DataReceived, HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
-from aioquic.quic.events import ConnectionTerminated, HandshakeCompleted, StreamReset
+from aioquic.quic.events import (ConnectionTerminated, HandshakeCompleted,
+                                 StopSendingReceived, StreamReset)
 from aioquic import tls
 
 MAX_EARLY_DATA = 0xFFFFFFFF
@@ -326,6 +332,19 @@ class Connection:
         ]
         for k, v in spec.get("headers") or []:
             headers.append((k.lower().encode(), v.encode()))
+        if spec.get("raw_b64"):
+            # Bytes as they are on a new request stream, no HTTP/3 framing
+            # of ours (a hostile client), then `raw_flood_bytes` more
+            # without FIN: the server should stop or reset the stream.
+            req.stream_id = self.quic.get_next_available_stream_id()
+            self.quic.send_stream_data(req.stream_id, base64.b64decode(spec["raw_b64"]))
+            flood = int(spec.get("raw_flood_bytes") or 0)
+            chunk = b"\x00" * 65536
+            while flood > 0:
+                n = min(flood, len(chunk))
+                self.quic.send_stream_data(req.stream_id, chunk[:n])
+                flood -= n
+            return
         body = base64.b64decode(spec["body_b64"]) if spec.get("body_b64") else b""
         req.stream_id = self.quic.get_next_available_stream_id()
         self.h3.send_headers(req.stream_id, headers, end_stream=not body)
@@ -440,6 +459,9 @@ class Connection:
             req = self._active()
             if isinstance(ev, StreamReset) and req and ev.stream_id == req.stream_id:
                 self._finish(req, "reset", ev.error_code)
+            if (isinstance(ev, StopSendingReceived) and req
+                    and ev.stream_id == req.stream_id and req.spec.get("raw_b64")):
+                self._finish(req, "stop_sending", ev.error_code)
             for h3ev in self.h3.handle_event(ev):
                 self._on_h3(h3ev, self._active())
 

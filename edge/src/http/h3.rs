@@ -30,6 +30,7 @@ use tracing::debug;
 
 use burrow_proto::listener::{ClientKey, Front};
 
+use super::h3_frames::Guarded;
 use super::io::RequestBody;
 use super::{
     Activity, Body, HttpState, IDLE_CLOSE_GRACE, InFlight, MAX_HEADER_BYTES, StreamTicket,
@@ -45,6 +46,14 @@ use crate::tunnel::alpn::H3_ALPN;
 /// for at least three).
 pub const UNI_STREAMS: u32 = 4;
 
+/// What one browser connection may send before the edge has read it (all
+/// streams together; each stream 2 MiB, as on the tunnel): about what
+/// hyper allows an HTTP/2 connection.
+pub const RECEIVE_WINDOW: u32 = 8 * 1024 * 1024;
+/// What the edge buffers for one browser connection that has not
+/// acknowledged it yet.
+pub const SEND_WINDOW: u64 = 4 * 1024 * 1024;
+
 /// Browser connections the tunnel may have handed over and not yet been
 /// taken here.
 pub const INTAKE: usize = 256;
@@ -54,6 +63,8 @@ pub const EXCESSIVE_LOAD: quinn::VarInt = quinn::VarInt::from_u32(0x107);
 
 /// The sending half of a request stream.
 type H3Send = h3::server::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>;
+/// A request stream whose head has not been read yet.
+type Resolver = h3::server::RequestResolver<Guarded, Bytes>;
 
 /// The TLS config browsers meet on the UDP port: TLS 1.3, ALPN `h3`, the
 /// HTTPS listener's certificates, no early data (0-RTT refused: a replayed
@@ -141,28 +152,41 @@ impl Connection {
             .and_then(|d| d.server_name)
             .map(Arc::from);
         let quic = conn.clone();
-        let mut h3 = match h3::server::builder()
-            .max_field_section_size(MAX_HEADER_BYTES as u64)
-            .build::<_, Bytes>(h3_quinn::Connection::new(conn))
-            .await
-        {
-            Ok(h3) => h3,
-            Err(e) => {
-                debug!(%peer, error = %e, "http/3 connection failed to start");
-                return;
-            }
+        // The client must open its control and QPACK streams; one that
+        // does not gets the same time as a request head.
+        let mut builder = h3::server::builder();
+        builder.max_field_section_size(MAX_HEADER_BYTES as u64);
+        let build = builder.build::<_, Bytes>(Guarded(h3_quinn::Connection::new(conn)));
+        let mut h3 = tokio::select! {
+            built = tokio::time::timeout(self.header_timeout, build) => match built {
+                Ok(Ok(h3)) => h3,
+                Ok(Err(e)) => {
+                    debug!(%peer, error = %e, "http/3 connection failed to start");
+                    return;
+                }
+                Err(_) => {
+                    debug!(%peer, "http/3 connection did not start in time");
+                    quic.close(EXCESSIVE_LOAD, b"too slow");
+                    return;
+                }
+            },
+            () = self.shutdown.cancelled() => return,
         };
         let activity = Activity::new();
         let mut closing = false;
+        // Whether what was sent may still be on its way: then the client,
+        // told GOAWAY, gets time to read it and close the connection itself.
+        let mut linger = true;
         loop {
             tokio::select! {
                 accepted = h3.accept() => match accepted {
                     Ok(Some(resolver)) => {
                         let request = self.request(&quic, &activity, sni.clone());
+                        let header_timeout = self.header_timeout;
                         self.tracker.spawn(async move {
                             match request {
                                 Some(request) => request.run(resolver).await,
-                                None => refuse_stream(resolver).await,
+                                None => refuse_stream(resolver, header_timeout).await,
                             }
                         });
                     }
@@ -170,23 +194,32 @@ impl Connection {
                     Ok(None) => break,
                     Err(e) => {
                         debug!(%peer, error = %e, "http/3 connection ended");
+                        linger = false;
                         break;
                     }
                 },
                 () = self.shutdown.cancelled(), if !closing => {
                     closing = true;
-                    let _ = h3.shutdown(0).await;
+                    // GOAWAY names the first request not served: the one
+                    // after the last accepted, which is served.
+                    let _ = h3.shutdown(1).await;
                 }
-                // After GOAWAY, what was in flight has ended: the client
-                // closes now, or is closed on.
+                // After GOAWAY, what was in flight has ended.
                 () = activity.idle_for(IDLE_CLOSE_GRACE), if closing => break,
                 () = activity.idle_for(self.limits.idle_timeout), if !closing => {
                     self.front.stats().closed_idle.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     debug!(%peer, idle_timeout = ?self.limits.idle_timeout, "closing idle http/3 connection");
-                    let _ = h3.shutdown(0).await;
+                    let _ = h3.shutdown(1).await;
+                    // Nothing was sent for a whole idle timeout.
+                    linger = false;
                     break;
                 }
             }
+        }
+        if linger {
+            // Closing drops what the client has not acknowledged yet; a
+            // client that has read everything closes first.
+            let _ = tokio::time::timeout(IDLE_CLOSE_GRACE, quic.closed()).await;
         }
         // Dropping `h3` closes the connection (H3_NO_ERROR).
     }
@@ -226,13 +259,13 @@ impl Connection {
 
 /// Answers a request stream with 429 when the client has too many in
 /// flight.
-async fn refuse_stream<C>(resolver: h3::server::RequestResolver<C, Bytes>)
-where
-    C: h3::quic::Connection<Bytes, BidiStream = h3_quinn::BidiStream<Bytes>>,
-{
-    if let Ok((_, stream)) = resolver.resolve_request().await {
+async fn refuse_stream(resolver: Resolver, header_timeout: Duration) {
+    if let Ok(Ok((head, stream))) =
+        tokio::time::timeout(header_timeout, resolver.resolve_request()).await
+    {
         let (mut send, _recv) = stream.split();
-        respond(&mut send, refuse::response(Refusal::TooManyStreams)).await;
+        let resp = refuse::response(Refusal::TooManyStreams);
+        respond(&mut send, head.method(), resp).await;
     }
 }
 
@@ -246,10 +279,7 @@ struct H3Request {
 }
 
 impl H3Request {
-    async fn run<C>(self, resolver: h3::server::RequestResolver<C, Bytes>)
-    where
-        C: h3::quic::Connection<Bytes, BidiStream = h3_quinn::BidiStream<Bytes>>,
-    {
+    async fn run(self, resolver: Resolver) {
         let peer = self.peer;
         // The request head gets the same time as over TCP.
         let (head, stream) =
@@ -272,18 +302,28 @@ impl H3Request {
                 StatusCode::METHOD_NOT_ALLOWED,
                 "CONNECT is not served over HTTP/3",
             );
-            respond(&mut send, resp).await;
+            respond(&mut send, head.method(), resp).await;
             return;
         }
-        let mut body = RequestBody::h3(recv);
+        let declared = head
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if head.headers().contains_key(header::CONTENT_LENGTH) && declared.is_none() {
+            let resp = refuse::response(Refusal::BadRequest("invalid Content-Length"));
+            respond(&mut send, head.method(), resp).await;
+            return;
+        }
+        let mut body = RequestBody::h3(recv, declared);
         if !head.headers().contains_key(header::CONTENT_LENGTH) && bodiless(head.method()) {
             // Cancel-safe; a body still unknown after the head's time is
             // forwarded as streamed.
             let _ = tokio::time::timeout(self.header_timeout, body.peek_h3()).await;
         }
+        let method = head.method().clone();
         let req: Request<RequestBody> = head.map(|()| body);
         let resp = route::handle(req, self.state, peer, self.sni, self.in_flight).await;
-        respond(&mut send, resp).await;
+        respond(&mut send, &method, resp).await;
     }
 }
 
@@ -308,16 +348,21 @@ const CONNECTION_SPECIFIC: &[&str] = &[
 /// Writes `resp` to the stream as it comes: the head, each data frame as
 /// the service sends it, trailers, then FIN. A body that fails midway
 /// resets the stream instead, so the client sees a cut response as cut.
-async fn respond(send: &mut H3Send, resp: Response<Body>) {
+async fn respond(send: &mut H3Send, method: &Method, resp: Response<Body>) {
     let (mut parts, mut body) = resp.into_parts();
     for name in CONNECTION_SPECIFIC {
         parts.headers.remove(*name);
     }
+    // What HTTP/1.1 and HTTP/2 leave out too: no content for HEAD, 204
+    // and 304 (the head says what a GET would get).
+    let bodiless = *method == Method::HEAD
+        || parts.status == StatusCode::NO_CONTENT
+        || parts.status == StatusCode::NOT_MODIFIED;
     if let Err(e) = send.send_response(Response::from_parts(parts, ())).await {
         debug!(error = %e, "http/3 response head not sent");
         return;
     }
-    while let Some(frame) = body.frame().await {
+    while let Some(frame) = if bodiless { None } else { body.frame().await } {
         let sent = match frame {
             Ok(frame) => match frame.into_data() {
                 Ok(data) if data.is_empty() => Ok(()),

@@ -215,7 +215,8 @@ impl Pace {
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The receiving half of an HTTP/3 request stream.
-pub type H3Recv = h3::server::RequestStream<h3_quinn::RecvStream, Bytes>;
+pub type H3Recv =
+    h3::server::RequestStream<super::h3_frames::GuardedRecv<h3_quinn::RecvStream>, Bytes>;
 
 /// Where an HTTP/3 request body is in its stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -225,81 +226,125 @@ pub enum H3Part {
     Done,
 }
 
+/// A request body that does not match its Content-Length (RFC 9114
+/// 4.1.2: a malformed request); the service sees it aborted.
+#[derive(Debug, thiserror::Error)]
+#[error("request body of {received}+ bytes, its Content-Length says {declared}")]
+pub struct LengthMismatch {
+    declared: u64,
+    received: u64,
+}
+
+/// An HTTP/3 request body: DATA frames, then trailers, then the end.
+pub struct H3Body {
+    stream: H3Recv,
+    /// What was read ahead, see [`RequestBody::peek_h3`].
+    peeked: Option<Result<hyper::body::Frame<Bytes>, BoxError>>,
+    part: H3Part,
+    /// Content-Length, held against what comes.
+    declared: Option<u64>,
+    received: u64,
+}
+
+impl H3Body {
+    fn mismatch(&mut self) -> BoxError {
+        self.part = H3Part::Done;
+        Box::new(LengthMismatch {
+            declared: self.declared.unwrap_or_default(),
+            received: self.received,
+        })
+    }
+
+    fn poll_next(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        use hyper::body::Frame;
+        loop {
+            match self.part {
+                H3Part::Data => match self.stream.poll_recv_data(cx) {
+                    Poll::Ready(Ok(Some(mut buf))) => {
+                        let data = buf.copy_to_bytes(buf.remaining());
+                        if data.is_empty() {
+                            continue;
+                        }
+                        self.received += data.len() as u64;
+                        if self.declared.is_some_and(|d| self.received > d) {
+                            return Poll::Ready(Some(Err(self.mismatch())));
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    Poll::Ready(Ok(None)) => {
+                        if self.declared.is_some_and(|d| self.received != d) {
+                            return Poll::Ready(Some(Err(self.mismatch())));
+                        }
+                        self.part = H3Part::Trailers;
+                    }
+                    Poll::Ready(Err(e)) => {
+                        self.part = H3Part::Done;
+                        return Poll::Ready(Some(Err(e.into())));
+                    }
+                    Poll::Pending => return Poll::Pending,
+                },
+                H3Part::Trailers => {
+                    let polled = self.stream.poll_recv_trailers(cx);
+                    if polled.is_ready() {
+                        self.part = H3Part::Done;
+                    }
+                    return match polled {
+                        Poll::Ready(Ok(Some(trailers))) => {
+                            Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+                        }
+                        Poll::Ready(Ok(None)) => Poll::Ready(None),
+                        Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e.into()))),
+                        Poll::Pending => Poll::Pending,
+                    };
+                }
+                H3Part::Done => return Poll::Ready(None),
+            }
+        }
+    }
+}
+
 /// A client's request body as its connection delivers it: hyper's for
 /// HTTP/1.1 and HTTP/2, an HTTP/3 request stream's for HTTP/3. Everything
 /// after the connection (gate, forwarding, pacing) reads it the same way.
 pub enum RequestBody {
     Hyper(hyper::body::Incoming),
-    H3 {
-        stream: H3Recv,
-        /// A chunk (or the error) read ahead, see [`RequestBody::peek_h3`].
-        peeked: Option<Result<Bytes, BoxError>>,
-        part: H3Part,
-    },
+    H3(Box<H3Body>),
 }
 
 impl std::fmt::Debug for RequestBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Hyper(b) => b.fmt(f),
-            Self::H3 { part, .. } => f.debug_struct("H3").field("part", part).finish(),
+            Self::H3(b) => f.debug_struct("H3").field("part", &b.part).finish(),
         }
     }
 }
 
 impl RequestBody {
-    pub fn h3(stream: H3Recv) -> Self {
-        Self::H3 {
+    /// The body of an HTTP/3 request whose head declared `content_length`.
+    pub fn h3(stream: H3Recv, content_length: Option<u64>) -> Self {
+        Self::H3(Box::new(H3Body {
             stream,
             peeked: None,
             part: H3Part::Data,
-        }
+            declared: content_length,
+            received: 0,
+        }))
     }
 
-    /// Reads ahead until the body's first chunk or its end, so a request
+    /// Reads ahead until the body's first frame or its end, so a request
     /// without a body says so (HTTP/3 has no end-of-stream flag on the
     /// head, and an unknown-length body would be forwarded chunked).
     /// Cancel-safe: what was read stays in the body.
     pub async fn peek_h3(&mut self) {
-        if let Self::H3 { peeked, part, .. } = self
-            && peeked.is_none()
-            && *part == H3Part::Data
+        if let Self::H3(b) = self
+            && b.peeked.is_none()
+            && b.part != H3Part::Done
         {
-            let first = std::future::poll_fn(|cx| Pin::new(&mut *self).poll_h3_data(cx)).await;
-            if let (Self::H3 { peeked, .. }, Some(first)) = (self, first) {
-                *peeked = Some(first);
-            }
-        }
-    }
-
-    /// The next data chunk of an HTTP/3 body; `None` once the data part is
-    /// over (then trailers may follow).
-    fn poll_h3_data(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Bytes, BoxError>>> {
-        let Self::H3 { stream, part, .. } = self.get_mut() else {
-            return Poll::Ready(None);
-        };
-        loop {
-            match stream.poll_recv_data(cx) {
-                Poll::Ready(Ok(Some(mut buf))) => {
-                    let data = buf.copy_to_bytes(buf.remaining());
-                    if data.is_empty() {
-                        continue;
-                    }
-                    return Poll::Ready(Some(Ok(data)));
-                }
-                Poll::Ready(Ok(None)) => {
-                    *part = H3Part::Trailers;
-                    return Poll::Ready(None);
-                }
-                Poll::Ready(Err(e)) => {
-                    *part = H3Part::Done;
-                    return Poll::Ready(Some(Err(e.into())));
-                }
-                Poll::Pending => return Poll::Pending,
-            }
+            b.peeked = std::future::poll_fn(|cx| b.poll_next(cx)).await;
         }
     }
 }
@@ -309,49 +354,22 @@ impl hyper::body::Body for RequestBody {
     type Error = Box<dyn std::error::Error + Send + Sync>;
 
     fn poll_frame(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
-        let (peeked, part) = match self.as_mut().get_mut() {
-            Self::Hyper(b) => return Pin::new(b).poll_frame(cx).map_err(Into::into),
-            Self::H3 { peeked, part, .. } => (peeked, part),
-        };
-        if let Some(first) = peeked.take() {
-            return Poll::Ready(Some(first.map(hyper::body::Frame::data)));
-        }
-        match *part {
-            H3Part::Data => match self.as_mut().poll_h3_data(cx) {
-                Poll::Ready(Some(r)) => return Poll::Ready(Some(r.map(hyper::body::Frame::data))),
-                Poll::Ready(None) => {}
-                Poll::Pending => return Poll::Pending,
+        match self.get_mut() {
+            Self::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Self::H3(b) => match b.peeked.take() {
+                Some(frame) => Poll::Ready(Some(frame)),
+                None => b.poll_next(cx),
             },
-            H3Part::Trailers => {}
-            H3Part::Done => return Poll::Ready(None),
-        }
-        let Self::H3 { stream, part, .. } = self.get_mut() else {
-            return Poll::Ready(None);
-        };
-        match stream.poll_recv_trailers(cx) {
-            Poll::Ready(Ok(Some(trailers))) => {
-                *part = H3Part::Done;
-                Poll::Ready(Some(Ok(hyper::body::Frame::trailers(trailers))))
-            }
-            Poll::Ready(Ok(None)) => {
-                *part = H3Part::Done;
-                Poll::Ready(None)
-            }
-            Poll::Ready(Err(e)) => {
-                *part = H3Part::Done;
-                Poll::Ready(Some(Err(e.into())))
-            }
-            Poll::Pending => Poll::Pending,
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             Self::Hyper(b) => b.is_end_stream(),
-            Self::H3 { peeked, part, .. } => peeked.is_none() && *part != H3Part::Data,
+            Self::H3(b) => b.peeked.is_none() && b.part == H3Part::Done,
         }
     }
 
@@ -359,7 +377,12 @@ impl hyper::body::Body for RequestBody {
         match self {
             Self::Hyper(b) => b.size_hint(),
             _ if self.is_end_stream() => hyper::body::SizeHint::with_exact(0),
-            Self::H3 { .. } => hyper::body::SizeHint::default(),
+            Self::H3(b) => match b.declared {
+                Some(d) if b.peeked.is_none() => {
+                    hyper::body::SizeHint::with_exact(d.saturating_sub(b.received))
+                }
+                _ => hyper::body::SizeHint::default(),
+            },
         }
     }
 }

@@ -6,6 +6,7 @@ mod access_log;
 mod forward;
 mod h2c;
 pub mod h3;
+pub mod h3_frames;
 pub mod handshake;
 pub mod io;
 pub mod pool;

@@ -110,11 +110,16 @@ pub fn server_config(
     let mut config = match http3 {
         None => quinn::ServerConfig::with_crypto(Arc::new(agents)),
         Some(h3) => {
-            // The limits are the browsers': an agent opens one stream, and
-            // is held to that once it is known to be one (`handle_incoming`).
+            // The limits are the browsers' (what one connection may make
+            // the edge buffer about as over HTTP/2); an agent gets the
+            // tunnel's windows once it is known to be one
+            // (`handle_incoming`). Stream counts cannot be taken back, but
+            // an agent opens its control stream only.
             transport
                 .max_concurrent_bidi_streams(quinn::VarInt::from_u32(h3.streams.max(1)))
-                .max_concurrent_uni_streams(quinn::VarInt::from_u32(crate::http::h3::UNI_STREAMS));
+                .max_concurrent_uni_streams(quinn::VarInt::from_u32(crate::http::h3::UNI_STREAMS))
+                .receive_window(quinn::VarInt::from_u32(crate::http::h3::RECEIVE_WINDOW))
+                .send_window(crate::http::h3::SEND_WINDOW);
             let browsers = quic_config(h3.tls)?;
             quinn::ServerConfig::with_crypto(Arc::new(alpn::AlpnSplit::new(agents, browsers)))
         }
@@ -265,9 +270,12 @@ impl Tunnel {
                 }
                 return;
             }
-            // Advertised for browsers; an agent opens its control stream only.
+            // The endpoint's limits are the browsers'; an agent gets the
+            // tunnel's.
             conn.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(1));
             conn.set_max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
+            conn.set_receive_window(quinn::VarInt::from_u32(quic::CONNECTION_RECEIVE_WINDOW));
+            conn.set_send_window(quic::SEND_WINDOW);
         }
         let key = peer_fingerprint(&conn);
         self.admit(Connection::Quic(conn), key, remote, stop, drained)
