@@ -17,9 +17,24 @@ pub const STABLE_SESSION: Duration = Duration::from_secs(30);
 /// Exponential backoff with "equal jitter": each delay is half the current
 /// step plus a random part of the other half, so agents that lost the same
 /// edge do not reconnect in lockstep.
-#[derive(Debug, Default, Clone)]
+/// The cap for an agent with several edges: a session to each is what
+/// makes the cluster survive an edge, so a restarted edge gets its agents
+/// back within two seconds (a failed attempt costs one handshake packet).
+pub const CLUSTER_BACKOFF_CAP: Duration = Duration::from_millis(1600);
+
+#[derive(Debug, Clone)]
 pub struct Backoff {
     attempt: u32,
+    cap: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            attempt: 0,
+            cap: BACKOFF_CAP,
+        }
+    }
 }
 
 impl Backoff {
@@ -27,11 +42,16 @@ impl Backoff {
         Self::default()
     }
 
+    /// Delays that never exceed `cap`.
+    pub fn with_cap(cap: Duration) -> Self {
+        Self { attempt: 0, cap }
+    }
+
     /// The next delay; `jitter` is uniform in `[0, 1)`.
     pub fn next_delay(&mut self, jitter: f64) -> Duration {
         let step = BACKOFF_START
             .saturating_mul(1u32 << self.attempt.min(16))
-            .min(BACKOFF_CAP);
+            .min(self.cap);
         self.attempt = self.attempt.saturating_add(1);
         let half = step / 2;
         half + half.mul_f64(jitter.clamp(0.0, 1.0))

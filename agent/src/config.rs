@@ -34,7 +34,9 @@ struct File {
 #[serde(deny_unknown_fields)]
 struct AgentSection {
     name: Spanned<String>,
-    edge: Spanned<String>,
+    edge: Option<Spanned<String>>,
+    /// Several edges (a cluster): one session to each.
+    edges: Option<Spanned<Vec<Spanned<String>>>>,
     edge_key: Option<Fingerprint>,
     /// A CA certificate (PEM) to trust for the edge's public certificate,
     /// besides the usual web roots (a private CA, or Pebble in tests).
@@ -90,15 +92,31 @@ struct LanEntry {
     service: Spanned<String>,
 }
 
+/// The most edges one agent keeps sessions with (`[agent] edges`).
+pub const MAX_EDGES: usize = 16;
+
+/// One edge the agent dials.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EdgeAddr {
+    /// `host:port`: the edge's QUIC endpoint on UDP, its HTTPS listener on
+    /// TCP (the fallback).
+    pub addr: String,
+    /// The host part, for TLS.
+    pub host: String,
+}
+
 /// The validated agent configuration.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     pub name: Name,
-    /// `host:port` of the edge: its QUIC endpoint on UDP, its HTTPS
-    /// listener on TCP (the fallback).
+    /// `host:port` of the (first) edge: its QUIC endpoint on UDP, its
+    /// HTTPS listener on TCP (the fallback).
     pub edge: String,
     /// The host part of `edge`, for TLS.
     pub edge_host: String,
+    /// Every edge the agent keeps a session with: `[agent] edge` alone, or
+    /// `[agent] edges` in order.
+    pub edges: Vec<EdgeAddr>,
     pub edge_key: Option<Fingerprint>,
     pub edge_ca: Option<PathBuf>,
     pub key_path: PathBuf,
@@ -224,12 +242,54 @@ fn convert(src: &Source, file: File) -> Result<AgentConfig, ConfigError> {
     let a = &file.agent;
     let name = Name::new(a.name.get_ref().clone())
         .map_err(|e| src.error_at(a.name.span(), format!("agent.name: {e}")))?;
-    let (edge_host, edge_port) = split_host_port(a.edge.get_ref(), None).ok_or_else(|| {
-        src.error_at(
-            a.edge.span(),
-            "agent.edge: write host:port, e.g. \"edge.example.com:443\"",
-        )
-    })?;
+    let parse_edge = |v: &Spanned<String>, key: &str| {
+        let (host, port) = split_host_port(v.get_ref(), None).ok_or_else(|| {
+            src.error_at(
+                v.span(),
+                format!("{key}: write host:port, e.g. \"edge.example.com:443\""),
+            )
+        })?;
+        Ok::<_, ConfigError>(EdgeAddr {
+            addr: join_host_port(&host, port),
+            host,
+        })
+    };
+    let edges = match (&a.edge, &a.edges) {
+        (Some(edge), None) => vec![parse_edge(edge, "agent.edge")?],
+        (None, Some(list)) => {
+            if list.get_ref().is_empty() {
+                return Err(src.error_at(list.span(), "agent.edges: name at least one edge"));
+            }
+            if let Some(extra) = list.get_ref().get(MAX_EDGES) {
+                return Err(src.error_at(
+                    extra.span(),
+                    format!("agent.edges: at most {MAX_EDGES} edges"),
+                ));
+            }
+            let mut edges: Vec<EdgeAddr> = Vec::new();
+            for (i, v) in list.get_ref().iter().enumerate() {
+                let edge = parse_edge(v, &format!("agent.edges[{i}]"))?;
+                if edges
+                    .iter()
+                    .any(|e| e.addr.eq_ignore_ascii_case(&edge.addr))
+                {
+                    return Err(src.error_at(
+                        v.span(),
+                        format!("agent.edges[{i}]: {} is listed twice", edge.addr),
+                    ));
+                }
+                edges.push(edge);
+            }
+            edges
+        }
+        (Some(edge), Some(_)) => {
+            return Err(src.error_at(edge.span(), "agent: write `edge` or `edges`, not both"));
+        }
+        (None, None) => {
+            return Err(src.error("agent: `edge = \"host:port\"` (or `edges = [...]`) is missing"));
+        }
+    };
+    let (edge, edge_host) = (edges[0].addr.clone(), edges[0].host.clone());
 
     let mut services = Vec::new();
     let mut names = HashSet::new();
@@ -387,8 +447,9 @@ fn convert(src: &Source, file: File) -> Result<AgentConfig, ConfigError> {
 
     Ok(AgentConfig {
         name,
-        edge: join_host_port(&edge_host, edge_port),
+        edge,
         edge_host,
+        edges,
         edge_key: a.edge_key,
         edge_ca: a.edge_ca.as_deref().map(|p| src.resolve(p)),
         key_path: src.resolve(&a.key),
@@ -552,5 +613,57 @@ mod tests {
         assert_eq!(split_host_port("[::1]", Some(9)), Some(("::1".into(), 9)));
         assert_eq!(split_host_port("::1:5", None), None);
         assert_eq!(split_host_port(":5", None), None);
+    }
+
+    #[test]
+    fn edges_lists_several_edges_and_edge_stays_one() {
+        let one =
+            parse("[agent]\nname = \"home\"\nedge = \"a.example.com:443\"\nkey = \"k\"\n").unwrap();
+        assert_eq!(one.edges.len(), 1);
+        assert_eq!(one.edges[0].host, "a.example.com");
+        let two = parse(
+            "[agent]\nname = \"home\"\nedges = [\"a.example.com:443\", \"[2001:db8::1]:8443\"]\nkey = \"k\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            two.edges
+                .iter()
+                .map(|e| e.addr.as_str())
+                .collect::<Vec<_>>(),
+            ["a.example.com:443", "[2001:db8::1]:8443"]
+        );
+        assert_eq!(two.edge, "a.example.com:443");
+        for (text, message, at) in [
+            (
+                "edge = \"a.example.com:443\"\nedges = [\"b.example.com:443\"]",
+                "agent: write `edge` or `edges`, not both",
+                Some((3, 8)),
+            ),
+            (
+                "edges = []",
+                "agent.edges: name at least one edge",
+                Some((3, 9)),
+            ),
+            (
+                "edges = [\"a.example.com:443\", \"A.example.com:443\"]",
+                "agent.edges[1]: A.example.com:443 is listed twice",
+                Some((3, 31)),
+            ),
+            (
+                "edges = [\"a.example.com\"]",
+                "agent.edges[0]: write host:port",
+                Some((3, 10)),
+            ),
+            (
+                "",
+                "agent: `edge = \"host:port\"` (or `edges = [...]`) is missing",
+                None,
+            ),
+        ] {
+            let err =
+                parse(&format!("[agent]\nname = \"home\"\n{text}\nkey = \"k\"\n")).unwrap_err();
+            assert!(err.message.starts_with(message), "{text}: {err}");
+            assert_eq!(err.position, at, "{text}: {err}");
+        }
     }
 }

@@ -52,7 +52,8 @@ pub enum AgentError {
 pub struct Agent {
     config: Arc<AgentConfig>,
     identity: Identity,
-    status: watch::Sender<AgentStatus>,
+    /// One per edge, in `config.edges` order.
+    statuses: Vec<watch::Sender<AgentStatus>>,
     monitors: Monitors,
     monitor_task: MonitorTask,
     lan: Vec<(LanConfig, std::net::TcpListener)>,
@@ -86,10 +87,15 @@ impl Agent {
             lan.push((l.clone(), listener));
         }
         let (monitors, monitor_task) = Monitors::new(&config.services);
+        let statuses = config
+            .edges
+            .iter()
+            .map(|_| watch::channel(AgentStatus::Connecting).0)
+            .collect();
         Ok(Self {
             config: Arc::new(config),
             identity,
-            status: watch::channel(AgentStatus::Connecting).0,
+            statuses,
             monitors,
             monitor_task,
             lan,
@@ -117,9 +123,14 @@ impl Agent {
         self.identity.fingerprint()
     }
 
-    /// Follows the agent's connection state.
+    /// Follows the state of the session with the first (or only) edge.
     pub fn status(&self) -> watch::Receiver<AgentStatus> {
-        self.status.subscribe()
+        self.statuses[0].subscribe()
+    }
+
+    /// The session with each edge, in `[agent] edges` order.
+    pub fn edge_statuses(&self) -> Vec<watch::Receiver<AgentStatus>> {
+        self.statuses.iter().map(watch::Sender::subscribe).collect()
     }
 
     /// Runs until `shutdown`, reconnecting to the edge forever.
@@ -148,7 +159,7 @@ impl Agent {
             .map_err(AgentError::Bind)?;
         info!(
             name = %self.config.name,
-            edge = %self.config.edge,
+            edges = %self.config.edges.iter().map(|e| e.addr.as_str()).collect::<Vec<_>>().join(", "),
             fingerprint = %self.identity.fingerprint(),
             "agent starting"
         );
@@ -194,6 +205,7 @@ impl Agent {
             ));
         }
         let services = Arc::new(Services::new(self.config.services.clone()).with_caches(caches));
+        let instance = rand::random();
         {
             let services = services.clone();
             let monitors = self.monitors.clone();
@@ -209,17 +221,27 @@ impl Agent {
                 }
             });
         }
-        let dialer = Arc::new(Dialer {
-            services,
-            config: self.config,
-            client,
-            tcp,
-            monitors: self.monitors,
-            status: self.status,
-            resolver: self.resolver,
-            instance: rand::random(),
-        });
-        dialer.run(endpoint, shutdown).await;
+        // One session per edge, each with its own reconnects and transport;
+        // the services, their monitors and wake single-flight are shared,
+        // so a machine is woken once whichever edge asked.
+        let mut dialers = tokio::task::JoinSet::new();
+        for (edge, status) in self.config.edges.iter().zip(self.statuses) {
+            let dialer = Arc::new(Dialer {
+                services: services.clone(),
+                config: self.config.clone(),
+                edge: edge.clone(),
+                client: client.clone(),
+                tcp: tcp.clone(),
+                monitors: self.monitors.clone(),
+                status,
+                resolver: self.resolver.clone(),
+                instance,
+            });
+            dialers.spawn(dialer.run(endpoint.clone(), shutdown.clone()));
+        }
+        while dialers.join_next().await.is_some() {}
+        endpoint.close(burrow_proto::quic::code::OK, b"agent stopping");
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), endpoint.wait_idle()).await;
         // The monitor and lan tasks watch the same token.
         while tasks.join_next().await.is_some() {}
         Ok(())
@@ -235,7 +257,7 @@ fn apply_reload(
 ) {
     let restart_only = [
         ("agent.name", current.name != new.name),
-        ("agent.edge", current.edge != new.edge),
+        ("agent.edge", current.edges != new.edges),
         ("agent.edge_key", current.edge_key != new.edge_key),
         ("agent.edge_ca", current.edge_ca != new.edge_ca),
         ("agent.key", current.key_path != new.key_path),

@@ -105,9 +105,21 @@ pub fn client_config(
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| rustls::Error::General(e.to_string()))?;
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
-    client.transport_config(Arc::new(quic::transport_config(Role::Agent)));
+    let mut transport = quic::transport_config(Role::Agent);
+    if config.edges.len() > 1 {
+        // An edge that died without a word (a crash, a kill) and came back
+        // answers the next packet on the old connection with a stateless
+        // reset (its identity key derives the reset tokens): a ping this
+        // often puts the agent back on it within two seconds.
+        transport.keep_alive_interval(Some(CLUSTER_KEEP_ALIVE));
+    }
+    client.transport_config(Arc::new(transport));
     Ok(client)
 }
+
+/// Keep-alive of an agent with several edges (one ping per edge this
+/// often, a few dozen bytes).
+pub const CLUSTER_KEEP_ALIVE: Duration = Duration::from_millis(1500);
 
 /// The TLS-over-TCP connector: the same TLS as QUIC's.
 pub fn tcp_connector(
@@ -199,6 +211,8 @@ struct Dialled {
 
 pub(crate) struct Dialer {
     pub config: Arc<AgentConfig>,
+    /// The edge this dialer keeps a session with (one of `config.edges`).
+    pub edge: crate::config::EdgeAddr,
     pub client: quinn::ClientConfig,
     pub tcp: tokio_rustls::TlsConnector,
     pub services: Arc<Services>,
@@ -213,7 +227,11 @@ pub(crate) struct Dialer {
 impl Dialer {
     /// Keeps a session up until `shutdown`.
     pub async fn run(self: Arc<Self>, endpoint: quinn::Endpoint, shutdown: CancellationToken) {
-        let mut backoff = Backoff::new();
+        let mut backoff = if self.config.edges.len() > 1 {
+            Backoff::with_cap(crate::backoff::CLUSTER_BACKOFF_CAP)
+        } else {
+            Backoff::new()
+        };
         let mut next: Option<Established> = None;
         let mut restarting_until: Option<tokio::time::Instant> = None;
         loop {
@@ -293,18 +311,16 @@ impl Dialer {
             }
         }
         self.status.send_replace(AgentStatus::Stopped);
-        endpoint.close(code::OK, b"agent stopping");
-        let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
     }
 
     async fn resolve(&self) -> Result<Vec<SocketAddr>, String> {
         let addrs = self
             .resolver
-            .resolve(&self.config.edge)
+            .resolve(&self.edge.addr)
             .await
-            .map_err(|e| format!("resolving {}: {e}", self.config.edge))?;
+            .map_err(|e| format!("resolving {}: {e}", self.edge.addr))?;
         if addrs.is_empty() {
-            return Err(format!("{} resolves to no address", self.config.edge));
+            return Err(format!("{} resolves to no address", self.edge.addr));
         }
         Ok(addrs)
     }
@@ -378,7 +394,7 @@ impl Dialer {
         let sni = if self.config.edge_key.is_some() {
             IDENTITY_SNI
         } else {
-            self.config.edge_host.as_str()
+            self.edge.host.as_str()
         };
         let now = || tokio::time::Instant::now().into_std();
         let started = tokio::time::Instant::now();
@@ -441,7 +457,7 @@ impl Dialer {
             };
             if quic_done && tcp_done {
                 return Err(failure.unwrap_or_else(|| {
-                    Outcome::Failed(format!("{} resolves to no address", self.config.edge))
+                    Outcome::Failed(format!("{} resolves to no address", self.edge.addr))
                 }));
             }
             let next = [

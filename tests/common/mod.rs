@@ -132,6 +132,8 @@ pub struct AgentExtras {
     pub lan: Vec<SocketAddr>,
     /// Hands the running agent a new config, as SIGHUP does.
     pub reload: tokio::sync::mpsc::Sender<AgentConfig>,
+    /// The session with each edge, in `[agent] edges` order.
+    pub edges: Vec<watch::Receiver<AgentStatus>>,
 }
 
 pub fn start_agent_with(config: AgentConfig) -> (AgentHandle, AgentExtras) {
@@ -142,6 +144,7 @@ pub fn start_agent_with(config: AgentConfig) -> (AgentHandle, AgentExtras) {
         services: agent.services(),
         lan: agent.lan_addrs(),
         reload,
+        edges: agent.edge_statuses(),
     };
     let shutdown = CancellationToken::new();
     let s = shutdown.clone();
