@@ -367,33 +367,71 @@ async fn sse_run(t: &Target, events: u64, interval_us: u64) -> Result<SseRun, Er
         return Err(format!("{}: sse got {}", t.name, resp.status()).into());
     }
     let mut body = resp.into_body();
-    let mut buf: Vec<u8> = Vec::new();
-    let mut first = None;
-    let mut latencies_us = Vec::with_capacity(usize::try_from(events).unwrap_or(0));
+    let mut events_seen = SseTimes::new(events, sent);
     while let Some(frame) = body.frame().await {
         let arrived = now_ns();
         let Ok(data) = frame?.into_data() else {
             continue;
         };
-        buf.extend_from_slice(&data);
-        while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
-            let event: Vec<u8> = buf.drain(..end + 2).collect();
+        events_seen.push(&data, arrived)?;
+    }
+    events_seen.finish(t.name)
+}
+
+/// Per-event latencies of an SSE stream whose events carry their send
+/// time (`data: <ns>`), as chunks arrive.
+struct SseTimes {
+    expected: u64,
+    sent: u64,
+    buf: Vec<u8>,
+    first: Option<u64>,
+    latencies_us: Vec<f64>,
+}
+
+impl SseTimes {
+    fn new(expected: u64, sent: u64) -> Self {
+        Self {
+            expected,
+            sent,
+            buf: Vec::new(),
+            first: None,
+            latencies_us: Vec::with_capacity(usize::try_from(expected).unwrap_or(0)),
+        }
+    }
+
+    /// A chunk that arrived at `arrived` (ns).
+    fn push(&mut self, data: &[u8], arrived: u64) -> Result<(), Error> {
+        self.buf.extend_from_slice(data);
+        while let Some(end) = self.buf.windows(2).position(|w| w == b"\n\n") {
+            let event: Vec<u8> = self.buf.drain(..end + 2).collect();
             let stamp = std::str::from_utf8(&event)?
                 .trim()
                 .strip_prefix("data: ")
                 .and_then(|v| v.parse::<u64>().ok())
                 .ok_or("malformed sse event")?;
-            first.get_or_insert(arrived);
-            latencies_us.push(arrived.saturating_sub(stamp) as f64 / 1e3);
+            self.first.get_or_insert(arrived);
+            self.latencies_us
+                .push(arrived.saturating_sub(stamp) as f64 / 1e3);
         }
+        Ok(())
     }
-    if latencies_us.len() as u64 != events {
-        return Err(format!("{}: got {} of {events} events", t.name, latencies_us.len()).into());
+
+    fn finish(self, name: &str) -> Result<SseRun, Error> {
+        if self.latencies_us.len() as u64 != self.expected {
+            return Err(format!(
+                "{name}: got {} of {} events",
+                self.latencies_us.len(),
+                self.expected
+            )
+            .into());
+        }
+        Ok(SseRun {
+            first_ms: self
+                .first
+                .map_or(f64::NAN, |f| f.saturating_sub(self.sent) as f64 / 1e6),
+            latencies_us: self.latencies_us,
+        })
     }
-    Ok(SseRun {
-        first_ms: first.map_or(f64::NAN, |f| f.saturating_sub(sent) as f64 / 1e6),
-        latencies_us,
-    })
 }
 
 /// [`sse_run`] over HTTP/3, on a warm connection too.
@@ -412,36 +450,13 @@ async fn sse_run_h3(t: &Target, events: u64, interval_us: u64) -> Result<Option<
     if !status.is_success() {
         return Err(format!("{}: sse over h3 got {status}", t.name).into());
     }
-    let mut buf: Vec<u8> = Vec::new();
-    let mut first = None;
-    let mut latencies_us = Vec::with_capacity(usize::try_from(events).unwrap_or(0));
+    let mut events_seen = SseTimes::new(events, sent);
     while let Some(mut chunk) = stream.recv_data().await? {
         let arrived = now_ns();
         let n = bytes::Buf::remaining(&chunk);
-        buf.extend_from_slice(&bytes::Buf::copy_to_bytes(&mut chunk, n));
-        while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
-            let event: Vec<u8> = buf.drain(..end + 2).collect();
-            let stamp = std::str::from_utf8(&event)?
-                .trim()
-                .strip_prefix("data: ")
-                .and_then(|v| v.parse::<u64>().ok())
-                .ok_or("malformed sse event")?;
-            first.get_or_insert(arrived);
-            latencies_us.push(arrived.saturating_sub(stamp) as f64 / 1e3);
-        }
+        events_seen.push(&bytes::Buf::copy_to_bytes(&mut chunk, n), arrived)?;
     }
-    if latencies_us.len() as u64 != events {
-        return Err(format!(
-            "{}: got {} of {events} events over h3",
-            t.name,
-            latencies_us.len()
-        )
-        .into());
-    }
-    Ok(Some(SseRun {
-        first_ms: first.map_or(f64::NAN, |f| f.saturating_sub(sent) as f64 / 1e6),
-        latencies_us,
-    }))
+    events_seen.finish(t.name).map(Some)
 }
 
 /// Records `value` and, for non-direct targets, its excess over direct in
