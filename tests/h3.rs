@@ -426,3 +426,31 @@ async fn a_body_longer_than_its_content_length_never_reaches_the_service_whole()
     assert_eq!(started, aborted, "every upload that started was cut off");
     assert_eq!(find(&events, "headers", 1)["status"], 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_stream_that_ends_inside_a_data_frame_gets_an_answer() {
+    let (site, _up) = h3_site().await;
+    // DATA (type 0x00) declaring 100 bytes, none of them, then FIN: the
+    // h3 crate asserts this never happens (in the task that reads ahead
+    // to learn whether a GET has a body); the edge must fail the body,
+    // not the task that answers the request.
+    let cut = vec![0x00, 100];
+    let client = H3Client::start(
+        &site,
+        "open.test",
+        json!({ "requests": [
+            { "method": "GET", "path": "/headers", "headers": [],
+              "raw_after_head_b64": base64::engine::general_purpose::STANDARD.encode(&cut) },
+            get("/headers"),
+        ]}),
+    );
+    let events = client.finish().await;
+    let end = find(&events, "end", 0);
+    let answered = events
+        .iter()
+        .any(|e| e["event"] == "headers" && e["index"] == 0);
+    // An answer (an error status) or a reset; never a stream that just
+    // ends without one, which is what a panicked request task leaves.
+    assert!(answered || end["how"] == "reset", "{events:?}");
+    assert_eq!(find(&events, "headers", 1)["status"], 200);
+}

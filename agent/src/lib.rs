@@ -239,7 +239,16 @@ impl Agent {
             });
             dialers.spawn(dialer.run(endpoint.clone(), shutdown.clone()));
         }
-        while dialers.join_next().await.is_some() {}
+        while let Some(ended) = dialers.join_next().await {
+            if let Err(e) = ended
+                && e.is_panic()
+            {
+                // As when the one session ran in this task: the agent
+                // stops, and its supervisor starts it again.
+                shutdown.cancel();
+                std::panic::resume_unwind(e.into_panic());
+            }
+        }
         endpoint.close(burrow_proto::quic::code::OK, b"agent stopping");
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), endpoint.wait_idle()).await;
         // The monitor and lan tasks watch the same token.

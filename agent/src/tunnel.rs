@@ -271,7 +271,14 @@ impl Dialer {
                     d
                 }
                 Outcome::Replaced => {
-                    let d = backoff.next_delay(rand::random());
+                    // Two agents with one key: not an edge coming back,
+                    // so the full backoff even with several edges.
+                    let d = if self.config.edges.len() > 1 {
+                        let cap = crate::backoff::BACKOFF_CAP;
+                        cap / 2 + (cap / 2).mul_f64(rand::random())
+                    } else {
+                        backoff.next_delay(rand::random())
+                    };
                     error!(
                         lasted_s,
                         retry_in = ?d,

@@ -473,6 +473,7 @@ impl Reloader {
             ("edge.https", current.https != new.https),
             ("edge.http", current.http != new.http),
             ("edge.tunnel", current.tunnel != new.tunnel),
+            ("edge.http3", current.http3 != new.http3),
             ("edge.admin", current.admin != new.admin),
             ("edge.threads", current.threads != new.threads),
             (

@@ -25,9 +25,11 @@ Input: one JSON object on stdin (it may be followed by more lines, see
        "wait_stdin_line": false,        # optional, see below
        "raw_b64": null,                 # optional: these bytes as they are on
                                         #   the stream instead of a request,
-       "raw_flood_bytes": 0}            #   then this many zero bytes, no FIN;
+       "raw_flood_bytes": 0,            #   then this many zero bytes, no FIN;
                                         #   "end" says "stop_sending" or "reset"
                                         #   when the server refuses the stream
+       "raw_after_head_b64": null}      # optional: the head, then these bytes
+                                        #   as they are and FIN
     ],
     "zero_rtt": false,                  # see below
     "timeout": 30                       # seconds, for the whole run
@@ -347,6 +349,14 @@ class Connection:
             return
         body = base64.b64decode(spec["body_b64"]) if spec.get("body_b64") else b""
         req.stream_id = self.quic.get_next_available_stream_id()
+        if spec.get("raw_after_head_b64"):
+            # A proper head, then these bytes as they are, then FIN (a
+            # hostile client's body framing).
+            self.h3.send_headers(req.stream_id, headers, end_stream=False)
+            self.quic.send_stream_data(req.stream_id,
+                                       base64.b64decode(spec["raw_after_head_b64"]),
+                                       end_stream=True)
+            return
         self.h3.send_headers(req.stream_id, headers, end_stream=not body)
         if body:
             self.h3.send_data(req.stream_id, body, end_stream=True)

@@ -156,7 +156,8 @@ impl Connection {
         // does not gets the same time as a request head.
         let mut builder = h3::server::builder();
         builder.max_field_section_size(MAX_HEADER_BYTES as u64);
-        let build = builder.build::<_, Bytes>(Guarded(h3_quinn::Connection::new(conn)));
+        let (guarded, goaway_state) = Guarded::new(h3_quinn::Connection::new(conn));
+        let build = builder.build::<_, Bytes>(guarded);
         let mut h3 = tokio::select! {
             built = tokio::time::timeout(self.header_timeout, build) => match built {
                 Ok(Ok(h3)) => h3,
@@ -177,9 +178,10 @@ impl Connection {
         // Whether what was sent may still be on its way: then the client,
         // told GOAWAY, gets time to read it and close the connection itself.
         let mut linger = true;
+        let mut accepted = 0usize;
         loop {
             tokio::select! {
-                accepted = h3.accept() => match accepted {
+                accepted_stream = h3.accept() => match accepted_stream {
                     Ok(Some(resolver)) => {
                         let request = self.request(&quic, &activity, sni.clone());
                         let header_timeout = self.header_timeout;
@@ -189,6 +191,16 @@ impl Connection {
                                 None => refuse_stream(resolver, header_timeout).await,
                             }
                         });
+                        accepted += 1;
+                        // h3 remembers a stream whose head never came for
+                        // the connection's life: a connection serves this
+                        // many requests, then the client opens another
+                        // (nginx's keepalive_requests).
+                        if accepted >= MAX_REQUESTS && !closing {
+                            debug!(%peer, "http/3 connection served its requests; GOAWAY");
+                            closing = true;
+                            goaway(&mut h3, &goaway_state).await;
+                        }
                     }
                     // The client said GOAWAY and its requests are done.
                     Ok(None) => break,
@@ -200,16 +212,14 @@ impl Connection {
                 },
                 () = self.shutdown.cancelled(), if !closing => {
                     closing = true;
-                    // GOAWAY names the first request not served: the one
-                    // after the last accepted, which is served.
-                    let _ = h3.shutdown(1).await;
+                    goaway(&mut h3, &goaway_state).await;
                 }
                 // After GOAWAY, what was in flight has ended.
                 () = activity.idle_for(IDLE_CLOSE_GRACE), if closing => break,
                 () = activity.idle_for(self.limits.idle_timeout), if !closing => {
                     self.front.stats().closed_idle.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     debug!(%peer, idle_timeout = ?self.limits.idle_timeout, "closing idle http/3 connection");
-                    let _ = h3.shutdown(1).await;
+                    goaway(&mut h3, &goaway_state).await;
                     // Nothing was sent for a whole idle timeout.
                     linger = false;
                     break;
@@ -255,6 +265,21 @@ impl Connection {
             },
         })
     }
+}
+
+/// Requests one connection serves before it is asked to make way for a
+/// new one.
+pub const MAX_REQUESTS: usize = 10_000;
+
+/// Sends GOAWAY naming the first request not served, refusing that one
+/// and later ones from now on. Bounded: the client controls how fast the
+/// edge's control stream may send.
+async fn goaway(
+    h3: &mut h3::server::Connection<Guarded, Bytes>,
+    state: &crate::http::h3_frames::GoawayState,
+) {
+    state.close_after_accepted();
+    let _ = tokio::time::timeout(IDLE_CLOSE_GRACE, h3.shutdown(1)).await;
 }
 
 /// Answers a request stream with 429 when the client has too many in
@@ -360,6 +385,7 @@ async fn respond(send: &mut H3Send, method: &Method, resp: Response<Body>) {
         || parts.status == StatusCode::NOT_MODIFIED;
     if let Err(e) = send.send_response(Response::from_parts(parts, ())).await {
         debug!(error = %e, "http/3 response head not sent");
+        send.stop_stream(Code::H3_INTERNAL_ERROR);
         return;
     }
     while let Some(frame) = if bodiless { None } else { body.frame().await } {
@@ -379,9 +405,12 @@ async fn respond(send: &mut H3Send, method: &Method, resp: Response<Body>) {
             }
         };
         if let Err(e) = sent {
-            // The client went away or reset the stream: dropping the body
-            // cancels the request upstream.
-            debug!(error = %e, "http/3 client stopped reading the response");
+            // The client went away or reset the stream, or trailers went
+            // over its limit: dropping the body cancels the request
+            // upstream, and the stream is reset (a dropped stream would
+            // end with FIN, a cut response looking whole).
+            debug!(error = %e, "http/3 response not sent whole; resetting the stream");
+            send.stop_stream(Code::H3_INTERNAL_ERROR);
             return;
         }
     }
@@ -389,5 +418,6 @@ async fn respond(send: &mut H3Send, method: &Method, resp: Response<Body>) {
     drop(body);
     if let Err(e) = send.finish().await {
         debug!(error = %e, "http/3 response not finished");
+        send.stop_stream(Code::H3_INTERNAL_ERROR);
     }
 }

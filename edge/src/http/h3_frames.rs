@@ -11,6 +11,8 @@
 //! the connection (the control stream) before anything is buffered. DATA
 //! frames pass; `h3` hands their bytes on as they come.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes};
@@ -42,6 +44,11 @@ enum Scan {
     /// not read those into memory.
     Through,
 }
+
+/// The error a stream fails with when it ends inside a frame.
+#[derive(Debug, thiserror::Error)]
+#[error("HTTP/3 stream ended inside a frame")]
+pub struct CutFrame;
 
 /// The error a stream fails with when a frame is over [`MAX_FRAME`].
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +90,16 @@ impl FrameGuard {
     pub fn unidirectional() -> Self {
         Self {
             scan: Scan::StreamType(Vec::new()),
+        }
+    }
+
+    /// Whether the stream could end here: not inside a frame. (`h3`
+    /// asserts that a stream which ends mid-frame never happens.)
+    fn at_boundary(&self) -> bool {
+        match &self.scan {
+            Scan::StreamType(buf) | Scan::Header(buf) => buf.is_empty(),
+            Scan::Payload(_) => false,
+            Scan::Through => true,
         }
     }
 
@@ -151,7 +168,57 @@ impl FrameGuard {
 }
 
 /// `h3-quinn`'s connection with every stream a client opens guarded.
-pub struct Guarded(pub h3_quinn::Connection);
+pub struct Guarded {
+    inner: h3_quinn::Connection,
+    goaway: Arc<GoawayState>,
+}
+
+/// What the connection and its GOAWAY share: the last request stream
+/// accepted, and from which stream id on requests are refused.
+#[derive(Debug)]
+pub struct GoawayState {
+    /// The last accepted request stream's id + 1 (0: none yet).
+    accepted: AtomicU64,
+    /// Request streams with an id at or above this are refused.
+    reject_from: AtomicU64,
+}
+
+/// H3_REQUEST_REJECTED: a request the edge did not process (a client may
+/// send it again elsewhere).
+const REQUEST_REJECTED: u64 = 0x10b;
+/// Distance between two client-initiated bidirectional stream ids.
+const NEXT_BIDI: u64 = 4;
+
+impl GoawayState {
+    /// The id GOAWAY names when no request after the ones accepted will
+    /// be served (what `h3`'s `shutdown(1)` sends), and from now on
+    /// streams at or above it are refused: `h3` itself would still serve
+    /// the stream with exactly that id, which the client takes for
+    /// unprocessed and may send again.
+    pub fn close_after_accepted(&self) {
+        let next = match self.accepted.load(Ordering::Acquire) {
+            0 => 0,
+            last_plus_one => last_plus_one - 1 + NEXT_BIDI,
+        };
+        self.reject_from.store(next, Ordering::Release);
+    }
+}
+
+impl Guarded {
+    pub fn new(inner: h3_quinn::Connection) -> (Self, Arc<GoawayState>) {
+        let goaway = Arc::new(GoawayState {
+            accepted: AtomicU64::new(0),
+            reject_from: AtomicU64::new(u64::MAX),
+        });
+        (
+            Self {
+                inner,
+                goaway: goaway.clone(),
+            },
+            goaway,
+        )
+    }
+}
 
 /// A receiving stream whose frames are checked as they are read.
 pub struct GuardedRecv<S> {
@@ -189,6 +256,10 @@ fn checked(
                 Poll::Ready(Err(StreamErrorIncoming::Unknown(Box::new(e))))
             }
         },
+        Poll::Ready(Ok(None)) if !guard.at_boundary() => {
+            tracing::debug!("an http/3 stream ended inside a frame");
+            Poll::Ready(Err(StreamErrorIncoming::Unknown(Box::new(CutFrame))))
+        }
         other => other,
     }
 }
@@ -313,7 +384,7 @@ impl<B: Buf> quic::OpenStreams<B> for Guarded {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Result<Self::BidiStream, StreamErrorIncoming>> {
-        quic::OpenStreams::<B>::poll_open_bidi(&mut self.0, cx).map_ok(|inner| GuardedBidi {
+        quic::OpenStreams::<B>::poll_open_bidi(&mut self.inner, cx).map_ok(|inner| GuardedBidi {
             inner,
             guard: FrameGuard::request(),
         })
@@ -323,11 +394,11 @@ impl<B: Buf> quic::OpenStreams<B> for Guarded {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Result<Self::SendStream, StreamErrorIncoming>> {
-        quic::OpenStreams::<B>::poll_open_send(&mut self.0, cx)
+        quic::OpenStreams::<B>::poll_open_send(&mut self.inner, cx)
     }
 
     fn close(&mut self, code: h3::error::Code, reason: &[u8]) {
-        quic::OpenStreams::<B>::close(&mut self.0, code, reason);
+        quic::OpenStreams::<B>::close(&mut self.inner, code, reason);
     }
 }
 
@@ -339,7 +410,7 @@ impl<B: Buf> quic::Connection<B> for Guarded {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Result<Self::RecvStream, ConnectionErrorIncoming>> {
-        quic::Connection::<B>::poll_accept_recv(&mut self.0, cx).map_ok(|inner| GuardedRecv {
+        quic::Connection::<B>::poll_accept_recv(&mut self.inner, cx).map_ok(|inner| GuardedRecv {
             inner,
             guard: FrameGuard::unidirectional(),
         })
@@ -349,14 +420,30 @@ impl<B: Buf> quic::Connection<B> for Guarded {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Result<Self::BidiStream, ConnectionErrorIncoming>> {
-        quic::Connection::<B>::poll_accept_bidi(&mut self.0, cx).map_ok(|inner| GuardedBidi {
-            inner,
-            guard: FrameGuard::request(),
-        })
+        loop {
+            let mut inner = match std::task::ready!(quic::Connection::<B>::poll_accept_bidi(
+                &mut self.inner,
+                cx
+            )) {
+                Ok(s) => s,
+                Err(e) => return Poll::Ready(Err(e)),
+            };
+            let id = quic::SendStream::<B>::send_id(&inner).into_inner();
+            if id >= self.goaway.reject_from.load(Ordering::Acquire) {
+                quic::RecvStream::stop_sending(&mut inner, REQUEST_REJECTED);
+                quic::SendStream::<B>::reset(&mut inner, REQUEST_REJECTED);
+                continue;
+            }
+            self.goaway.accepted.fetch_max(id + 1, Ordering::AcqRel);
+            return Poll::Ready(Ok(GuardedBidi {
+                inner,
+                guard: FrameGuard::request(),
+            }));
+        }
     }
 
     fn opener(&self) -> Self::OpenStreams {
-        GuardedOpen(quic::Connection::<B>::opener(&self.0))
+        GuardedOpen(quic::Connection::<B>::opener(&self.inner))
     }
 }
 
@@ -417,6 +504,32 @@ mod tests {
                 .scan(&var(WEBTRANSPORT_STREAM))
                 .is_err()
         );
+    }
+
+    #[test]
+    fn a_stream_may_end_only_between_frames() {
+        let mut g = FrameGuard::request();
+        assert!(g.at_boundary());
+        let data = frame(DATA, &[1; 10]);
+        g.scan(&data[..5]).unwrap();
+        assert!(!g.at_boundary(), "inside a DATA frame");
+        g.scan(&data[5..]).unwrap();
+        assert!(g.at_boundary());
+        g.scan(&var(0x1)).unwrap();
+        assert!(!g.at_boundary(), "inside a frame header");
+    }
+
+    #[test]
+    fn goaway_refuses_the_stream_it_names_and_later_ones() {
+        let state = GoawayState {
+            accepted: AtomicU64::new(0),
+            reject_from: AtomicU64::new(u64::MAX),
+        };
+        state.close_after_accepted();
+        assert_eq!(state.reject_from.load(Ordering::Relaxed), 0);
+        state.accepted.store(8 + 1, Ordering::Relaxed);
+        state.close_after_accepted();
+        assert_eq!(state.reject_from.load(Ordering::Relaxed), 12);
     }
 
     #[test]
