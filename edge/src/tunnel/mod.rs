@@ -258,7 +258,11 @@ impl Tunnel {
         drained: CancellationToken,
     ) {
         let remote = incoming.remote_address();
-        let Some(conn) = within_handshake_time(incoming.into_future()).await else {
+        let peers = match self.h3_tx.get() {
+            Some(_) => Peers::AgentsAndBrowsers,
+            None => Peers::Agents,
+        };
+        let Some(conn) = within_handshake_time(incoming.into_future(), peers).await else {
             return;
         };
         if let Some(h3) = self.h3_tx.get() {
@@ -302,7 +306,8 @@ impl Tunnel {
             .peer_certificates()
             .and_then(|c| c.first())
             .and_then(|c| Fingerprint::of_cert(c).ok());
-        let Some(conn) = within_handshake_time(TcpLink::edge(tls, remote)).await else {
+        let Some(conn) = within_handshake_time(TcpLink::edge(tls, remote), Peers::Agents).await
+        else {
             return;
         };
         self.admit(conn, key, remote, stop, drained).await;
@@ -498,22 +503,34 @@ impl Tunnel {
     }
 }
 
+/// Who may be on the other end of a handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Peers {
+    Agents,
+    /// The UDP port with HTTP/3 on: browsers too, whose failed handshakes
+    /// (scanners, old clients, certificates a browser refuses) are no
+    /// news for the operator.
+    AgentsAndBrowsers,
+}
+
 /// Runs an agent's handshake (QUIC, or HTTP/2 after TLS) within
 /// [`HANDSHAKE_TIMEOUT`]; logs why it did not finish.
 async fn within_handshake_time<T, E: std::fmt::Display>(
     handshake: impl std::future::Future<Output = Result<T, E>>,
+    peers: Peers,
 ) -> Option<T> {
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
-        Ok(Ok(conn)) => Some(conn),
-        Ok(Err(e)) => {
-            info!(error = %e, "agent handshake failed");
-            None
-        }
-        Err(_) => {
-            info!("agent handshake timed out");
-            None
+    let failed = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(Ok(conn)) => return Some(conn),
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "timed out".to_owned(),
+    };
+    match peers {
+        Peers::Agents => info!(error = %failed, "agent handshake failed"),
+        Peers::AgentsAndBrowsers => {
+            debug!(error = %failed, "quic handshake failed (an agent or a browser)");
         }
     }
+    None
 }
 
 /// Why an agent session ended, for the log line and the close code.
