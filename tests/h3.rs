@@ -126,7 +126,7 @@ async fn h3_site() -> (Site, Arc<Upstream>) {
         cheap_hash("wonderland")
     );
     let s = site(
-        "http3 = true",
+        "http3 = true\nadmin = \"127.0.0.1:0\"",
         &routes,
         &[("test", format!("http://{addr}"))],
     )
@@ -220,6 +220,12 @@ async fn login_and_session_cookie_over_http3_and_alt_svc_over_tcp() {
     assert_eq!(seen["x-forwarded-for"], vec!["127.0.0.1".to_owned()]);
     assert_eq!(seen["x-forwarded-proto"], vec!["https".to_owned()]);
     assert!(!seen.contains_key("cookie"), "{seen:?}");
+    // The four requests over HTTP/3 are counted as such.
+    let (_, _, metrics) = admin_get(site.admin.unwrap(), "/metrics").await;
+    assert!(
+        metrics.contains("burrow_http3_requests_total 4\n"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

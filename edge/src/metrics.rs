@@ -72,6 +72,8 @@ pub struct Metrics {
     /// Responses by status code, index = code - 100.
     responses: Vec<AtomicU64>,
     auth_failures: AtomicU64,
+    /// Requests that came over HTTP/3.
+    http3_requests: AtomicU64,
     ttfb: Histogram,
     /// By route host; only configured routes are counted, so bounded.
     routes: Mutex<BTreeMap<String, Arc<RouteStats>>>,
@@ -179,6 +181,7 @@ impl Default for Metrics {
             bytes_from_agents: AtomicU64::new(0),
             responses: (100..600).map(|_| AtomicU64::new(0)).collect(),
             auth_failures: AtomicU64::new(0),
+            http3_requests: AtomicU64::new(0),
             ttfb: Histogram::default(),
             routes: Mutex::default(),
         }
@@ -241,6 +244,11 @@ impl Metrics {
 
     pub fn auth_failure(&self) {
         self.auth_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A request came over HTTP/3.
+    pub fn http3_request(&self) {
+        self.http3_requests.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn time_to_first_byte(&self, d: Duration) {
@@ -325,6 +333,17 @@ impl Metrics {
             out,
             "burrow_auth_failures_total {}",
             load(&self.auth_failures)
+        );
+        family(
+            out,
+            "burrow_http3_requests_total",
+            "counter",
+            "Requests that came over HTTP/3 (`[edge] http3`); they are in the other counters too.",
+        );
+        let _ = writeln!(
+            out,
+            "burrow_http3_requests_total {}",
+            load(&self.http3_requests)
         );
         family(
             out,

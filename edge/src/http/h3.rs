@@ -319,6 +319,7 @@ impl H3Request {
                     return;
                 }
             };
+        self.state.metrics.http3_request();
         let (mut send, recv) = stream.split();
         if head.method() == Method::CONNECT {
             // Extended CONNECT (WebSockets over HTTP/3) is not offered in
