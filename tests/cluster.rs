@@ -1,14 +1,14 @@
 //! Several edges for one domain: an agent with `[agent] edges` keeps a
 //! session with each (its own reconnects and transport), so a request
 //! through any edge reaches the service and an edge that dies takes no
-//! service down. The edges run as real processes where one is killed.
+//! service down. The edge that is killed runs as a process whose sockets
+//! a holder keeps, as systemd does, so it comes back on the same ports.
 
 #![allow(clippy::unwrap_used)] // Test helpers fail loudly by design.
 
 mod common;
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use burrow_agent::AgentStatus;
@@ -16,22 +16,20 @@ use common::web::*;
 use common::*;
 use tokio::sync::watch;
 
-/// An edge.toml for `state`, pinned to `addrs` (port 0 for a first start),
-/// with the shared identity key and one open route to the agent's service.
+/// An edge.toml for `state` with the shared identity key and one open
+/// route to the agent's service; `listen` is the rest of `[edge]`.
 fn edge_toml(
     world: &World,
     state: &str,
     fp: &burrow_proto::identity::Fingerprint,
-    addrs: (SocketAddr, SocketAddr),
+    listen: &str,
 ) -> String {
     format!(
-        "[edge]\nstate_dir = {:?}\nkey = {:?}\nhttps = \"{}\"\ntunnel = \"{}\"\n\n[tls]\nmode = \"self-signed\"\n\n\
+        "[edge]\nstate_dir = {:?}\nkey = {:?}\n{listen}\n\n[tls]\nmode = \"self-signed\"\n\n\
          [[agent]]\nname = \"home\"\nkey = \"{fp}\"\n\n\
          [[route]]\nhost = \"chat.test\"\nagent = \"home\"\nservice = \"test\"\nauth = \"none\"\n",
         world.path(state),
         world.path("edge.key"),
-        addrs.0,
-        addrs.1,
     )
 }
 
@@ -76,13 +74,16 @@ fn connected(s: &AgentStatus) -> bool {
     matches!(s, AgentStatus::Connected { .. })
 }
 
-/// Starts edge A as a process; its bound (https, tunnel).
-fn spawn_edge(world: &World, config: &Path) -> (Process, SocketAddr, SocketAddr) {
-    let mut p = Process::spawn(&["edge", "--config", &path_str(config)]);
-    let tunnel = field_addr(&p.wait_log("edge listening"), "tunnel");
-    let https = field_addr(&p.wait_log("serving https"), "addr");
-    let _ = world;
-    (p, https, tunnel)
+/// The process that holds edge A's sockets for the whole test, as systemd
+/// does (`tests/restart/activate.py`), so the edge can crash and start
+/// again on the same ports without any other test taking them meanwhile.
+struct Holder(Process);
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        self.0.signal("TERM");
+        let _ = self.0.wait_exit();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -94,11 +95,35 @@ async fn an_agent_with_two_edges_serves_through_both_and_is_back_on_a_killed_edg
         .unwrap()
         .fingerprint();
     let (service, _up) = upstream().await;
-    let any = SocketAddr::from(([127, 0, 0, 1], 0));
-
-    let a_config = world.write("a.toml", &edge_toml(&world, "a", &agent_fp, (any, any)));
-    let (mut a, a_https, a_tunnel) = spawn_edge(&world, &a_config);
-    let b = start_edge(edge_config(&edge_toml(&world, "b", &agent_fp, (any, any)))).await;
+    let config_a = world.path("a.toml");
+    let mut holder = std::process::Command::new("python3");
+    holder
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/restart/activate.py"
+        ))
+        .arg(burrow_bin())
+        .arg(&config_a);
+    let mut a = Holder(Process::spawn_command(holder));
+    let sockets = a.0.wait_log("sockets");
+    let (a_https, a_tunnel) = (
+        field_addr(&sockets, "https"),
+        field_addr(&sockets, "tunnel"),
+    );
+    let listen_a = format!(
+        "https = \"{a_https}\"\ntunnel = \"{a_tunnel}\"\nadmin = \"{}\"",
+        field_addr(&sockets, "admin")
+    );
+    std::fs::write(&config_a, edge_toml(&world, "a", &agent_fp, &listen_a)).unwrap();
+    a.0.signal("USR2");
+    a.0.wait_log("serving https");
+    let b = start_edge(edge_config(&edge_toml(
+        &world,
+        "b",
+        &agent_fp,
+        "https = \"127.0.0.1:0\"\ntunnel = \"127.0.0.1:0\"",
+    )))
+    .await;
     let (b_https, b_tunnel) = (b.https.unwrap(), b.tunnel);
 
     let agent_toml = format!(
@@ -117,33 +142,25 @@ async fn an_agent_with_two_edges_serves_through_both_and_is_back_on_a_killed_edg
     // A dies without a word: B keeps serving, and the agent's session
     // with B never noticed.
     let session_b = to_b.borrow().clone();
-    a.signal("KILL");
-    a.wait_exit();
+    a.0.signal("HUP");
+    a.0.wait_log("killed");
     for _ in 0..5 {
         assert_eq!(get_through(&world, "b", b_https), "seen");
     }
     assert_eq!(*to_b.borrow(), session_b);
 
-    // A comes back on its ports: the agent is on it within 2 s of its
-    // start. (Until then the agent's session with A looks idle: nothing
-    // answers its pings; the new process answers them with a stateless
-    // reset.)
+    // A comes back on its sockets: the agent is on it within 2 s of its
+    // start. (Until then nothing answers the agent's pings on its session
+    // with A; the new process answers them with a stateless reset.)
     tokio::time::sleep(Duration::from_secs(3)).await; // an outage, not a readiness wait
-    std::fs::write(
-        &a_config,
-        edge_toml(&world, "a", &agent_fp, (a_https, a_tunnel)),
-    )
-    .unwrap();
-    let mut a = Process::spawn(&["edge", "--config", &path_str(&a_config)]);
-    a.wait_log("edge listening");
+    a.0.signal("USR2");
+    a.0.wait_log("edge listening");
     let restarted = Instant::now();
     // The new process says so when the agent's session is up.
-    a.wait_log("agent connected");
+    a.0.wait_log("agent connected");
     let back = restarted.elapsed();
     wait_status(&mut to_a, "back on A", connected).await;
     eprintln!("agent back on the restarted edge after {back:?}");
     assert!(back < Duration::from_secs(2), "{back:?}");
     assert_eq!(get_through(&world, "a", a_https), "seen");
-    a.signal("TERM");
-    a.wait_exit();
 }

@@ -9,6 +9,8 @@ activation (LISTEN_FDS, LISTEN_PID, fds from 3 on).
   SIGUSR2  start the edge
   SIGUSR1  restart it as `systemctl restart` does: SIGTERM, wait for it to
            exit, start it again on the same sockets
+  SIGHUP   crash it: SIGKILL, wait for it to exit (SIGUSR2 starts it again,
+           on the sockets it had)
   SIGTERM  stop it and exit
 
 Events are JSON lines on stderr, among the edge's own log lines.
@@ -54,7 +56,7 @@ def addr(s):
 
 
 events = queue.SimpleQueue()
-for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM):
+for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP, signal.SIGTERM):
     signal.signal(sig, lambda signum, _frame: events.put(signum))
 
 log("sockets", https=addr(https), tunnel=addr(tunnel), admin=addr(admin))
@@ -99,6 +101,10 @@ while True:
     elif sig == signal.SIGUSR1:
         stop()
         start()
+    elif sig == signal.SIGHUP:
+        child.kill()
+        log("killed", code=child.wait())
+        child = None
     else:
         if child is not None:
             stop()
