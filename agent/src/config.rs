@@ -109,11 +109,6 @@ pub struct EdgeAddr {
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     pub name: Name,
-    /// `host:port` of the (first) edge: its QUIC endpoint on UDP, its
-    /// HTTPS listener on TCP (the fallback).
-    pub edge: String,
-    /// The host part of `edge`, for TLS.
-    pub edge_host: String,
     /// Every edge the agent keeps a session with: `[agent] edge` alone, or
     /// `[agent] edges` in order.
     pub edges: Vec<EdgeAddr>,
@@ -289,8 +284,6 @@ fn convert(src: &Source, file: File) -> Result<AgentConfig, ConfigError> {
             return Err(src.error("agent: `edge = \"host:port\"` (or `edges = [...]`) is missing"));
         }
     };
-    let (edge, edge_host) = (edges[0].addr.clone(), edges[0].host.clone());
-
     let mut services = Vec::new();
     let mut names = HashSet::new();
     if let Some(extra) = file.service.get(MAX_SERVICES) {
@@ -447,8 +440,6 @@ fn convert(src: &Source, file: File) -> Result<AgentConfig, ConfigError> {
 
     Ok(AgentConfig {
         name,
-        edge,
-        edge_host,
         edges,
         edge_key: a.edge_key,
         edge_ca: a.edge_ca.as_deref().map(|p| src.resolve(p)),
@@ -497,7 +488,7 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(c.key_path, PathBuf::from("/etc/burrow/agent.key"));
-        assert_eq!(c.edge_host, "edge.example.com");
+        assert_eq!(c.edges[0].host, "edge.example.com");
         assert_eq!(c.services[0].target, "127.0.0.1:80");
         assert_eq!(c.services[1].target, "[::1]:22");
         assert_eq!(
@@ -632,7 +623,6 @@ mod tests {
                 .collect::<Vec<_>>(),
             ["a.example.com:443", "[2001:db8::1]:8443"]
         );
-        assert_eq!(two.edge, "a.example.com:443");
         for (text, message, at) in [
             (
                 "edge = \"a.example.com:443\"\nedges = [\"b.example.com:443\"]",

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::debug;
 
-use burrow_proto::listener::{ClientKey, Front};
+use burrow_proto::listener::{ClientKey, Clients, Front, ListenerStats};
 
 use super::h3_frames::Guarded;
 use super::io::RequestBody;
@@ -103,6 +103,7 @@ pub async fn serve(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
+    let (clients, stats) = (front.clients(), front.stats());
     loop {
         let conn = tokio::select! {
             c = intake.recv() => match c {
@@ -120,7 +121,8 @@ pub async fn serve(
             state: state.clone(),
             header_timeout,
             limits,
-            front: front.clone(),
+            clients: clients.clone(),
+            stats: stats.clone(),
             shutdown: shutdown.clone(),
             tracker: tracker.clone(),
             key: permit.key,
@@ -137,7 +139,9 @@ struct Connection {
     state: watch::Receiver<Arc<HttpState>>,
     header_timeout: Duration,
     limits: LimitsConfig,
-    front: Arc<Front>,
+    /// The "h3" listener's per-address table and counters.
+    clients: Arc<Clients>,
+    stats: Arc<ListenerStats>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
     key: ClientKey,
@@ -217,7 +221,7 @@ impl Connection {
                 // After GOAWAY, what was in flight has ended.
                 () = activity.idle_for(IDLE_CLOSE_GRACE), if closing => break,
                 () = activity.idle_for(self.limits.idle_timeout), if !closing => {
-                    self.front.stats().closed_idle.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.stats.closed_idle.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     debug!(%peer, idle_timeout = ?self.limits.idle_timeout, "closing idle http/3 connection");
                     goaway(&mut h3, &goaway_state).await;
                     // Nothing was sent for a whole idle timeout.
@@ -244,8 +248,9 @@ impl Connection {
         sni: Option<Arc<str>>,
     ) -> Option<H3Request> {
         let busy = activity.busy();
-        let clients = self.front.clients();
-        let ticket = clients.try_stream(self.key, self.limits.streams_per_ip);
+        let ticket = self
+            .clients
+            .try_stream(self.key, self.limits.streams_per_ip);
         let state = self.state.borrow().clone();
         let Some(ticket) = ticket else {
             state.metrics.refused(Refused::StreamsPerIp);
@@ -361,24 +366,14 @@ fn bodiless(m: &Method) -> bool {
     )
 }
 
-/// Headers HTTP/3 forbids (RFC 9114 4.2): what HTTP/1.1 uses to manage
-/// its connection.
-const CONNECTION_SPECIFIC: &[&str] = &[
-    "connection",
-    "transfer-encoding",
-    "upgrade",
-    "keep-alive",
-    "proxy-connection",
-];
-
 /// Writes `resp` to the stream as it comes: the head, each data frame as
 /// the service sends it, trailers, then FIN. A body that fails midway
 /// resets the stream instead, so the client sees a cut response as cut.
 async fn respond(send: &mut H3Send, method: &Method, resp: Response<Body>) {
     let (mut parts, mut body) = resp.into_parts();
-    for name in CONNECTION_SPECIFIC {
-        parts.headers.remove(*name);
-    }
+    // HTTP/3 forbids what HTTP/1.1 uses to manage its connection (RFC
+    // 9114 4.2); a forwarded response had them taken out already.
+    super::rewrite::strip_hop_by_hop(&mut parts.headers);
     // What HTTP/1.1 and HTTP/2 leave out too: no content for HEAD, 204
     // and 304 (the head says what a GET would get).
     let bodiless = *method == Method::HEAD

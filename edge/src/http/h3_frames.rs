@@ -31,13 +31,36 @@ const WEBTRANSPORT_STREAM: u64 = 0x41;
 /// Unidirectional stream type of the control stream.
 const CONTROL_STREAM: u64 = 0x0;
 
+/// The bytes of a frame header (two varints) read so far; kept inline, as
+/// every frame has one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct HeaderBytes {
+    bytes: [u8; 16],
+    len: usize,
+}
+
+impl HeaderBytes {
+    fn push(&mut self, b: u8) {
+        self.bytes[self.len] = b;
+        self.len += 1;
+    }
+
+    fn get(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
 /// What a stream has been read up to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Scan {
     /// A unidirectional stream's type, being read.
-    StreamType(Vec<u8>),
+    StreamType(HeaderBytes),
     /// A frame header (type and length), being read.
-    Header(Vec<u8>),
+    Header(HeaderBytes),
     /// Inside a frame: this many payload bytes to go.
     Payload(u64),
     /// Not framed as HTTP/3 (QPACK's streams, unknown types): `h3` does
@@ -82,14 +105,14 @@ impl FrameGuard {
     /// For a request stream: frames from its first byte.
     pub fn request() -> Self {
         Self {
-            scan: Scan::Header(Vec::new()),
+            scan: Scan::Header(HeaderBytes::default()),
         }
     }
 
     /// For a unidirectional stream: its type first.
     pub fn unidirectional() -> Self {
         Self {
-            scan: Scan::StreamType(Vec::new()),
+            scan: Scan::StreamType(HeaderBytes::default()),
         }
     }
 
@@ -114,23 +137,27 @@ impl FrameGuard {
                     data = &data[usize::try_from(n).unwrap_or(data.len())..];
                     *left -= n;
                     if *left == 0 {
-                        self.scan = Scan::Header(Vec::new());
+                        self.scan = Scan::Header(HeaderBytes::default());
                     }
                 }
-                Scan::StreamType(buf) => {
-                    buf.push(data[0]);
+                Scan::StreamType(read) => {
+                    read.push(data[0]);
                     data = &data[1..];
+                    let buf = read.get();
                     if buf.len() == varint_len(buf[0]) {
                         self.scan = if varint(buf) == CONTROL_STREAM {
-                            Scan::Header(Vec::new())
+                            Scan::Header(HeaderBytes::default())
                         } else {
                             Scan::Through
                         };
                     }
                 }
-                Scan::Header(buf) => {
-                    buf.push(data[0]);
+                Scan::Header(read) => {
+                    // A type and a length: at most 8 + 8 bytes, which the
+                    // checks below never let it pass.
+                    read.push(data[0]);
                     data = &data[1..];
+                    let buf = read.get();
                     let kind_len = varint_len(buf[0]);
                     if buf.len() < kind_len {
                         continue;
@@ -156,7 +183,7 @@ impl FrameGuard {
                         return Err(FrameTooLarge { kind, len });
                     }
                     self.scan = if len == 0 {
-                        Scan::Header(Vec::new())
+                        Scan::Header(HeaderBytes::default())
                     } else {
                         Scan::Payload(len)
                     };
@@ -230,6 +257,15 @@ pub struct GuardedRecv<S> {
 pub struct GuardedBidi<B: Buf> {
     inner: h3_quinn::BidiStream<B>,
     guard: FrameGuard,
+}
+
+impl<B: Buf> GuardedBidi<B> {
+    fn new(inner: h3_quinn::BidiStream<B>) -> Self {
+        Self {
+            inner,
+            guard: FrameGuard::request(),
+        }
+    }
 }
 
 /// Opens streams for the server (its control and QPACK streams); what it
@@ -358,10 +394,7 @@ impl<B: Buf> quic::OpenStreams<B> for GuardedOpen {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Result<Self::BidiStream, StreamErrorIncoming>> {
-        self.0.poll_open_bidi(cx).map_ok(|inner| GuardedBidi {
-            inner,
-            guard: FrameGuard::request(),
-        })
+        self.0.poll_open_bidi(cx).map_ok(GuardedBidi::new)
     }
 
     fn poll_open_send(
@@ -384,10 +417,7 @@ impl<B: Buf> quic::OpenStreams<B> for Guarded {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Result<Self::BidiStream, StreamErrorIncoming>> {
-        quic::OpenStreams::<B>::poll_open_bidi(&mut self.inner, cx).map_ok(|inner| GuardedBidi {
-            inner,
-            guard: FrameGuard::request(),
-        })
+        quic::OpenStreams::<B>::poll_open_bidi(&mut self.inner, cx).map_ok(GuardedBidi::new)
     }
 
     fn poll_open_send(
@@ -435,10 +465,7 @@ impl<B: Buf> quic::Connection<B> for Guarded {
                 continue;
             }
             self.goaway.accepted.fetch_max(id + 1, Ordering::AcqRel);
-            return Poll::Ready(Ok(GuardedBidi {
-                inner,
-                guard: FrameGuard::request(),
-            }));
+            return Poll::Ready(Ok(GuardedBidi::new(inner)));
         }
     }
 
