@@ -173,6 +173,71 @@ fn shutdown_on_signals() -> CancellationToken {
     token
 }
 
+/// `burrow logout-all`: raises the session generation in `state_dir` and,
+/// with `[cluster]`, in Redis, so every edge refuses older sessions.
+fn logout_all(c: &EdgeConfig) -> ExitCode {
+    use burrow_edge::access::session;
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("burrow logout-all: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    let _in_runtime = runtime.enter();
+    let shared = match &c.cluster {
+        None => None,
+        Some(cluster) => match burrow_edge::cluster::Cluster::new(cluster) {
+            Ok(cluster) => Some(cluster),
+            Err(e) => {
+                eprintln!("burrow logout-all: {e}");
+                return ExitCode::from(EXIT_FAILURE);
+            }
+        },
+    };
+    // The cluster's generation first, so the new one is above every edge's.
+    let cluster_generation = shared
+        .as_ref()
+        .map(|cluster| runtime.block_on(cluster.read_generation()));
+    let at_least = match &cluster_generation {
+        Some(Ok(g)) => *g,
+        _ => 0,
+    };
+    let generation = match session::revoke_all_above(&c.state_dir, at_least) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("burrow logout-all: {}: {e}", c.state_dir.display());
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    println!(
+        "every session issued so far is revoked (generation {generation} in {})",
+        c.state_dir.display()
+    );
+    let (Some(cluster), Some(read)) = (shared, cluster_generation) else {
+        return ExitCode::SUCCESS;
+    };
+    let raised = match read {
+        Ok(_) => runtime.block_on(cluster.raise_generation(generation)),
+        Err(e) => Err(e),
+    };
+    match raised {
+        Ok(g) => {
+            println!("and on every edge of the cluster (generation {g} in Redis)");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!(
+                "burrow logout-all: cannot reach Redis ({e}): revoked on this edge now; it raises the cluster's generation when Redis is back"
+            );
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
 fn config_failure(e: &ConfigError) -> ExitCode {
     eprintln!("{e}");
     ExitCode::from(EXIT_CONFIG)
@@ -360,19 +425,7 @@ fn main() -> ExitCode {
             }
         },
         Command::LogoutAll { config } => match EdgeConfig::load(&config) {
-            Ok(c) => match burrow_edge::access::session::revoke_all(&c.state_dir) {
-                Ok(generation) => {
-                    println!(
-                        "every session issued so far is revoked (generation {generation} in {})",
-                        c.state_dir.display()
-                    );
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("burrow logout-all: {}: {e}", c.state_dir.display());
-                    ExitCode::from(EXIT_FAILURE)
-                }
-            },
+            Ok(c) => logout_all(&c),
             Err(e) => config_failure(&e),
         },
         Command::Edge { config } => match EdgeConfig::load(&config) {

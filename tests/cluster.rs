@@ -1,4 +1,5 @@
-//! Several edges for one domain: an agent with `[agent] edges` keeps a
+//! Several edges for one domain, sharing state through one Redis
+//! (`[cluster]`): an agent with `[agent] edges` keeps a
 //! session with each (its own reconnects and transport), so a request
 //! through any edge reaches the service and an edge that dies takes no
 //! service down. The edge that is killed runs as a process whose sockets
@@ -9,9 +10,14 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use burrow_agent::AgentStatus;
+use burrow_edge::Prebound;
+use burrow_edge::tls::acme::{AcmeManager, CertStatus};
+use common::pebble::*;
+use common::redis::Redis;
 use common::web::*;
 use common::*;
 use tokio::sync::watch;
@@ -23,13 +29,20 @@ fn edge_toml(
     state: &str,
     fp: &burrow_proto::identity::Fingerprint,
     listen: &str,
+    redis: &Redis,
 ) -> String {
     format!(
         "[edge]\nstate_dir = {:?}\nkey = {:?}\n{listen}\n\n[tls]\nmode = \"self-signed\"\n\n\
+         [cluster]\nredis = \"{}\"\nsecret_file = {:?}\n\n\
          [[agent]]\nname = \"home\"\nkey = \"{fp}\"\n\n\
          [[route]]\nhost = \"chat.test\"\nagent = \"home\"\nservice = \"test\"\nauth = \"none\"\n",
         world.path(state),
         world.path("edge.key"),
+        redis.url(),
+        world.write(
+            "cluster.key",
+            "0123456789abcdef0123456789abcdef-cluster-test-secret"
+        ),
     )
 }
 
@@ -95,6 +108,7 @@ async fn an_agent_with_two_edges_serves_through_both_and_is_back_on_a_killed_edg
         .unwrap()
         .fingerprint();
     let (service, _up) = upstream().await;
+    let redis = Redis::start(&world.path("redis"));
     let config_a = world.path("a.toml");
     let mut holder = std::process::Command::new("python3");
     holder
@@ -114,7 +128,11 @@ async fn an_agent_with_two_edges_serves_through_both_and_is_back_on_a_killed_edg
         "https = \"{a_https}\"\ntunnel = \"{a_tunnel}\"\nadmin = \"{}\"",
         field_addr(&sockets, "admin")
     );
-    std::fs::write(&config_a, edge_toml(&world, "a", &agent_fp, &listen_a)).unwrap();
+    std::fs::write(
+        &config_a,
+        edge_toml(&world, "a", &agent_fp, &listen_a, &redis),
+    )
+    .unwrap();
     a.0.signal("USR2");
     a.0.wait_log("serving https");
     let b = start_edge(edge_config(&edge_toml(
@@ -122,6 +140,7 @@ async fn an_agent_with_two_edges_serves_through_both_and_is_back_on_a_killed_edg
         "b",
         &agent_fp,
         "https = \"127.0.0.1:0\"\ntunnel = \"127.0.0.1:0\"",
+        &redis,
     )))
     .await;
     let (b_https, b_tunnel) = (b.https.unwrap(), b.tunnel);
@@ -163,4 +182,406 @@ async fn an_agent_with_two_edges_serves_through_both_and_is_back_on_a_killed_edg
     eprintln!("agent back on the restarted edge after {back:?}");
     assert!(back < Duration::from_secs(2), "{back:?}");
     assert_eq!(get_through(&world, "a", a_https), "seen");
+}
+
+// ---------------------------------------------------------------------
+// Two edges sharing state through Redis (`[cluster]`), with Pebble.
+
+const NAME: &str = "chat.example.com";
+const NEW_NAME: &str = "new.example.com";
+
+/// An edge of the cluster running in this process, with its ACME manager
+/// and a way to reload its config.
+struct ClusterEdge {
+    handle: EdgeHandle,
+    acme: Arc<AcmeManager>,
+    https: SocketAddr,
+    reload: tokio::sync::mpsc::Sender<burrow_edge::EdgeConfig>,
+    toml: std::path::PathBuf,
+}
+
+/// What an edge of the test cluster needs.
+struct Cluster<'a> {
+    world: &'a World,
+    pebble: &'a Pebble,
+    redis: &'a Redis,
+    agent_fp: String,
+}
+
+impl Cluster<'_> {
+    /// edge.toml for edge `id`: ACME from Pebble, `[cluster]` on Redis,
+    /// one user and a basic-auth route for each of `hosts`.
+    fn toml(&self, id: &str, listen: &str, hosts: &[&str]) -> String {
+        let routes: String = hosts
+            .iter()
+            .map(|h| {
+                format!(
+                    "[[route]]\nhost = \"{h}\"\nagent = \"home\"\nservice = \"test\"\nauth = \"basic\"\nusers = [\"alice\"]\n\n"
+                )
+            })
+            .collect();
+        format!(
+            "[edge]\nstate_dir = {:?}\nkey = {:?}\n{listen}\ntunnel = \"127.0.0.1:0\"\n\n\
+             [tls]\nmode = \"acme\"\nemail = \"ops@example.com\"\ndirectory = \"{}\"\ndirectory_ca = {:?}\nretry_min = \"1s\"\n\n\
+             [cluster]\nredis = \"{}\"\nsecret_file = {:?}\n\n\
+             [[agent]]\nname = \"home\"\nkey = \"{}\"\n\n\
+             [[user]]\nname = \"alice\"\npassword = \"{}\"\n\n{routes}",
+            self.world.path(id),
+            self.world.path("edge.key"),
+            self.pebble.directory,
+            self.pebble.directory_ca,
+            self.redis.url(),
+            self.world.path("cluster.key"),
+            self.agent_fp,
+            cheap_hash("wonderland"),
+        )
+    }
+
+    async fn start(&self, id: &str, listen: &str, prebound: Prebound) -> ClusterEdge {
+        let text = self.toml(id, listen, &[NAME]);
+        let toml = self.world.write(&format!("{id}.toml"), &text);
+        let config = burrow_edge::EdgeConfig::load(&toml).unwrap();
+        let edge = burrow_edge::Edge::bind_with(config, prebound)
+            .await
+            .unwrap();
+        let acme = edge.acme().expect("acme mode");
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let (reload, reloads) = tokio::sync::mpsc::channel(2);
+        let handle = EdgeHandle {
+            tunnel: edge.tunnel_addr(),
+            https: edge.https_addr(),
+            ports: edge.port_addrs(),
+            fingerprint: edge.fingerprint(),
+            registry: edge.registry(),
+            shutdown: shutdown.clone(),
+            task: tokio::spawn(async move {
+                edge.run_with_reloads(shutdown, reloads).await.unwrap();
+            }),
+        };
+        ClusterEdge {
+            https: handle.https.unwrap(),
+            handle,
+            acme,
+            reload,
+            toml,
+        }
+    }
+}
+
+impl ClusterEdge {
+    /// Waits until `name`'s status passes `pred`.
+    async fn wait_cert(&self, name: &str, what: &str, pred: impl Fn(&CertStatus) -> bool) {
+        let mut changes = self.acme.subscribe();
+        let found = tokio::time::timeout(Duration::from_secs(60), async {
+            loop {
+                if self.acme.status().get(name).is_some_and(&pred) {
+                    return;
+                }
+                changes.changed().await.unwrap();
+            }
+        })
+        .await;
+        found.unwrap_or_else(|_| panic!("{name} never {what}: {:?}", self.acme.status()));
+    }
+
+    fn issued(&self, name: &str) -> bool {
+        self.acme
+            .status()
+            .get(name)
+            .is_some_and(|s| s.not_after.is_some())
+    }
+}
+
+/// The leaf certificate the edge at `addr` serves for `name`, verified
+/// against Pebble's root.
+async fn served_leaf(pebble: &Pebble, addr: SocketAddr, name: &str) -> Vec<u8> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(&pebble.root).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(
+            rustls::pki_types::ServerName::try_from(name.to_owned()).unwrap(),
+            tcp,
+        )
+        .await
+        .expect("the certificate verifies against Pebble's root");
+    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+/// One request with curl through the edge at `addr` as `name`, verifying
+/// it against Pebble's root: the status code and the response headers.
+async fn curl(pebble: &Pebble, addr: SocketAddr, name: &str, args: &[&str]) -> (u16, String) {
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", "--max-time", "10", "-o", "/dev/null", "-D", "-"])
+        .args(["-w", "%{http_code}", "--cacert"])
+        .arg(&pebble.root)
+        .args([
+            "--resolve",
+            &format!("{name}:{}:{}", addr.port(), addr.ip()),
+        ])
+        .args(args)
+        .arg(format!("https://{name}:{}/headers", addr.port()))
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let code = text[text.len() - 3..].parse().unwrap();
+    (code, text)
+}
+
+/// The session cookie (`name=value`) in response headers.
+fn session_cookie(headers: &str) -> String {
+    headers
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("set-cookie: ")
+                .or_else(|| l.strip_prefix("Set-Cookie: "))
+        })
+        .map(|c| c.split(';').next().unwrap().to_owned())
+        .find(|c| c.starts_with("__Host-burrow="))
+        .unwrap_or_else(|| panic!("no session cookie in {headers}"))
+}
+
+/// Two edges, one Redis, one agent dialling both; edge B is where Pebble
+/// validates, edge A places the order (B is started once A is ordering),
+/// so the certificate is issued only if B answers A's challenge from
+/// Redis. `http01` picks the challenge (else TLS-ALPN-01).
+async fn two_edges(
+    world: &World,
+    redis: &Redis,
+    http01: bool,
+) -> (Pebble, ClusterEdge, ClusterEdge) {
+    let (_, agent_fp) = world.agent_key("home");
+    burrow_proto::identity::Identity::create(&world.path("edge.key")).unwrap();
+    world.write(
+        "cluster.key",
+        "0123456789abcdef0123456789abcdef-cluster-test-secret",
+    );
+    let ip = test_ip();
+    let b_http = std::net::TcpListener::bind((ip, 0)).unwrap();
+    let b_https = std::net::TcpListener::bind((ip, 0)).unwrap();
+    let pebble = Pebble::start(
+        b_http.local_addr().unwrap().port(),
+        b_https.local_addr().unwrap().port(),
+        None,
+    )
+    .await;
+    let cluster = Cluster {
+        world,
+        pebble: &pebble,
+        redis,
+        agent_fp: agent_fp.to_string(),
+    };
+    let http = |addr: String| match http01 {
+        true => format!("http = \"{addr}\"\n"),
+        false => String::new(),
+    };
+    let a = cluster
+        .start(
+            "a",
+            &format!("https = \"{ip}:0\"\n{}", http(format!("{ip}:0"))),
+            Prebound::default(),
+        )
+        .await;
+    // A holds the name's lock and has placed the order before B runs.
+    let mut changes = a.acme.subscribe();
+    tokio::time::timeout(WAIT, async {
+        while a.acme.orders() == 0 {
+            changes.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("edge A orders");
+    let b = cluster
+        .start(
+            "b",
+            &format!(
+                "https = \"{}\"\n{}",
+                b_https.local_addr().unwrap(),
+                http(b_http.local_addr().unwrap().to_string())
+            ),
+            Prebound {
+                https: Some(b_https),
+                http: http01.then_some(b_http),
+                ..Prebound::default()
+            },
+        )
+        .await;
+    a.wait_cert(NAME, "issued on A", |s| s.not_after.is_some())
+        .await;
+    b.wait_cert(NAME, "taken by B", |s| s.not_after.is_some())
+        .await;
+    assert_eq!(pebble.orders(), 1, "Pebble took exactly one order");
+    assert_eq!((a.acme.orders(), b.acme.orders()), (1, 0));
+    assert_eq!(
+        served_leaf(&pebble, a.https, NAME).await,
+        served_leaf(&pebble, b.https, NAME).await,
+        "both edges serve the same certificate"
+    );
+    (pebble, a, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_edges_answer_each_others_tls_alpn_challenges_and_order_once() {
+    let world = World::new();
+    let redis = Redis::start(&world.path("redis"));
+    let _ = two_edges(&world, &redis, false).await;
+    // Sealed at rest: the key is in Redis, the PEM is not readable there.
+    let stored = redis.cli(&["--no-raw", "GET", &format!("burrow:acme:cert:{NAME}")]);
+    assert!(stored.len() > 200, "{stored}");
+    assert!(
+        !stored.contains("BEGIN"),
+        "certificate stored in clear: {stored}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_edges_share_certificates_sessions_and_login_counters_through_redis() {
+    let world = World::new();
+    let mut redis = Redis::start(&world.path("redis"));
+    let (pebble, a, b) = two_edges(&world, &redis, true).await;
+
+    // One agent dialling both: a request through each edge reaches it.
+    let agent_key = world.path("home.key");
+    let (service, _up) = upstream().await;
+    let agent_toml = format!(
+        "[agent]\nname = \"home\"\nedges = [\"{}\", \"{}\"]\nedge_key = \"{}\"\nkey = {agent_key:?}\n\n\
+         [[service]]\nname = \"test\"\nurl = \"http://{service}\"\n",
+        a.handle.tunnel, b.handle.tunnel, a.handle.fingerprint
+    );
+    let (_agent, extras) = start_agent_with(agent_config(&agent_toml));
+    let (mut to_a, mut to_b) = (extras.edges[0].clone(), extras.edges[1].clone());
+    wait_status(&mut to_a, "connected to A", connected).await;
+    wait_status(&mut to_b, "connected to B", connected).await;
+
+    // A session cookie issued by A is taken by B.
+    let (code, headers) = curl(&pebble, a.https, NAME, &["-u", "alice:wonderland"]).await;
+    assert_eq!(code, 200, "{headers}");
+    let cookie = session_cookie(&headers);
+    let with_cookie = ["-H", &format!("Cookie: {cookie}")];
+    for edge in [&a, &b] {
+        let (code, headers) = curl(&pebble, edge.https, NAME, &with_cookie).await;
+        assert_eq!(code, 200, "{headers}");
+    }
+
+    // Redis stopped for 30 s: both edges keep serving the name and the
+    // session; a name added meanwhile waits for Redis, on both edges.
+    redis.stop();
+    for edge in [&a, &b] {
+        let text = std::fs::read_to_string(&edge.toml).unwrap().replace(
+            "[[route]]",
+            &format!("[[route]]\nhost = \"{NEW_NAME}\"\nagent = \"home\"\nservice = \"test\"\nauth = \"none\"\n\n[[route]]"),
+        );
+        std::fs::write(&edge.toml, text).unwrap();
+        let config = burrow_edge::EdgeConfig::load(&edge.toml).unwrap();
+        edge.reload.send(config).await.unwrap();
+    }
+    for edge in [&a, &b] {
+        edge.wait_cert(NEW_NAME, "waiting on Redis", |s| {
+            s.last_error.as_deref().is_some_and(|e| e.contains("Redis"))
+        })
+        .await;
+    }
+    let down = Instant::now();
+    while down.elapsed() < Duration::from_secs(30) {
+        for edge in [&a, &b] {
+            let (code, headers) = curl(&pebble, edge.https, NAME, &with_cookie).await;
+            assert_eq!(code, 200, "while Redis is down: {headers}");
+            assert!(!edge.issued(NEW_NAME));
+        }
+        assert_eq!(pebble.orders(), 1, "no order while Redis is down");
+        // The outage's length, not a readiness wait.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    redis.resume();
+    a.wait_cert(NEW_NAME, "issued after Redis came back", |s| {
+        s.not_after.is_some()
+    })
+    .await;
+    b.wait_cert(NEW_NAME, "issued after Redis came back", |s| {
+        s.not_after.is_some()
+    })
+    .await;
+    assert_eq!(pebble.orders(), 2, "one order for the new name, not two");
+    assert_eq!(a.acme.orders() + b.acme.orders(), 2);
+    assert_eq!(
+        served_leaf(&pebble, a.https, NEW_NAME).await,
+        served_leaf(&pebble, b.https, NEW_NAME).await
+    );
+
+    // `burrow logout-all` on A: B refuses the session too (it reads the
+    // generation from Redis once a second).
+    let (code, out, err) = run(&["logout-all", "--config", &path_str(&a.toml)]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("every edge of the cluster"), "{out}");
+    let revoked = Instant::now();
+    loop {
+        let (code, _) = curl(&pebble, b.https, NAME, &with_cookie).await;
+        if code == 401 {
+            break;
+        }
+        assert_eq!(code, 200);
+        assert!(
+            revoked.elapsed() < Duration::from_secs(5),
+            "B still takes the revoked session"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await; // polling B, bounded above
+    }
+    eprintln!("revocation reached edge B after {:?}", revoked.elapsed());
+    assert_eq!(curl(&pebble, a.https, NAME, &with_cookie).await.0, 401);
+
+    // 20 wrong logins at once, split over both edges, from one address:
+    // the address's 5 free failures are counted once for the cluster.
+    let mut guesses = tokio::task::JoinSet::new();
+    for i in 0..20 {
+        let https = if i % 2 == 0 { a.https } else { b.https };
+        let root = pebble.root.clone();
+        guesses.spawn(async move {
+            let out = tokio::process::Command::new("curl")
+                .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+                .arg(root)
+                .args([
+                    "--resolve",
+                    &format!("{NAME}:{}:{}", https.port(), https.ip()),
+                ])
+                .args(["-u", &format!("alice:guess{i}")])
+                .arg(format!("https://{NAME}:{}/", https.port()))
+                .output()
+                .await
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        });
+    }
+    let mut codes = Vec::new();
+    while let Some(code) = guesses.join_next().await {
+        codes.push(code.unwrap());
+    }
+    let checked = codes.iter().filter(|c| *c == "401").count();
+    let throttled = codes.iter().filter(|c| *c == "429").count();
+    assert_eq!(checked + throttled, 20, "{codes:?}");
+    // Counted per edge, each would check 5 or 6 of its 10: 10 at least.
+    assert!(
+        checked <= burrow_edge::access::throttle::ADDR_FREE_FAILURES as usize + 1,
+        "{checked} guesses were checked: {codes:?}"
+    );
+    // One more wrong guess on A locks the address; B refuses even the
+    // right password (its own counters saw too few failures to lock).
+    curl(&pebble, a.https, NAME, &["-u", "alice:one-more"]).await;
+    let (code, headers) = curl(&pebble, b.https, NAME, &["-u", "alice:wonderland"]).await;
+    assert_eq!(code, 429, "{headers}");
 }

@@ -73,6 +73,16 @@ struct File {
     #[serde(default)]
     port: Vec<Spanned<PortEntry>>,
     limits: Option<LimitsSection>,
+    cluster: Option<ClusterSection>,
+}
+
+/// `[cluster]`: several edges sharing state through Redis.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClusterSection {
+    redis: Spanned<String>,
+    redis_password_file: Option<PathBuf>,
+    secret_file: Option<PathBuf>,
 }
 
 /// `[limits]`: what one client may hold open. Each refusal is counted in
@@ -264,6 +274,28 @@ pub struct EdgeConfig {
     pub routes: Vec<RouteConfig>,
     pub ports: Vec<PortConfig>,
     pub limits: LimitsConfig,
+    /// `[cluster]`, when several edges share state through Redis.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `[cluster]` validated: the URL parses; the files are read at start.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// `redis://`, `rediss://` (TLS) or `redis+unix://`.
+    pub redis: String,
+    pub redis_password_file: Option<PathBuf>,
+    /// Encrypts what is sealed in Redis; the same file on every edge.
+    pub secret_file: PathBuf,
+}
+
+impl std::fmt::Debug for ClusterConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may carry a password.
+        f.debug_struct("ClusterConfig")
+            .field("redis_password_file", &self.redis_password_file)
+            .field("secret_file", &self.secret_file)
+            .finish_non_exhaustive()
+    }
 }
 
 /// `[limits]` with defaults applied.
@@ -613,6 +645,11 @@ fn convert(src: &Source, file: File) -> Result<EdgeConfig, ConfigError> {
         },
     };
 
+    let cluster = match file.cluster {
+        None => None,
+        Some(c) => Some(convert_cluster(src, c)?),
+    };
+
     let access = file.access.unwrap_or_default();
     let client_ip_header = match &access.client_ip_header {
         None => ClientIpHeader::default(),
@@ -959,6 +996,31 @@ fn convert(src: &Source, file: File) -> Result<EdgeConfig, ConfigError> {
         routes,
         ports,
         limits,
+        cluster,
+    })
+}
+
+fn convert_cluster(src: &Source, c: ClusterSection) -> Result<ClusterConfig, ConfigError> {
+    use redis::IntoConnectionInfo;
+    let url = c.redis.get_ref();
+    if let Err(e) = url.as_str().into_connection_info() {
+        // The error may quote the URL, password and all: not echoed.
+        let _ = e;
+        return Err(src.error_at(
+            c.redis.span(),
+            "cluster.redis: not a Redis URL (redis://[:PASSWORD@]HOST[:PORT][/DB], rediss:// for TLS, redis+unix:///PATH)",
+        ));
+    }
+    let Some(secret_file) = c.secret_file else {
+        return Err(src.error_at(
+            c.redis.span(),
+            "cluster: needs secret_file (the same 32 random bytes on every edge: head -c 32 /dev/urandom > cluster.key), which encrypts certificates and keys in Redis",
+        ));
+    };
+    Ok(ClusterConfig {
+        redis: url.clone(),
+        redis_password_file: c.redis_password_file.map(|p| src.resolve(&p)),
+        secret_file: src.resolve(&secret_file),
     })
 }
 
@@ -1528,6 +1590,41 @@ service = \"s\"
             "{err}"
         );
         assert!(with("http3 = \"yes\"", route).is_err());
+    }
+
+    #[test]
+    fn cluster_needs_a_redis_url_and_a_secret_file_and_never_echoes_the_url() {
+        let with = |v: &str| {
+            parse(&format!(
+                "[edge]\nstate_dir = \"/tmp/s\"\n\n[cluster]\n{v}\n"
+            ))
+        };
+        assert_eq!(
+            parse("[edge]\nstate_dir = \"/tmp/s\"\n").unwrap().cluster,
+            None
+        );
+        let c = with("redis = \"redis://:pw@10.0.0.2:6379/0\"\nsecret_file = \"cluster.key\"")
+            .unwrap()
+            .cluster
+            .unwrap();
+        assert_eq!(c.redis, "redis://:pw@10.0.0.2:6379/0");
+        assert!(!format!("{c:?}").contains("pw"), "{c:?}");
+        assert!(
+            with("redis = \"rediss://r.example.com\"\nsecret_file = \"k\"\nredis_password_file = \"p\"")
+                .unwrap()
+                .cluster
+                .unwrap()
+                .redis_password_file
+                .is_some()
+        );
+        let err = with("redis = \"redis://127.0.0.1\"").unwrap_err();
+        assert_eq!(err.position, Some((5, 9)), "{err}");
+        assert!(err.message.contains("needs secret_file"), "{err}");
+        let err = with("redis = \"http://:hunter2@x\"\nsecret_file = \"k\"").unwrap_err();
+        assert_eq!(err.position, Some((5, 9)), "{err}");
+        assert!(err.message.contains("not a Redis URL"), "{err}");
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+        assert!(with("redis = \"redis://x\"\nsecret_file = \"k\"\nreplicas = 2").is_err());
     }
 
     #[test]

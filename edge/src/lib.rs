@@ -10,6 +10,7 @@
 
 pub mod access;
 pub mod admin;
+pub mod cluster;
 pub mod config;
 pub mod http;
 pub mod metrics;
@@ -34,6 +35,7 @@ use access::IpRules;
 use access::auth::Verifier;
 use access::gate::Gate;
 use access::session::SessionKeys;
+use cluster::Cluster;
 pub use config::EdgeConfig;
 use config::{PortConfig, TlsConfig};
 use metrics::Metrics;
@@ -60,6 +62,8 @@ pub enum EdgeError {
         what: &'static str,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Cluster(#[from] cluster::SetupError),
 }
 
 /// An edge with all its sockets bound, ready to run.
@@ -75,6 +79,7 @@ pub struct Edge {
     acme: Option<Arc<AcmeManager>>,
     tunnel: Arc<Tunnel>,
     certs: Arc<CertStore>,
+    cluster: Option<Arc<Cluster>>,
 }
 
 impl std::fmt::Debug for Edge {
@@ -147,6 +152,15 @@ impl Edge {
         let certs = Arc::new(CertStore::new(
             identity.certified_key().map_err(TlsError::from)?,
         ));
+        let cluster = match &config.cluster {
+            Some(c) => {
+                let cluster = Cluster::new(c)?;
+                certs.set_cluster(cluster.clone());
+                info!(secret_file = %c.secret_file.display(), "cluster: sharing certificates, sessions and counters through Redis");
+                Some(cluster)
+            }
+            None => None,
+        };
         let hosts = cert_names(&config);
         let mut acme = None;
         match &config.tls {
@@ -157,13 +171,16 @@ impl Edge {
             }
             TlsConfig::Files { cert, key } => certs.install(&hosts, tls::load_files(cert, key)?),
             TlsConfig::Acme(a) => {
-                acme = Some(Arc::new(AcmeManager::load(
-                    a.clone(),
-                    &config.state_dir,
-                    hosts.clone(),
-                    certs.clone(),
-                    config.http.is_some() && config.https.is_some(),
-                )?));
+                acme = Some(Arc::new(
+                    AcmeManager::load(
+                        a.clone(),
+                        &config.state_dir,
+                        hosts.clone(),
+                        certs.clone(),
+                        config.http.is_some() && config.https.is_some(),
+                    )?
+                    .with_cluster(cluster.clone()),
+                ));
             }
         }
 
@@ -209,7 +226,7 @@ impl Edge {
             prebound.http,
         )
         .await?;
-        let gate = build_gate(&config)?;
+        let gate = build_gate(&config, cluster.as_ref())?;
         let admin = listen("admin listener", config.admin, prebound.admin).await?;
         Ok(Self {
             admin,
@@ -227,6 +244,7 @@ impl Edge {
             endpoint,
             ports,
             certs,
+            cluster,
         })
     }
 
@@ -337,7 +355,8 @@ impl Edge {
             self.certs.clone(),
             metrics.clone(),
             (tracker.clone(), shutdown.clone()),
-        );
+        )
+        .with_cluster(self.cluster.clone());
         let (http_tx, http_rx) = watch::channel(Arc::new(http_state));
         if let Some(listener) = self.https {
             let addr = http::local_addr(&listener);
@@ -397,6 +416,17 @@ impl Edge {
             let front = front("admin", admin::LIMITS, &metrics);
             tasks.spawn(admin::serve(listener, state, front, drained.clone()));
         }
+        if let Some(cluster) = self.cluster.clone() {
+            // The session secret this edge offers when Redis has none yet.
+            let secret = access::session::load_or_create_secret(&self.config.state_dir).map_err(
+                |source| EdgeError::State {
+                    what: "session key",
+                    source,
+                },
+            )?;
+            cluster.set_local_generation(access::session::local_generation(&self.config.state_dir));
+            tasks.spawn(cluster.run(Some(secret), drained.clone()));
+        }
         if let Some(acme) = self.acme.clone() {
             tasks.spawn(acme.run(shutdown.clone()));
         }
@@ -411,6 +441,7 @@ impl Edge {
             tunnel: self.tunnel.clone(),
             certs: self.certs.clone(),
             acme: self.acme.clone(),
+            cluster: self.cluster.clone(),
             metrics,
             tracker: tracker.clone(),
             going_away: shutdown.clone(),
@@ -454,6 +485,7 @@ struct Reloader {
     tunnel: Arc<Tunnel>,
     certs: Arc<CertStore>,
     acme: Option<Arc<AcmeManager>>,
+    cluster: Option<Arc<Cluster>>,
     metrics: Arc<Metrics>,
     tracker: TaskTracker,
     going_away: CancellationToken,
@@ -476,6 +508,7 @@ impl Reloader {
             ("edge.http3", current.http3 != new.http3),
             ("edge.admin", current.admin != new.admin),
             ("edge.threads", current.threads != new.threads),
+            ("cluster", current.cluster != new.cluster),
             (
                 "edge.header_timeout",
                 current.header_timeout != new.header_timeout,
@@ -516,7 +549,7 @@ impl Reloader {
             error!(error = %e, "reload: certificates not updated");
         }
 
-        let gate = match build_gate(&new) {
+        let gate = match build_gate(&new, self.cluster.as_ref()) {
             Ok(g) => g,
             Err(e) => {
                 error!(error = %e, "reload refused: keeping the running config");
@@ -525,14 +558,17 @@ impl Reloader {
         };
         self.tunnel.set_agents(new.agents.clone());
         self.tunnel.registry.set_agent_wait(new.agent_wait);
-        http_tx.send_replace(Arc::new(http::HttpState::new(
-            &new,
-            self.tunnel.registry.clone(),
-            gate,
-            self.certs.clone(),
-            self.metrics.clone(),
-            (self.tracker.clone(), self.going_away.clone()),
-        )));
+        http_tx.send_replace(Arc::new(
+            http::HttpState::new(
+                &new,
+                self.tunnel.registry.clone(),
+                gate,
+                self.certs.clone(),
+                self.metrics.clone(),
+                (self.tracker.clone(), self.going_away.clone()),
+            )
+            .with_cluster(self.cluster.clone()),
+        ));
 
         for (running, tx) in port_rules {
             match new.ports.iter().find(|p| p.listen == running.listen) {
@@ -575,14 +611,19 @@ fn cert_names(config: &EdgeConfig) -> Vec<String> {
 
 /// The authentication gate for `config`'s users and API keys, if there are
 /// users (routes take API keys only beside them).
-fn build_gate(config: &EdgeConfig) -> Result<Option<Arc<Gate>>, EdgeError> {
+fn build_gate(
+    config: &EdgeConfig,
+    cluster: Option<&Arc<Cluster>>,
+) -> Result<Option<Arc<Gate>>, EdgeError> {
     if config.users.is_empty() {
         return Ok(None);
     }
     let sessions =
-        SessionKeys::load_or_create(&config.state_dir).map_err(|source| EdgeError::State {
-            what: "session key",
-            source,
+        SessionKeys::load_shared(&config.state_dir, cluster.cloned()).map_err(|source| {
+            EdgeError::State {
+                what: "session key",
+                source,
+            }
         })?;
     let hashes = config
         .users
@@ -596,9 +637,12 @@ fn build_gate(config: &EdgeConfig) -> Result<Option<Arc<Gate>>, EdgeError> {
         .collect();
     // A new verifier per config: a key removed from it is forgotten with
     // the old one, successes remembered for it included.
-    Ok(Some(Arc::new(Gate::new(
-        &config.users,
-        sessions,
-        Verifier::new(hashes).with_api_keys(keys),
-    ))))
+    Ok(Some(Arc::new(
+        Gate::new(
+            &config.users,
+            sessions,
+            Verifier::new(hashes).with_api_keys(keys),
+        )
+        .with_cluster(cluster.cloned()),
+    )))
 }

@@ -5,6 +5,8 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 pub mod faults;
+pub mod pebble;
+pub mod redis;
 pub mod standin;
 pub mod web;
 

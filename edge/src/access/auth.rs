@@ -292,6 +292,18 @@ impl Verifier {
         id
     }
 
+    /// Whether `key` is an API key that passed recently (and passes again
+    /// without a check).
+    pub fn remembers_key(&self, key: &[u8]) -> bool {
+        let id = self.cache_id(Namespace::ApiKey, &[], key);
+        let now = Instant::now();
+        self.cache
+            .lock()
+            .expect("cache lock not poisoned")
+            .get(&id)
+            .is_some_and(|r| r.until > now)
+    }
+
     /// Whether `user` is configured.
     pub fn knows(&self, user: &str) -> bool {
         self.users.contains_key(user)

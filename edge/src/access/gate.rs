@@ -13,6 +13,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::http::io::RequestBody;
 use base64::Engine;
@@ -27,12 +28,12 @@ use super::auth::{KeyVerdict, Verdict, Verifier};
 use super::login::{self, LOGIN_PATH, LOGOUT_PATH, MAX_FORM};
 use super::pattern::PublicPath;
 use super::session::{self, SessionKeys, password_tag};
-use super::throttle::{Attempt, MAX_USER_NAME, Throttle};
+use super::throttle::{Attempt, MAX_USER_NAME, SharedPending, SharedThrottle, Throttle};
 use crate::config::{RouteConfig, UserConfig};
 use crate::refusal::{Challenge, Refusal};
 
 /// What Retry-After says when every password check slot is taken.
-pub const LOGIN_BUSY_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+pub const LOGIN_BUSY_RETRY: Duration = Duration::from_secs(1);
 
 /// What to do with a request.
 #[derive(Debug)]
@@ -103,6 +104,8 @@ pub struct Gate {
     pub verifier: Verifier,
     pub sessions: SessionKeys,
     pub throttle: Throttle,
+    /// With `[cluster]`: the counters every edge shares, beside `throttle`.
+    shared: Option<SharedThrottle>,
     users: HashMap<String, KnownUser>,
     /// Configured names by their lower case: names sign in ignoring case.
     folded: HashMap<String, String>,
@@ -213,6 +216,7 @@ impl Gate {
             verifier,
             sessions,
             throttle: Throttle::new(),
+            shared: None,
             users: users
                 .iter()
                 .map(|u| {
@@ -227,6 +231,37 @@ impl Gate {
                 .iter()
                 .map(|u| (u.name.to_lowercase(), u.name.clone()))
                 .collect(),
+        }
+    }
+
+    /// Counts logins against the counters every edge of `cluster` shares.
+    #[must_use]
+    pub fn with_cluster(mut self, cluster: Option<Arc<crate::cluster::Cluster>>) -> Self {
+        self.shared = cluster.map(SharedThrottle::new);
+        self
+    }
+
+    /// Starts the shared side of a check; `Ok(None)` without a cluster.
+    async fn shared_begin(&self, attempt: &Attempt) -> Result<Option<SharedPending>, Duration> {
+        match &self.shared {
+            Some(s) => s.begin(attempt).await,
+            None => Ok(None),
+        }
+    }
+
+    /// Counts a failure that was no check on the shared counters too.
+    async fn shared_failure(&self, attempt: &Attempt) {
+        if let Some(s) = &self.shared {
+            s.failure(attempt).await;
+        }
+    }
+
+    /// `Err(wait)` when the local or the shared counters lock `attempt`.
+    async fn check_all(&self, attempt: &Attempt) -> Result<(), Duration> {
+        self.throttle.check(attempt)?;
+        match &self.shared {
+            Some(s) => s.check(attempt).await,
+            None => Ok(()),
         }
     }
 
@@ -291,7 +326,8 @@ impl Gate {
             }
             warn!(%client, user_len = user.len(), host = %route.host, "failed login: user name too long");
             self.throttle.failure(&attempt);
-            return match self.throttle.check(&attempt) {
+            self.shared_failure(&attempt).await;
+            return match self.check_all(&attempt).await {
                 Err(wait) => PasswordCheck::Refuse(Refusal::TooManyLogins { retry_after: wait }),
                 Ok(()) => PasswordCheck::Wrong,
             };
@@ -306,6 +342,13 @@ impl Gate {
             info!(%client, user = shown, retry_after = ?wait, "login throttled");
             return PasswordCheck::Refuse(Refusal::TooManyLogins { retry_after: wait });
         }
+        let shared = match self.shared_begin(&attempt).await {
+            Ok(s) => s,
+            Err(wait) => {
+                info!(%client, user = shown, retry_after = ?wait, "login throttled by the cluster's counters");
+                return PasswordCheck::Refuse(Refusal::TooManyLogins { retry_after: wait });
+            }
+        };
         let checked = self
             .verifier
             .verify_with(user, password.as_bytes(), || self.throttle.begin(&attempt))
@@ -313,6 +356,9 @@ impl Gate {
         let (verdict, pending) = match checked {
             Ok(c) => c,
             Err(wait) => {
+                if let Some(s) = shared {
+                    s.released().await;
+                }
                 info!(%client, user = shown, "login throttled: checks already running");
                 return PasswordCheck::Refuse(Refusal::TooManyLogins { retry_after: wait });
             }
@@ -322,6 +368,9 @@ impl Gate {
                 match pending {
                     Some(p) => p.succeeded(),
                     None => self.throttle.success(&attempt),
+                }
+                if let Some(s) = shared {
+                    s.succeeded().await;
                 }
                 let mut cookies: Vec<HeaderValue> =
                     self.session_cookie(user, route).into_iter().collect();
@@ -336,6 +385,9 @@ impl Gate {
                 if let Some(p) = pending {
                     p.released();
                 }
+                if let Some(s) = shared {
+                    s.released().await;
+                }
                 PasswordCheck::Refuse(Refusal::Unavailable {
                     message: "busy checking logins; try again",
                     retry_after: LOGIN_BUSY_RETRY,
@@ -345,11 +397,18 @@ impl Gate {
                 warn!(%client, user = shown, host = %route.host, known_device = device.is_some(), "failed login");
                 // The same credential sent while its check ran shares that
                 // check's verdict and its one failure.
+                let checked_here = pending.is_some();
                 if let Some(p) = pending {
                     p.failed();
                 }
+                if let Some(s) = shared {
+                    match checked_here {
+                        true => s.failed().await,
+                        false => s.released().await,
+                    }
+                }
                 // Tell the client at once if this failure locked it.
-                match self.throttle.check(&attempt) {
+                match self.check_all(&attempt).await {
                     Err(wait) => {
                         PasswordCheck::Refuse(Refusal::TooManyLogins { retry_after: wait })
                     }
@@ -372,14 +431,27 @@ impl Gate {
             }
             warn!(%client, host = %route.host, token_len = token.len(), "failed api key: not a burrow key");
             self.throttle.failure(&attempt);
-            return match self.throttle.check(&attempt) {
+            self.shared_failure(&attempt).await;
+            return match self.check_all(&attempt).await {
                 Err(wait) => refused(wait),
                 Ok(()) => KeyCheck::Wrong,
             };
         }
         let names: Vec<&str> = route.api_keys.iter().map(|n| n.as_str()).collect();
         // A remembered key passes without the throttle: it is proven, and
-        // guesses from the same address must not lock it out.
+        // guesses from the same address must not lock it out. So the
+        // shared counters are asked only when the key is not remembered.
+        let remembered = self.verifier.remembers_key(token.as_bytes());
+        let shared = match remembered {
+            true => None,
+            false => match self.shared_begin(&attempt).await {
+                Ok(s) => s,
+                Err(wait) => {
+                    info!(%client, host = %route.host, retry_after = ?wait, "api key throttled by the cluster's counters");
+                    return refused(wait);
+                }
+            },
+        };
         let checked = self
             .verifier
             .verify_key_with(&names, token.as_bytes(), || self.throttle.begin(&attempt))
@@ -387,15 +459,22 @@ impl Gate {
         let (verdict, pending) = match checked {
             Ok(c) => c,
             Err(wait) => {
+                if let Some(s) = shared {
+                    s.released().await;
+                }
                 info!(%client, host = %route.host, retry_after = ?wait, "api key throttled");
                 return refused(wait);
             }
         };
+        let checked_here = pending.is_some();
         match verdict {
             KeyVerdict::Valid(name) if names.contains(&&*name) => {
                 match pending {
                     Some(p) => p.succeeded(),
                     None => self.throttle.success(&attempt),
+                }
+                if let Some(s) = shared {
+                    s.succeeded().await;
                 }
                 KeyCheck::Valid(name)
             }
@@ -404,12 +483,18 @@ impl Gate {
                 if let Some(p) = pending {
                     p.released();
                 }
+                if let Some(s) = shared {
+                    s.released().await;
+                }
                 info!(%client, host = %route.host, key = %name, "api key not taken on this route");
                 KeyCheck::Wrong
             }
             KeyVerdict::Busy => {
                 if let Some(p) = pending {
                     p.released();
+                }
+                if let Some(s) = shared {
+                    s.released().await;
                 }
                 KeyCheck::Refuse(Refusal::Unavailable {
                     message: "busy checking logins; try again",
@@ -421,7 +506,13 @@ impl Gate {
                 if let Some(p) = pending {
                     p.failed();
                 }
-                match self.throttle.check(&attempt) {
+                if let Some(s) = shared {
+                    match checked_here {
+                        true => s.failed().await,
+                        false => s.released().await,
+                    }
+                }
+                match self.check_all(&attempt).await {
                     Err(wait) => refused(wait),
                     Ok(()) => KeyCheck::Wrong,
                 }

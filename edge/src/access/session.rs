@@ -49,9 +49,24 @@ pub const GENERATION_FILE: &str = "sessions.generation";
 /// `state_dir` so restarts keep everyone signed in, and the generation
 /// below which sessions are revoked.
 pub struct SessionKeys {
+    keys: std::sync::RwLock<Signers>,
+    generation: Generation,
+    /// With `[cluster]`: the secret and the generation every edge shares.
+    shared: Option<Shared>,
+}
+
+/// The two signing keys, and which version of the cluster's secret they
+/// come from (0: this edge's own).
+struct Signers {
     session: hmac::Key,
     device: hmac::Key,
-    generation: Generation,
+    version: u64,
+}
+
+struct Shared {
+    cluster: std::sync::Arc<crate::cluster::Cluster>,
+    /// Where the cluster's secret is kept, for a restart without Redis.
+    key_path: PathBuf,
 }
 
 impl std::fmt::Debug for SessionKeys {
@@ -154,6 +169,11 @@ impl Generation {
     }
 
     fn current(&self) -> u64 {
+        self.local()
+    }
+
+    /// The generation in this edge's file.
+    fn local(&self) -> u64 {
         let mut cached = self.cached.lock().expect("generation lock not poisoned");
         let Some(path) = &self.path else {
             return cached.value;
@@ -201,8 +221,15 @@ fn read_generation(path: &Path) -> std::io::Result<u64> {
 /// Revokes every session issued so far (`burrow logout-all`): raises the
 /// generation in `state_dir`. Returns the new generation.
 pub fn revoke_all(state_dir: &Path) -> std::io::Result<u64> {
+    revoke_all_above(state_dir, 0)
+}
+
+/// Like [`revoke_all`], with the new generation also above `at_least`
+/// (the cluster's).
+pub fn revoke_all_above(state_dir: &Path, at_least: u64) -> std::io::Result<u64> {
     let path = state_dir.join(GENERATION_FILE);
     let next = read_generation(&path)?
+        .max(at_least)
         .checked_add(1)
         .ok_or_else(|| std::io::Error::other("session generation exhausted"))?;
     fsutil::write_private(&path, format!("{next}\n").as_bytes())?;
@@ -242,27 +269,123 @@ fn signed<'a>(key: &hmac::Key, value: &'a str) -> Option<&'a str> {
     Some(payload)
 }
 
+/// The 32-byte secret in `state_dir/session.key`, made if missing.
+pub fn load_or_create_secret(state_dir: &Path) -> std::io::Result<[u8; 32]> {
+    let path = state_dir.join("session.key");
+    let bytes = match std::fs::read(&path) {
+        Ok(b) if b.len() == 32 => b,
+        Ok(_) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{} is not a 32-byte key", path.display()),
+            ));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut b = vec![0u8; 32];
+            SystemRandom::new()
+                .fill(&mut b)
+                .map_err(|_| std::io::Error::other("no OS randomness"))?;
+            fsutil::write_private(&path, &b)?;
+            b
+        }
+        Err(e) => return Err(e),
+    };
+    bytes
+        .try_into()
+        .map_err(|_| std::io::Error::other("a 32-byte key"))
+}
+
+/// Reads this edge's session generation (its `logout-all` file).
+pub fn local_generation(state_dir: &Path) -> impl Fn() -> u64 + Send + Sync + 'static {
+    let generation = Generation {
+        path: Some(state_dir.join(GENERATION_FILE)),
+        cached: Mutex::new(Cached {
+            stamp: None,
+            read_at: None,
+            value: 0,
+        }),
+    };
+    move || generation.local()
+}
+
 impl SessionKeys {
-    pub fn load_or_create(state_dir: &Path) -> std::io::Result<Self> {
-        let path = state_dir.join("session.key");
-        let bytes = match std::fs::read(&path) {
-            Ok(b) if b.len() == 32 => b,
-            Ok(_) => {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    format!("{} is not a 32-byte key", path.display()),
-                ));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let mut b = vec![0u8; 32];
-                SystemRandom::new()
-                    .fill(&mut b)
-                    .map_err(|_| std::io::Error::other("no OS randomness"))?;
-                fsutil::write_private(&path, &b)?;
-                b
-            }
-            Err(e) => return Err(e),
+    /// Keys from `state_dir`, shared with the other edges when `cluster`
+    /// is given: its secret replaces this edge's once Redis has shown it,
+    /// and its generation raises this edge's.
+    pub fn load_shared(
+        state_dir: &Path,
+        cluster: Option<std::sync::Arc<crate::cluster::Cluster>>,
+    ) -> std::io::Result<Self> {
+        let mut keys = Self::load_or_create(state_dir)?;
+        keys.shared = cluster.map(|cluster| Shared {
+            cluster,
+            key_path: state_dir.join("session.key"),
+        });
+        keys.refresh();
+        Ok(keys)
+    }
+
+    /// Takes the cluster's secret when it changed since last looked at
+    /// (one atomic load when it did not).
+    fn refresh(&self) {
+        let Some(shared) = &self.shared else {
+            return;
         };
+        let current = self.keys.read().expect("keys lock not poisoned").version;
+        let (secret, version) = shared.cluster.session_secret();
+        let Some(secret) = secret.filter(|_| version != current) else {
+            return;
+        };
+        let mut keys = self.keys.write().expect("keys lock not poisoned");
+        *keys = Signers {
+            version,
+            ..Self::signers(&secret)
+        };
+        if std::fs::read(&shared.key_path).ok().as_deref() != Some(&secret[..])
+            && let Err(e) = fsutil::write_private(&shared.key_path, &secret)
+        {
+            tracing::warn!(path = %shared.key_path.display(), error = %e, "cannot keep the cluster's session key on disk");
+        }
+    }
+
+    fn session_key(&self) -> hmac::Key {
+        self.refresh();
+        self.keys
+            .read()
+            .expect("keys lock not poisoned")
+            .session
+            .clone()
+    }
+
+    fn device_key(&self) -> hmac::Key {
+        self.refresh();
+        self.keys
+            .read()
+            .expect("keys lock not poisoned")
+            .device
+            .clone()
+    }
+
+    /// The generation sessions must carry: this edge's, raised to the
+    /// cluster's.
+    fn generation(&self) -> u64 {
+        let local = self.generation.current();
+        match &self.shared {
+            Some(s) => local.max(s.cluster.generation()),
+            None => local,
+        }
+    }
+
+    fn signers(secret: &[u8]) -> Signers {
+        Signers {
+            session: derive(secret, b"burrow session v2"),
+            device: derive(secret, b"burrow device v1"),
+            version: 0,
+        }
+    }
+
+    pub fn load_or_create(state_dir: &Path) -> std::io::Result<Self> {
+        let bytes = load_or_create_secret(state_dir)?;
         let generation_path = state_dir.join(GENERATION_FILE);
         let start = read_generation(&generation_path).map_err(|e| {
             std::io::Error::new(e.kind(), format!("{}: {e}", generation_path.display()))
@@ -282,9 +405,9 @@ impl SessionKeys {
     /// Keys from a secret, with a generation that never changes (tests).
     pub fn from_bytes(bytes: &[u8]) -> Self {
         Self {
-            session: derive(bytes, b"burrow session v2"),
-            device: derive(bytes, b"burrow device v1"),
+            keys: std::sync::RwLock::new(Self::signers(bytes)),
             generation: Generation::fixed(),
+            shared: None,
         }
     }
 
@@ -300,14 +423,14 @@ impl SessionKeys {
 
     /// A session cookie value for `user` on `host`.
     pub fn issue(&self, user: &str, host: &str, tag: [u8; 8]) -> String {
-        let payload = Self::payload(user, host, unix_now(), self.generation.current(), &tag);
-        sign(&self.session, &payload)
+        let payload = Self::payload(user, host, unix_now(), self.generation(), &tag);
+        sign(&self.session_key(), &payload)
     }
 
     /// The session in `value` if it is ours, for `host`, unexpired and not
     /// revoked.
     pub fn verify(&self, value: &str, host: &str) -> Option<Session> {
-        let payload = signed(&self.session, value)?;
+        let payload = signed(&self.session_key(), value)?;
         let mut parts = payload.split('.');
         let user = String::from_utf8(unhex(parts.next()?)?).ok()?;
         let cookie_host = unhex(parts.next()?)?;
@@ -319,7 +442,7 @@ impl SessionKeys {
         if parts.next().is_some()
             || cookie_host != host.as_bytes()
             || expiry <= now
-            || generation != self.generation.current()
+            || generation != self.generation()
         {
             return None;
         }
@@ -351,12 +474,12 @@ impl SessionKeys {
             hex(host.as_bytes()),
             hex(&id),
             unix_now().saturating_add(DEVICE_TTL.as_secs()),
-            self.generation.current(),
+            self.generation(),
             hex(&tag),
         );
         let v = format!(
             "{DEVICE_COOKIE_NAME}={}; Path=/; Max-Age={}; HttpOnly; Secure; SameSite=Strict",
-            sign(&self.device, &payload),
+            sign(&self.device_key(), &payload),
             DEVICE_TTL.as_secs()
         );
         HeaderValue::from_str(&v).ok()
@@ -365,7 +488,7 @@ impl SessionKeys {
     /// The device token in `value` if it is ours, for `host`, unexpired
     /// and not revoked.
     pub fn verify_device(&self, value: &str, host: &str) -> Option<Device> {
-        let payload = signed(&self.device, value)?;
+        let payload = signed(&self.device_key(), value)?;
         let mut parts = payload.split('.');
         let user = String::from_utf8(unhex(parts.next()?)?).ok()?;
         let cookie_host = unhex(parts.next()?)?;
@@ -376,7 +499,7 @@ impl SessionKeys {
         if parts.next().is_some()
             || cookie_host != host.as_bytes()
             || expiry <= unix_now()
-            || generation != self.generation.current()
+            || generation != self.generation()
         {
             return None;
         }
@@ -524,7 +647,7 @@ mod tests {
         let now = unix_now();
         let at = |issued: u64| {
             let payload = SessionKeys::payload("alice", "h", issued, 0, &[0; 8]);
-            keys.verify(&sign(&keys.session, &payload), "h")
+            keys.verify(&sign(&keys.session_key(), &payload), "h")
         };
         assert!(!at(now).unwrap().renew);
         assert!(at(now - RENEW_AFTER.as_secs()).unwrap().renew);

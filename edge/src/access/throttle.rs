@@ -23,6 +23,9 @@ use std::time::Duration;
 use burrow_proto::listener::ClientKey;
 use tokio::time::Instant;
 
+use crate::cluster::Cluster;
+use crate::cluster::counters::{LockTimes, Outcome, SharedKey};
+
 /// Failures an address (or a device) may make before it is locked.
 pub const ADDR_FREE_FAILURES: u32 = 5;
 /// Failures a user name may collect (from all addresses) before it is locked.
@@ -86,6 +89,142 @@ impl Attempt {
     pub fn anonymous(client: ClientKey) -> Self {
         Self {
             keys: vec![Key::Addr(client)],
+        }
+    }
+
+    /// Its counters as every edge of a cluster names them.
+    fn shared_keys(&self) -> Vec<SharedKey> {
+        self.keys
+            .iter()
+            .filter_map(|k| {
+                let name = match k {
+                    Key::Addr(c) => format!("addr:{c}"),
+                    Key::User(u) => format!("user:{}", hex(u.as_bytes())),
+                    Key::UnknownUsers => "unknown".to_owned(),
+                    Key::Device(id) => format!("device:{}", hex(id)),
+                    // Never in an attempt: the table's own fallback.
+                    Key::Overflow => return None,
+                };
+                Some(SharedKey {
+                    name,
+                    free: k.free_failures(),
+                    bucket: matches!(k, Key::UnknownUsers),
+                })
+            })
+            .collect()
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// The lock lengths the cluster's counters use: this throttle's.
+const LOCK_TIMES: LockTimes = LockTimes {
+    base: BASE_LOCK,
+    max: MAX_LOCK,
+    forget: FORGET_AFTER,
+};
+
+/// The same throttle over the counters every edge of a cluster shares
+/// (`[cluster]`), beside the local one: a guess counts on both, so the
+/// local throttle still judges while Redis is away, and the shared one
+/// stops guesses spread over several edges.
+#[derive(Debug, Clone)]
+pub struct SharedThrottle {
+    cluster: Arc<Cluster>,
+}
+
+/// A shared check in progress; settled like [`Pending`], and counted as a
+/// failure if dropped unsettled.
+#[must_use]
+#[derive(Debug)]
+pub struct SharedPending {
+    cluster: Arc<Cluster>,
+    keys: Vec<SharedKey>,
+}
+
+impl SharedThrottle {
+    pub fn new(cluster: Arc<Cluster>) -> Self {
+        Self { cluster }
+    }
+
+    /// Starts a check on the shared counters: `Err(wait)` when they lock
+    /// `attempt` (or checks running on every edge would use up its free
+    /// failures), `Ok(None)` while Redis is away.
+    pub async fn begin(&self, attempt: &Attempt) -> Result<Option<SharedPending>, Duration> {
+        let keys = attempt.shared_keys();
+        match self.cluster.throttle_begin(&keys, BASE_LOCK).await {
+            Ok(Ok(())) => Ok(Some(SharedPending {
+                cluster: self.cluster.clone(),
+                keys,
+            })),
+            Ok(Err(wait)) => Err(wait),
+            Err(e) => {
+                tracing::debug!(error = %e, "shared login throttle unavailable; the local one judges");
+                Ok(None)
+            }
+        }
+    }
+
+    /// `Err(wait)` when the shared counters lock `attempt` now.
+    pub async fn check(&self, attempt: &Attempt) -> Result<(), Duration> {
+        match self.cluster.throttle_check(&attempt.shared_keys()).await {
+            Ok(verdict) => verdict,
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// Counts a failure that was no check.
+    pub async fn failure(&self, attempt: &Attempt) {
+        let _ = self
+            .cluster
+            .throttle_settle(&attempt.shared_keys(), Outcome::Counted, LOCK_TIMES)
+            .await;
+    }
+}
+
+impl SharedPending {
+    async fn settle(mut self, outcome: Outcome) {
+        let keys = std::mem::take(&mut self.keys);
+        if let Err(e) = self
+            .cluster
+            .throttle_settle(&keys, outcome, LOCK_TIMES)
+            .await
+        {
+            tracing::debug!(error = %e, "cannot settle a shared login check; its pending count lapses");
+        }
+    }
+
+    /// The check failed: count it on every edge.
+    pub async fn failed(self) {
+        self.settle(Outcome::Failed).await;
+    }
+
+    /// The check passed: clear the shared counters.
+    pub async fn succeeded(self) {
+        self.settle(Outcome::Succeeded).await;
+    }
+
+    /// The check was not made.
+    pub async fn released(self) {
+        self.settle(Outcome::Released).await;
+    }
+}
+
+impl Drop for SharedPending {
+    fn drop(&mut self) {
+        if self.keys.is_empty() {
+            return;
+        }
+        let keys = std::mem::take(&mut self.keys);
+        let cluster = self.cluster.clone();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let _ = cluster
+                    .throttle_settle(&keys, Outcome::Failed, LOCK_TIMES)
+                    .await;
+            });
         }
     }
 }

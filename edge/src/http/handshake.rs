@@ -32,6 +32,8 @@ pub struct HttpsTls {
     clients: Arc<rustls::ServerConfig>,
     /// For agents (ALPN `burrow/1`), when the tunnel takes them here.
     agents: Option<Arc<rustls::ServerConfig>>,
+    /// For TLS-ALPN-01 challenges another edge of a cluster started.
+    certs: Option<Arc<crate::tls::CertStore>>,
 }
 
 /// Who finished a handshake on the HTTPS listener.
@@ -50,7 +52,16 @@ impl HttpsTls {
             ours: Arc::new(ours),
             clients: Arc::new(clients),
             agents: agents.map(Arc::new),
+            certs: None,
         }
+    }
+
+    /// Reads challenge certificates through `certs` (see
+    /// [`crate::tls::CertStore::fetch_alpn_challenge`]).
+    #[must_use]
+    pub fn with_certs(mut self, certs: Arc<crate::tls::CertStore>) -> Self {
+        self.certs = Some(certs);
+        self
     }
 
     /// The config for this ClientHello.
@@ -73,6 +84,16 @@ impl HttpsTls {
         IO: AsyncRead + AsyncWrite + Unpin,
     {
         let start = LazyConfigAcceptor::new(Acceptor::default(), io).await?;
+        let hello = start.client_hello();
+        if let Some(certs) = &self.certs
+            && let Some(name) = hello.server_name()
+            && hello
+                .alpn()
+                .is_some_and(|mut offered| offered.any(|p| p == crate::tls::ACME_TLS_ALPN))
+        {
+            let name = name.to_ascii_lowercase();
+            certs.fetch_alpn_challenge(&name).await;
+        }
         let hello = start.client_hello();
         let agent = hello
             .alpn()

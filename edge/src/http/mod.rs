@@ -96,6 +96,8 @@ pub struct HttpState {
     route_stats: HashMap<String, Arc<crate::metrics::RouteStats>>,
     /// The API keys' own rate limiters, by `key:NAME`.
     key_limiters: HashMap<String, ratelimit::RateLimiter>,
+    /// With `[cluster]`: rate counters every edge shares.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 impl HttpState {
@@ -143,7 +145,15 @@ impl HttpState {
             client_ip_header: access.client_ip_header,
             registry,
             gate,
+            cluster: None,
         }
+    }
+
+    /// Counts rates on the counters every edge of `cluster` shares.
+    #[must_use]
+    pub fn with_cluster(mut self, cluster: Option<Arc<crate::cluster::Cluster>>) -> Self {
+        self.cluster = cluster;
+        self
     }
 
     pub fn route(&self, host: &str) -> Option<&RouteConfig> {
@@ -421,7 +431,8 @@ pub async fn serve_https(
 ) {
     let (header_timeout, limits) = timeouts;
     let (agent_tls, agent_intake) = agents.unzip();
-    let acceptor = handshake::HttpsTls::new(tls, agent_tls);
+    let certs = state.borrow().certs.clone();
+    let acceptor = handshake::HttpsTls::new(tls, agent_tls).with_certs(certs);
     let builder = Arc::new(http_builder(header_timeout, &limits));
     let clients = front.clients();
     let stats = front.stats();
@@ -552,7 +563,7 @@ pub async fn serve_http_redirect(
                     let busy = per_request.busy();
                     async move {
                         // ACME challenges bypass everything; the rest goes to https.
-                        let resp = match acme_answer(&certs, req.uri().path()) {
+                        let resp = match acme_answer(&certs, req.uri().path()).await {
                             Some(r) => r,
                             None => redirect(&req, https_port),
                         };
@@ -577,8 +588,11 @@ pub async fn serve_http_redirect(
 }
 
 /// The answer to an HTTP-01 validation request for a pending challenge.
-pub fn acme_answer(certs: &CertStore, path: &str) -> Option<Response<Body>> {
-    let key_auth = certs.http_challenge(path)?;
+pub async fn acme_answer(certs: &CertStore, path: &str) -> Option<Response<Body>> {
+    if !path.starts_with(crate::tls::ACME_HTTP_PREFIX) {
+        return None;
+    }
+    let key_auth = certs.http_challenge_anywhere(path).await?;
     let mut r = Response::new(
         Full::new(Bytes::from(key_auth))
             .map_err(|never: Infallible| match never {})

@@ -17,6 +17,7 @@ use std::time::Duration;
 use burrow_proto::listener::ClientKey;
 use tokio::time::Instant;
 
+use crate::cluster::Cluster;
 use crate::config::RateLimit;
 
 /// Keys one route's table holds at most.
@@ -63,6 +64,30 @@ impl RateLimiter {
 
     pub fn limit(&self) -> &RateLimit {
         &self.limit
+    }
+
+    /// Counts a request by `who` on the counters every edge of `cluster`
+    /// shares (named `scope`, this limit's route or key), or on this
+    /// edge's own without a cluster or while Redis is away.
+    pub async fn check_shared(
+        &self,
+        scope: &str,
+        who: &Who,
+        cluster: Option<&Cluster>,
+    ) -> Result<(), Duration> {
+        if let Some(cluster) = cluster.filter(|c| c.is_healthy()) {
+            let name = match who {
+                Who::Client(c) => format!("{scope}:ip:{c}"),
+                Who::Named(n) => format!("{scope}:name:{n}"),
+            };
+            if let Ok(verdict) = cluster
+                .rate(&name, self.limit.interval, self.limit.burst)
+                .await
+            {
+                return verdict;
+            }
+        }
+        self.check(who)
     }
 
     /// Counts a request by `who`: `Err(wait)` when it is over the limit

@@ -74,7 +74,7 @@ async fn route_request(
     entry: &mut AccessEntry,
 ) -> Response<Body> {
     // ACME validations bypass IP rules and auth; nothing else does.
-    if let Some(answer) = super::acme_answer(&state.certs, req.uri().path()) {
+    if let Some(answer) = super::acme_answer(&state.certs, req.uri().path()).await {
         return answer;
     }
     let host = match request_host(&req) {
@@ -160,13 +160,17 @@ async fn route_request(
         }
     };
     // The API key's own limit, then the route's.
-    let key_limiter = entry.user.as_deref().and_then(|u| state.key_limiter(u));
-    for limiter in [key_limiter, state.limiter(&route.host)]
-        .into_iter()
-        .flatten()
-    {
+    let key_limiter = entry
+        .user
+        .as_deref()
+        .and_then(|u| Some((u, state.key_limiter(u)?)));
+    let route_limiter = state.limiter(&route.host).map(|l| (route.host.as_str(), l));
+    for (scope, limiter) in [key_limiter, route_limiter].into_iter().flatten() {
         let who = rate_key(limiter.limit().key, ip, entry.user.as_deref());
-        if let Err(wait) = limiter.check(&who) {
+        if let Err(wait) = limiter
+            .check_shared(scope, &who, state.cluster.as_deref())
+            .await
+        {
             state.metrics.refused(Refused::Rate);
             if let Some(count) = limiter.log_now() {
                 info!(host = %route.host, client = %ip, user = entry.user.as_deref().unwrap_or("-"), refused_since_last_line = count, "over a rate limit; refusing");

@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use super::{CertStore, certified};
+use crate::cluster::{Cluster, ClusterError};
 use crate::config::AcmeConfig;
 
 /// The longest sleep between two checks of the schedule.
@@ -55,7 +56,14 @@ pub enum AcmeError {
     },
     #[error("{0}")]
     Certificate(String),
+    /// Not an error: the cluster cannot let this edge order now (another
+    /// edge holds the lock, or Redis is away); try again shortly.
+    #[error("{0}")]
+    Wait(String),
 }
+
+/// How soon a name waiting on the cluster is looked at again.
+pub const CLUSTER_WAIT: Duration = Duration::from_secs(2);
 
 /// Describes an ACME library error so an operator can act on it: the
 /// problem type (rate limit, CAA, DNS, connection...) and its detail.
@@ -96,6 +104,8 @@ pub struct CertStatus {
 
 /// A certificate chain and key as stored on disk.
 struct Issued {
+    /// The PEM it was read from (chain, then key).
+    pem: Vec<u8>,
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     not_before: SystemTime,
@@ -112,6 +122,7 @@ impl Issued {
         let (_, cert) = x509_parser::parse_x509_certificate(leaf).map_err(|e| e.to_string())?;
         let at = |t: i64| UNIX_EPOCH + Duration::from_secs(u64::try_from(t).unwrap_or(0));
         Ok(Self {
+            pem: pem.to_vec(),
             not_before: at(cert.validity().not_before.timestamp()),
             not_after: at(cert.validity().not_after.timestamp()),
             chain,
@@ -149,6 +160,9 @@ pub struct AcmeManager {
     /// good when the directory offers no renewalInfo.
     ari_next: Mutex<BTreeMap<String, SystemTime>>,
     ari_supported: std::sync::atomic::AtomicBool,
+    /// With `[cluster]`: the account, certificates, challenges and a lock
+    /// per name live in Redis, shared by every edge.
+    cluster: Option<Arc<Cluster>>,
 }
 
 impl std::fmt::Debug for AcmeManager {
@@ -233,7 +247,16 @@ impl AcmeManager {
             passes: watch::channel(0).0,
             ari_next: Mutex::default(),
             ari_supported: std::sync::atomic::AtomicBool::new(true),
+            cluster: None,
         })
+    }
+
+    /// Shares account, certificates, challenges and order locks with the
+    /// other edges of `cluster`.
+    #[must_use]
+    pub fn with_cluster(mut self, cluster: Option<Arc<Cluster>>) -> Self {
+        self.cluster = cluster;
+        self
     }
 
     /// Adds names (a reload added routes): they get a temporary certificate
@@ -274,7 +297,8 @@ impl AcmeManager {
         self.orders.load(Ordering::Relaxed)
     }
 
-    /// Changes whenever a pass over the names ends or a certificate changes.
+    /// Changes whenever a pass over the names ends, an order is placed or
+    /// a certificate changes.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
     }
@@ -339,7 +363,11 @@ impl AcmeManager {
     }
 
     async fn attempt(&self, name: &str) {
-        match self.obtain(name).await {
+        let result = match &self.cluster {
+            None => self.obtain(name).await,
+            Some(cluster) => self.obtain_shared(cluster, name).await,
+        };
+        match result {
             Ok(issued) => {
                 let (not_after, renew_at) = (issued.not_after, issued.renew_at());
                 match certified(issued.chain, issued.key) {
@@ -364,11 +392,126 @@ impl AcmeManager {
                     Err(e) => self.failed(name, &format!("issued certificate unusable: {e}"), None),
                 }
             }
+            Err((AcmeError::Wait(why), _)) => self.waiting(name, &why),
             Err((e, retry_at)) => self.failed(name, &e.to_string(), retry_at),
         }
         self.changed.send_modify(|v| *v += 1);
     }
 
+    /// The cluster cannot let this edge order `name` now: looked at again
+    /// after [`CLUSTER_WAIT`], with no failure counted.
+    fn waiting(&self, name: &str, why: &str) {
+        let mut status = self.status.lock().expect("status lock not poisoned");
+        let st = status.entry(name.to_owned()).or_default();
+        st.next_attempt = Some(SystemTime::now() + CLUSTER_WAIT);
+        if st.last_error.as_deref() != Some(why) {
+            info!(name, reason = why, "certificate waits on the cluster");
+            st.last_error = Some(why.to_owned());
+        }
+    }
+
+    /// `name`'s certificate through the cluster: the one another edge
+    /// stored if it is still good, else one this edge orders while it
+    /// holds the name's lock (taken with SET NX, renewed while the order
+    /// runs, released by compare-and-delete), after reading the store
+    /// again under the lock. Without Redis nothing is ordered.
+    async fn obtain_shared(
+        &self,
+        cluster: &Cluster,
+        name: &str,
+    ) -> Result<Issued, (AcmeError, Option<SystemTime>)> {
+        let wait = |why: String| (AcmeError::Wait(why), None);
+        let unavailable =
+            || wait("Redis is unavailable; not ordering without the cluster's lock".into());
+        match self.shared_certificate(cluster, name).await {
+            Ok(Some(issued)) => return Ok(issued),
+            Ok(None) => {}
+            Err(ClusterError::Unavailable) => return Err(unavailable()),
+            Err(e) => return Err((AcmeError::Order(format!("cluster store: {e}")), None)),
+        }
+        // The account first: creating it takes a lock of its own.
+        self.account().await.map_err(|e| (e, None))?;
+        let lock = match cluster.try_lock(&format!("acme:{name}")).await {
+            Ok(Some(lock)) => lock,
+            Ok(None) => return Err(wait("another edge is ordering it".into())),
+            Err(ClusterError::Unavailable) => return Err(unavailable()),
+            Err(e) => return Err((AcmeError::Order(format!("cluster lock: {e}")), None)),
+        };
+        // Another edge may have stored it between the read and the lock.
+        let result = match self.shared_certificate(cluster, name).await {
+            Ok(Some(issued)) => Ok(issued),
+            Ok(None) => self.order_locked(cluster, &lock, name).await,
+            Err(ClusterError::Unavailable) => Err(unavailable()),
+            Err(e) => Err((AcmeError::Order(format!("cluster store: {e}")), None)),
+        };
+        cluster.unlock(lock).await;
+        result
+    }
+
+    /// Orders `name` while renewing `lock`; stops if the lock is lost.
+    /// The new certificate is stored for the other edges before the lock
+    /// is released.
+    async fn order_locked(
+        &self,
+        cluster: &Cluster,
+        lock: &crate::cluster::Lock,
+        name: &str,
+    ) -> Result<Issued, (AcmeError, Option<SystemTime>)> {
+        let keep = async {
+            loop {
+                tokio::time::sleep(crate::cluster::LOCK_TTL / 3).await;
+                match cluster.renew(lock).await {
+                    Ok(true) => {}
+                    Ok(false) => return "another edge took the lock",
+                    Err(_) => return "Redis stopped answering",
+                }
+            }
+        };
+        let issued = tokio::select! {
+            r = self.obtain(name) => r?,
+            why = keep => {
+                return Err((AcmeError::Order(format!("stopped ordering: {why} while the order ran")), None));
+            }
+        };
+        if let Err(e) = cluster
+            .put_sealed(&["acme", "cert", name], &issued.pem)
+            .await
+        {
+            error!(name, error = %e, "cannot store the new certificate in the cluster; other edges will order their own once the lock lapses");
+        }
+        Ok(issued)
+    }
+
+    /// The certificate the cluster holds for `name`, if it is not due for
+    /// renewal yet; kept on disk too, so a restart without Redis serves it.
+    async fn shared_certificate(
+        &self,
+        cluster: &Cluster,
+        name: &str,
+    ) -> Result<Option<Issued>, ClusterError> {
+        let Some(pem) = cluster.get_sealed_at(&["acme", "cert", name]).await? else {
+            return Ok(None);
+        };
+        let issued = match Issued::parse(&pem) {
+            Ok(i) => i,
+            Err(e) => {
+                warn!(name, error = %e, "the cluster's certificate is unreadable; ordering a new one");
+                return Ok(None);
+            }
+        };
+        if issued.renew_at() <= SystemTime::now() {
+            return Ok(None);
+        }
+        let path = cert_path(&self.dir, name);
+        if let Err(e) = fsutil::write_private(&path, &pem) {
+            warn!(path = %path.display(), error = %e, "cannot keep the cluster's certificate on disk");
+        }
+        info!(
+            name,
+            "took the certificate another edge stored in the cluster"
+        );
+        Ok(Some(issued))
+    }
     fn failed(&self, name: &str, why: &str, retry_at: Option<SystemTime>) {
         let mut status = self.status.lock().expect("status lock not poisoned");
         let st = status.entry(name.to_owned()).or_default();
@@ -461,6 +604,11 @@ impl AcmeManager {
             None => Account::builder(),
         };
         let err = |e: instant_acme::Error| AcmeError::Account(describe(&e));
+        if let Some(cluster) = &self.cluster {
+            let account = self.shared_account(cluster, builder).await?;
+            *slot = Some(account.clone());
+            return Ok(account);
+        }
         let path = self.dir.join("account.json");
         let stored: Option<StoredAccount> = std::fs::read(&path)
             .ok()
@@ -505,6 +653,97 @@ impl AcmeManager {
         Ok(account)
     }
 
+    /// The cluster's ACME account for this directory, created under a lock
+    /// by the first edge that needs one.
+    async fn shared_account(
+        &self,
+        cluster: &Cluster,
+        builder: impl Fn() -> Result<instant_acme::AccountBuilder, instant_acme::Error>,
+    ) -> Result<Account, AcmeError> {
+        let err = |e: instant_acme::Error| AcmeError::Account(describe(&e));
+        let store = |e: ClusterError| match e {
+            ClusterError::Unavailable => {
+                AcmeError::Wait("Redis is unavailable; the ACME account lives there".into())
+            }
+            e => AcmeError::Account(format!("cluster store: {e}")),
+        };
+        let digest = ring::digest::digest(&ring::digest::SHA256, self.config.directory.as_bytes());
+        let id: String = digest.as_ref()[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let at = ["acme", "account", id.as_str()];
+        let read = || async {
+            let json = cluster.get_sealed_at(&at).await.map_err(store)?;
+            json.map(|j| {
+                serde_json::from_slice::<StoredAccount>(&j)
+                    .map_err(|e| AcmeError::Account(format!("the cluster's account: {e}")))
+            })
+            .transpose()
+        };
+        let stored = match read().await? {
+            Some(s) => s,
+            None => {
+                let lock = cluster
+                    .try_lock("acme-account")
+                    .await
+                    .map_err(store)?
+                    .ok_or_else(|| {
+                        AcmeError::Wait("another edge is creating the ACME account".into())
+                    })?;
+                let created = match read().await {
+                    Ok(Some(s)) => Ok(s),
+                    Ok(None) => self.create_account(&builder).await,
+                    Err(e) => Err(e),
+                };
+                let stored = match created {
+                    Ok(s) => {
+                        let json =
+                            serde_json::to_vec(&s).map_err(|e| AcmeError::Account(e.to_string()));
+                        match json {
+                            Ok(j) => cluster.put_sealed(&at, &j).await.map_err(store).map(|()| s),
+                            Err(e) => Err(e),
+                        }
+                    }
+                    Err(e) => Err(e),
+                };
+                cluster.unlock(lock).await;
+                stored?
+            }
+        };
+        builder()
+            .map_err(err)?
+            .from_credentials(stored.credentials)
+            .await
+            .map_err(err)
+    }
+
+    async fn create_account(
+        &self,
+        builder: &impl Fn() -> Result<instant_acme::AccountBuilder, instant_acme::Error>,
+    ) -> Result<StoredAccount, AcmeError> {
+        let err = |e: instant_acme::Error| AcmeError::Account(describe(&e));
+        let contact = format!("mailto:{}", self.config.email);
+        let (_, credentials) = builder()
+            .map_err(err)?
+            .create(
+                &NewAccount {
+                    contact: &[&contact],
+                    terms_of_service_agreed: true,
+                    only_return_existing: false,
+                },
+                self.config.directory.clone(),
+                None,
+            )
+            .await
+            .map_err(err)?;
+        info!(directory = %self.config.directory, "created ACME account for the cluster");
+        Ok(StoredAccount {
+            directory: self.config.directory.clone(),
+            credentials,
+        })
+    }
+
     /// Orders a certificate for `name`, trying each usable challenge type.
     async fn obtain(&self, name: &str) -> Result<Issued, (AcmeError, Option<SystemTime>)> {
         let account = self.account().await.map_err(|e| (e, None))?;
@@ -517,6 +756,7 @@ impl AcmeManager {
         for ty in types {
             info!(name, challenge = ?ty, "ordering certificate");
             self.orders.fetch_add(1, Ordering::Relaxed);
+            self.changed.send_modify(|v| *v += 1);
             let result =
                 tokio::time::timeout(ORDER_TIMEOUT, self.order(&account, name, ty.clone())).await;
             match result {
@@ -564,11 +804,19 @@ impl AcmeManager {
                     self.certs
                         .set_http_challenge(&challenge.token, Some(key_auth.as_str().to_owned()));
                     provisioned.push(Provisioned::Http(challenge.token.clone()));
+                    self.publish(
+                        &["acme", "http01", &challenge.token],
+                        key_auth.as_str().as_bytes(),
+                    )
+                    .await?;
                 }
                 _ => {
-                    let cert = alpn_certificate(name, key_auth.digest().as_ref())?;
+                    let digest = key_auth.digest();
+                    let cert = alpn_certificate(name, digest.as_ref())?;
                     self.certs.set_alpn_challenge(name, Some(cert));
                     provisioned.push(Provisioned::Alpn(name.to_owned()));
+                    self.publish(&["acme", "alpn", name], digest.as_ref())
+                        .await?;
                 }
             }
             challenge.set_ready().await.map_err(acme)?;
@@ -577,9 +825,19 @@ impl AcmeManager {
             .poll_ready(&RetryPolicy::default().timeout(ORDER_TIMEOUT))
             .await;
         for p in provisioned {
-            match p {
-                Provisioned::Http(token) => self.certs.set_http_challenge(&token, None),
-                Provisioned::Alpn(n) => self.certs.set_alpn_challenge(&n, None),
+            let shared = match p {
+                Provisioned::Http(token) => {
+                    self.certs.set_http_challenge(&token, None);
+                    ["http01".to_owned(), token]
+                }
+                Provisioned::Alpn(n) => {
+                    self.certs.set_alpn_challenge(&n, None);
+                    ["alpn".to_owned(), n]
+                }
+            };
+            if let Some(cluster) = &self.cluster {
+                // Best effort: it expires on its own.
+                let _ = cluster.delete(&["acme", &shared[0], &shared[1]]).await;
             }
         }
         let status = ready.map_err(acme)?;
@@ -608,6 +866,21 @@ impl AcmeManager {
             source,
         })?;
         Ok(issued)
+    }
+
+    /// Puts challenge material where every edge can answer the CA with it.
+    async fn publish(&self, at: &[&str], value: &[u8]) -> Result<(), AcmeError> {
+        let Some(cluster) = &self.cluster else {
+            return Ok(());
+        };
+        cluster
+            .put(at, value, Some(crate::cluster::CHALLENGE_TTL))
+            .await
+            .map_err(|e| {
+                AcmeError::Order(format!(
+                    "cannot share the challenge with the other edges: {e}"
+                ))
+            })
     }
 
     /// The CA's reasons for failed challenges, for the error message.
@@ -646,7 +919,7 @@ struct StoredAccount {
 /// The self-signed certificate that answers a TLS-ALPN-01 challenge: the
 /// name, and the acmeIdentifier extension carrying the key authorization's
 /// digest (RFC 8737 3).
-fn alpn_certificate(name: &str, digest: &[u8]) -> Result<Arc<CertifiedKey>, AcmeError> {
+pub(crate) fn alpn_certificate(name: &str, digest: &[u8]) -> Result<Arc<CertifiedKey>, AcmeError> {
     let fail = |e: rcgen::Error| AcmeError::Certificate(e.to_string());
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(fail)?;
     let mut params = CertificateParams::new(vec![name.to_owned()]).map_err(fail)?;
@@ -667,6 +940,7 @@ mod tests {
     fn renewal_is_at_two_thirds_of_the_lifetime() {
         let start = UNIX_EPOCH + Duration::from_secs(1_000_000);
         let issued = |days: u64| Issued {
+            pem: vec![],
             chain: vec![],
             key: PrivateKeyDer::Pkcs8(vec![].into()),
             not_before: start,

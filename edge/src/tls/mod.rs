@@ -53,6 +53,11 @@ pub struct CertStore {
     alpn_challenges: RwLock<HashMap<String, Arc<CertifiedKey>>>,
     /// HTTP-01 key authorizations by token.
     http_challenges: RwLock<HashMap<String, String>>,
+    /// TLS-ALPN-01 certificates for challenges another edge started, and
+    /// when they stop being answered.
+    remote_alpn: RwLock<HashMap<String, (Arc<CertifiedKey>, std::time::Instant)>>,
+    /// With `[cluster]`: challenges another edge started are read here.
+    cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
 }
 
 impl CertStore {
@@ -62,6 +67,8 @@ impl CertStore {
             by_name: RwLock::default(),
             alpn_challenges: RwLock::default(),
             http_challenges: RwLock::default(),
+            remote_alpn: RwLock::default(),
+            cluster: std::sync::OnceLock::new(),
         }
     }
 
@@ -121,6 +128,72 @@ impl CertStore {
             .cloned()
     }
 
+    /// Answers challenges other edges of `cluster` started, too.
+    pub fn set_cluster(&self, cluster: Arc<crate::cluster::Cluster>) {
+        let _ = self.cluster.set(cluster);
+    }
+
+    /// The HTTP-01 answer for `path`: this edge's, else (in a cluster) the
+    /// one another edge put in Redis for the CA, which may reach any edge.
+    pub async fn http_challenge_anywhere(&self, path: &str) -> Option<String> {
+        if let Some(local) = self.http_challenge(path) {
+            return Some(local);
+        }
+        let token = path.strip_prefix(ACME_HTTP_PREFIX)?;
+        let cluster = self.cluster.get()?;
+        // RFC 8555 8.1: base64url; anything else is not worth a lookup.
+        let well_formed = !token.is_empty()
+            && token.len() <= 256
+            && token
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !well_formed {
+            return None;
+        }
+        let value = cluster.get(&["acme", "http01", token]).await.ok()??;
+        String::from_utf8(value).ok()
+    }
+
+    /// In a cluster, fetches the TLS-ALPN-01 digest another edge put in
+    /// Redis for `name` and installs its challenge certificate here for
+    /// [`crate::cluster::CHALLENGE_TTL`], so the handshake that follows
+    /// can answer the CA. Nothing when this edge has one already.
+    pub async fn fetch_alpn_challenge(&self, name: &str) {
+        let Some(cluster) = self.cluster.get() else {
+            return;
+        };
+        if self
+            .alpn_challenges
+            .read()
+            .expect("cert store lock not poisoned")
+            .contains_key(name)
+        {
+            return;
+        }
+        let Ok(Some(digest)) = cluster.get(&["acme", "alpn", name]).await else {
+            return;
+        };
+        if digest.len() != 32 {
+            return;
+        }
+        match acme::alpn_certificate(name, &digest) {
+            Ok(cert) => {
+                let now = std::time::Instant::now();
+                let mut remote = self
+                    .remote_alpn
+                    .write()
+                    .expect("cert store lock not poisoned");
+                remote.retain(|_, (_, until)| *until > now);
+                remote.insert(name.to_owned(), (cert, now + crate::cluster::CHALLENGE_TTL));
+                tracing::info!(
+                    name,
+                    "answering a TLS-ALPN-01 challenge another edge started"
+                );
+            }
+            Err(e) => tracing::warn!(name, error = %e, "cannot make the TLS-ALPN-01 certificate"),
+        }
+    }
+
     /// Installs `key` for `names`; connections already open keep theirs.
     pub fn install(&self, names: &[String], key: Arc<CertifiedKey>) {
         let mut map = self.by_name.write().expect("cert store lock not poisoned");
@@ -176,13 +249,24 @@ impl ResolvesServerCert for HttpsResolver {
         if acme {
             // A validation connection gets the challenge certificate or nothing.
             let name = hello.server_name()?.to_ascii_lowercase();
-            return self
+            let local = self
                 .0
                 .alpn_challenges
                 .read()
                 .expect("cert store lock not poisoned")
                 .get(&name)
                 .cloned();
+            return local.or_else(|| {
+                let remote = self
+                    .0
+                    .remote_alpn
+                    .read()
+                    .expect("cert store lock not poisoned");
+                remote
+                    .get(&name)
+                    .filter(|(_, until)| *until > std::time::Instant::now())
+                    .map(|(cert, _)| cert.clone())
+            });
         }
         // A name we do not serve gets no certificate: answering with
         // another site's would tell a scanner which host names live here.
