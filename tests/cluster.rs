@@ -124,10 +124,8 @@ async fn an_agent_with_two_edges_serves_through_both_and_is_back_on_a_killed_edg
         field_addr(&sockets, "https"),
         field_addr(&sockets, "tunnel"),
     );
-    let listen_a = format!(
-        "https = \"{a_https}\"\ntunnel = \"{a_tunnel}\"\nadmin = \"{}\"",
-        field_addr(&sockets, "admin")
-    );
+    let a_admin = field_addr(&sockets, "admin");
+    let listen_a = format!("https = \"{a_https}\"\ntunnel = \"{a_tunnel}\"\nadmin = \"{a_admin}\"");
     std::fs::write(
         &config_a,
         edge_toml(&world, "a", &agent_fp, &listen_a, &redis),
@@ -156,6 +154,11 @@ async fn an_agent_with_two_edges_serves_through_both_and_is_back_on_a_killed_edg
 
     // Any edge serves any request.
     assert_eq!(get_through(&world, "a", a_https), "seen");
+    let (_, _, metrics) = admin_get(a_admin, "/metrics").await;
+    assert!(metrics.contains("burrow_cluster_redis_up 1"), "{metrics}");
+    let (_, _, status) = admin_get(a_admin, "/status").await;
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["cluster"]["redis"], "up", "{status}");
     assert_eq!(get_through(&world, "b", b_https), "seen");
 
     // A dies without a word: B keeps serving, and the agent's session

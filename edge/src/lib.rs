@@ -412,6 +412,7 @@ impl Edge {
                 certs: self.certs.clone(),
                 acme: self.acme.clone(),
                 http: Some(http_rx.clone()),
+                cluster: self.cluster.clone(),
             };
             let front = front("admin", admin::LIMITS, &metrics);
             tasks.spawn(admin::serve(listener, state, front, drained.clone()));

@@ -39,6 +39,8 @@ pub struct AdminState {
     pub acme: Option<Arc<AcmeManager>>,
     /// The current HTTP state (for the gate's throttle); absent without HTTPS.
     pub http: Option<watch::Receiver<Arc<HttpState>>>,
+    /// With `[cluster]`: whether Redis answers.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 static STARTED: std::sync::OnceLock<SystemTime> = std::sync::OnceLock::new();
@@ -188,6 +190,19 @@ impl AdminState {
                 unix(not_after)
             );
         }
+        if let Some(cluster) = &self.cluster {
+            family(
+                &mut out,
+                "burrow_cluster_redis_up",
+                "gauge",
+                "Whether the cluster's Redis answered last time it was asked (1) or is away (0).",
+            );
+            let _ = writeln!(
+                out,
+                "burrow_cluster_redis_up {}",
+                u8::from(cluster.is_healthy())
+            );
+        }
         out
     }
 
@@ -257,6 +272,9 @@ impl AdminState {
             "agents": agents,
             "services": services,
             "certificates": certificates,
+            "cluster": self.cluster.as_ref().map(|c| serde_json::json!({
+                "redis": if c.is_healthy() { "up" } else { "away" },
+            })),
             "routes": self.route_status(),
             "streams_open": self.metrics.streams_open(),
             "throttled_addresses": self.throttled(),

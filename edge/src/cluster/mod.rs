@@ -211,14 +211,15 @@ impl Cluster {
     /// answers, probes with backoff while it does not.
     pub async fn run(self: Arc<Self>, local_secret: Option<[u8; 32]>, shutdown: CancellationToken) {
         let mut backoff = PROBE_MIN;
-        let mut reported_away = false;
+        // What the log said last: up or away.
+        let mut logged_up = None;
         loop {
             match self.poll(local_secret).await {
                 Ok(()) => {
-                    if !self.healthy.swap(true, Ordering::Relaxed) {
+                    if logged_up != Some(true) {
                         info!("cluster: Redis is reachable");
+                        logged_up = Some(true);
                     }
-                    reported_away = false;
                     backoff = PROBE_MIN;
                     tokio::select! {
                         () = tokio::time::sleep(POLL_EVERY) => {}
@@ -229,10 +230,12 @@ impl Cluster {
                 Err(e) => {
                     // A command that found Redis away has said so already.
                     let was_healthy = self.healthy.swap(false, Ordering::Relaxed);
-                    if was_healthy && !reported_away {
-                        warn!(error = %e, "cluster: Redis is unreachable; serving with what this edge holds, retrying");
+                    if logged_up != Some(false) {
+                        if was_healthy {
+                            warn!(error = %e, "cluster: Redis is unreachable; serving with what this edge holds, retrying");
+                        }
+                        logged_up = Some(false);
                     }
-                    reported_away = true;
                     tokio::select! {
                         () = tokio::time::sleep(backoff) => {}
                         () = shutdown.cancelled() => return,
@@ -243,8 +246,10 @@ impl Cluster {
         }
     }
 
-    /// One poll: the generation (ours pushed up, theirs read) and, until
-    /// known, the session secret (ours offered when Redis has none).
+    /// One poll: the generation (the highest this edge knows pushed up,
+    /// the cluster's read) and the session secret (the one in use offered,
+    /// the cluster's taken). Offering every time puts both back should
+    /// Redis lose its data.
     async fn poll(&self, local_secret: Option<[u8; 32]>) -> Result<(), ClusterError> {
         let mut con = self.redis.clone();
         let local = self
@@ -256,26 +261,28 @@ impl Cluster {
         let g: u64 = Self::timed(
             RAISE_SCRIPT
                 .key(key(&["sessions", "generation"]))
-                .arg(local)
+                .arg(local.max(self.generation()))
                 .invoke_async(&mut con),
         )
         .await?;
         self.generation.fetch_max(g, Ordering::Relaxed);
-        if self
+        // Redis answers: commands may go through again.
+        self.healthy.store(true, Ordering::Relaxed);
+        let in_use = *self
             .session_secret
             .lock()
-            .expect("secret lock not poisoned")
-            .is_none()
-            && let Some(ours) = local_secret
-        {
-            let shared = self.share_session_secret(ours).await?;
-            *self
-                .session_secret
-                .lock()
-                .expect("secret lock not poisoned") = Some(shared);
-            self.session_version.fetch_add(1, Ordering::Release);
-            if shared != ours {
-                info!("cluster: using the cluster's session key");
+            .expect("secret lock not poisoned");
+        if let Some(offer) = in_use.or(local_secret) {
+            let shared = self.share_session_secret(offer).await?;
+            if in_use != Some(shared) {
+                *self
+                    .session_secret
+                    .lock()
+                    .expect("secret lock not poisoned") = Some(shared);
+                self.session_version.fetch_add(1, Ordering::Release);
+                if local_secret != Some(shared) {
+                    info!("cluster: using the cluster's session key");
+                }
             }
         }
         Ok(())
