@@ -18,6 +18,7 @@ use burrow_edge::Prebound;
 use burrow_edge::tls::acme::{AcmeManager, CertStatus};
 use common::pebble::*;
 use common::redis::Redis;
+use common::standin::*;
 use common::web::*;
 use common::*;
 use tokio::sync::watch;
@@ -49,16 +50,26 @@ fn edge_toml(
 /// GET https://chat.test/headers through the edge at `https`, trusting
 /// its self-signed certificate in `state`; the response body.
 fn get_through(world: &World, state: &str, https: SocketAddr) -> String {
+    get_path(
+        &world.path(&format!("{state}/self-signed.pem")),
+        https,
+        "/headers",
+    )
+}
+
+/// GET https://chat.test`path` through the edge at `https`, trusting
+/// `cacert`; the response body.
+fn get_path(cacert: &std::path::Path, https: SocketAddr, path: &str) -> String {
     let out = std::process::Command::new("curl")
         .args([
             "-sS",
             "--max-time",
-            "10",
+            "30",
             "--cacert",
-            &path_str(&world.path(&format!("{state}/self-signed.pem"))),
+            &path_str(cacert),
             "--resolve",
             &format!("chat.test:{}:127.0.0.1", https.port()),
-            &format!("https://chat.test:{}/headers", https.port()),
+            &format!("https://chat.test:{}{path}", https.port()),
         ])
         .output()
         .expect("curl runs (CI installs it)");
@@ -587,4 +598,99 @@ async fn two_edges_share_certificates_sessions_and_login_counters_through_redis(
     curl(&pebble, a.https, NAME, &["-u", "alice:one-more"]).await;
     let (code, headers) = curl(&pebble, b.https, NAME, &["-u", "alice:wonderland"]).await;
     assert_eq!(code, 429, "{headers}");
+}
+
+/// The route of [`wake_edge_toml`]'s edges: a chat held while its PC wakes.
+fn wake_edge_toml(world: &World, state: &str, fp: &burrow_proto::identity::Fingerprint) -> String {
+    format!(
+        "[edge]\nstate_dir = {:?}\nkey = {:?}\nhttps = \"127.0.0.1:0\"\ntunnel = \"127.0.0.1:0\"\n\n\
+         [tls]\nmode = \"self-signed\"\n\n\
+         [[agent]]\nname = \"home\"\nkey = \"{fp}\"\n\n\
+         [[route]]\nhost = \"chat.test\"\nagent = \"home\"\nservice = \"ollama\"\nauth = \"none\"\n\
+         [route.wake]\nhold = \"60s\"\n",
+        world.path(state),
+        world.path("edge.key"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sleeping_pc_is_woken_once_when_requests_come_in_on_both_edges() {
+    let world = World::new();
+    let (agent_key, agent_fp) = world.agent_key("home");
+    let edge_fp = burrow_proto::identity::Identity::create(&world.path("edge.key"))
+        .unwrap()
+        .fingerprint();
+    let mut pc = StandIn::start(Boot::WhenReleased, Power::Asleep).await;
+    let a = start_edge(edge_config(&wake_edge_toml(&world, "a", &agent_fp))).await;
+    let b = start_edge(edge_config(&wake_edge_toml(&world, "b", &agent_fp))).await;
+    let agent_toml = format!(
+        "[agent]\nname = \"home\"\nedges = [\"{}\", \"{}\"]\nedge_key = \"{edge_fp}\"\nkey = {agent_key:?}\n\n\
+         [[service]]\nname = \"ollama\"\nurl = \"http://{}\"\nhealth = \"/api/version\"\nprobe_interval = \"5s\"\n\
+         [service.wake]\nmac = \"{MAC_TEXT}\"\nbroadcast = \"{}\"\n",
+        a.tunnel, b.tunnel, pc.http, pc.udp
+    );
+    let (_agent, extras) = start_agent_with(agent_config(&agent_toml));
+    let (mut to_a, mut to_b) = (extras.edges[0].clone(), extras.edges[1].clone());
+    wait_status(&mut to_a, "connected to A", connected).await;
+    wait_status(&mut to_b, "connected to B", connected).await;
+    let (home, ollama) = (
+        burrow_proto::Name::new("home").unwrap(),
+        burrow_proto::Name::new("ollama").unwrap(),
+    );
+    let wait_edge = |edge: &EdgeHandle,
+                     what: &'static str,
+                     pred: fn(&burrow_edge::tunnel::ServiceReport) -> bool| {
+        let registry = edge.registry.clone();
+        let (home, ollama) = (home.clone(), ollama.clone());
+        async move {
+            let mut changes = registry.subscribe();
+            let seen = tokio::time::timeout(WAIT, async {
+                loop {
+                    changes.borrow_and_update();
+                    if registry
+                        .service_report(&home, &ollama)
+                        .is_some_and(|r| pred(&r))
+                    {
+                        return;
+                    }
+                    changes.changed().await.unwrap();
+                }
+            })
+            .await;
+            seen.unwrap_or_else(|_| panic!("an edge never saw {what}"));
+        }
+    };
+    for edge in [&a, &b] {
+        wait_edge(edge, "the PC asleep", |r| {
+            r.state == burrow_proto::ServiceState::Down
+        })
+        .await;
+    }
+
+    // A chat through each edge while the PC sleeps: both are held.
+    let mut chats = Vec::new();
+    for (state, edge) in [("a", &a), ("b", &b)] {
+        let (cacert, https) = (
+            world.path(&format!("{state}/self-signed.pem")),
+            edge.https.unwrap(),
+        );
+        chats.push(tokio::task::spawn_blocking(move || {
+            get_path(&cacert, https, "/api/tags")
+        }));
+        wait_edge(edge, "the chat held", |r| r.held == 1).await;
+    }
+    pc.wait_power(Power::Booting).await;
+    pc.finish_boot();
+    for chat in chats {
+        assert_eq!(chat.await.unwrap(), TAGS);
+    }
+    assert_eq!(pc.boots(), 1, "the PC booted once");
+    let wakes = extras
+        .services
+        .borrow()
+        .iter()
+        .find(|s| s.name == ollama)
+        .unwrap()
+        .wakes;
+    assert_eq!(wakes, 1, "the agent woke it once for both edges");
 }
