@@ -694,3 +694,96 @@ async fn a_sleeping_pc_is_woken_once_when_requests_come_in_on_both_edges() {
         .wakes;
     assert_eq!(wakes, 1, "the agent woke it once for both edges");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_reaches_redis_over_tls_with_a_password_file_and_never_logs_it() {
+    let world = World::new();
+    // Redis's certificate, from a CA the edge is told to trust the way
+    // OpenSSL-minded tools are (SSL_CERT_FILE, read by rustls-native-certs).
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec![test_ip().to_owned()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let ca = world.write("redis-ca.pem", &ca_cert.pem());
+    let cert = world.write("redis-cert.pem", &cert.pem());
+    let key = world.write("redis-key.pem", &key.serialize_pem());
+    const PASSWORD: &str = "hunter2-redis-password";
+    let mut port = 0;
+    let (_redis, _) = spawn_until(
+        || {
+            port = pebble_port();
+            let mut cmd = std::process::Command::new("redis-server");
+            cmd.args(["--port", "0", "--bind", test_ip(), "--tls-port"])
+                .arg(port.to_string())
+                .arg("--tls-cert-file")
+                .arg(&cert)
+                .arg("--tls-key-file")
+                .arg(&key)
+                .args(["--tls-auth-clients", "no", "--requirepass", PASSWORD])
+                .args(["--save", "", "--logfile", ""]);
+            cmd
+        },
+        "Ready to accept connections",
+    );
+    let mut redis_guard = KillOnDrop(_redis);
+    let password_file = world.write("redis.password", &format!("{PASSWORD}\n"));
+    let (_, agent_fp) = world.agent_key("home");
+    let config = world.write(
+        "edge.toml",
+        &format!(
+            "[edge]\nstate_dir = {:?}\ntunnel = \"127.0.0.1:0\"\n\n\
+             [cluster]\nredis = \"rediss://{}:{port}/0\"\nredis_password_file = {:?}\nsecret_file = {:?}\n\n\
+             [[agent]]\nname = \"home\"\nkey = \"{agent_fp}\"\n",
+            world.path("state"),
+            test_ip(),
+            password_file,
+            world.write("cluster.key", "0123456789abcdef0123456789abcdef-cluster-test-secret"),
+        ),
+    );
+    // Without the CA, Redis's certificate is refused.
+    let mut untrusting = Process::spawn(&["edge", "--config", &path_str(&config)]);
+    untrusting
+        .wait_log("cluster: Redis is unreachable; serving with what this edge holds, retrying");
+    drop(untrusting);
+    let mut command = std::process::Command::new(burrow_bin());
+    command
+        .args(["--log-format", "json", "edge", "--config"])
+        .arg(&config)
+        .env("SSL_CERT_FILE", &ca);
+    let mut edge = Process::spawn_command(command);
+    edge.wait_log("cluster: Redis is reachable");
+    // The edge offered its session key: it is in Redis, sealed.
+    let out = std::process::Command::new("redis-cli")
+        // The probe only: the edge is the one whose verification counts.
+        .args(["--tls", "--insecure"])
+        .args(["-h", test_ip(), "-p", &port.to_string(), "-a", PASSWORD])
+        .args(["--no-auth-warning", "STRLEN", "burrow:sessions:key"])
+        .output()
+        .unwrap();
+    let len: usize = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("redis-cli: {out:?}"));
+    assert_eq!(len, 12 + 32 + 16, "nonce, key, tag");
+    edge.signal("TERM");
+    edge.wait_exit();
+    let logged = serde_json::to_string(&edge.seen).unwrap();
+    assert!(!logged.contains(PASSWORD), "{logged}");
+    redis_guard.0.kill().unwrap();
+}
+
+/// Kills a child process when the test ends, however it ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
