@@ -787,3 +787,54 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limit_counts_requests_on_both_edges_against_one_budget() {
+    let world = World::new();
+    let redis = Redis::start(&world.path("redis"));
+    let (_, agent_fp) = world.agent_key("home");
+    burrow_proto::identity::Identity::create(&world.path("edge.key")).unwrap();
+    // No agent: a request the limit lets through gets 502 at once.
+    let toml = |state: &str| {
+        edge_toml(
+            &world,
+            state,
+            &agent_fp,
+            "https = \"127.0.0.1:0\"\ntunnel = \"127.0.0.1:0\"\nagent_wait = \"0s\"",
+            &redis,
+        )
+        .replace(
+            "auth = \"none\"\n",
+            "auth = \"none\"\nrate = \"1/m\"\nburst = 2\n",
+        )
+    };
+    let a = start_edge(edge_config(&toml("a"))).await;
+    let b = start_edge(edge_config(&toml("b"))).await;
+    let code = |state: &'static str, https: SocketAddr| {
+        let cacert = world.path(&format!("{state}/self-signed.pem"));
+        async move {
+            let out = tokio::process::Command::new("curl")
+                .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+                .arg(cacert)
+                .args([
+                    "--resolve",
+                    &format!("chat.test:{}:127.0.0.1", https.port()),
+                ])
+                .arg(format!("https://chat.test:{}/", https.port()))
+                .output()
+                .await
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        }
+    };
+    let mut codes = Vec::new();
+    for _ in 0..3 {
+        codes.push(code("a", a.https.unwrap()).await);
+        codes.push(code("b", b.https.unwrap()).await);
+    }
+    // One a minute and 2 more at once: 3 of the 6 for the cluster (each
+    // edge alone would have let 3 of its own through).
+    let limited = codes.iter().filter(|c| *c == "429").count();
+    assert_eq!(limited, 3, "{codes:?}");
+    assert!(codes.iter().all(|c| c == "429" || c == "502"), "{codes:?}");
+}
