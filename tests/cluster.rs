@@ -838,3 +838,27 @@ async fn a_rate_limit_counts_requests_on_both_edges_against_one_budget() {
     assert_eq!(limited, 3, "{codes:?}");
     assert!(codes.iter().all(|c| c == "429" || c == "502"), "{codes:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_started_while_redis_is_away_joins_when_it_comes_back() {
+    let world = World::new();
+    let mut redis = Redis::start(&world.path("redis"));
+    redis.stop();
+    let (_, agent_fp) = world.agent_key("home");
+    burrow_proto::identity::Identity::create(&world.path("edge.key")).unwrap();
+    let config = world.write(
+        "a.toml",
+        &edge_toml(
+            &world,
+            "a",
+            &agent_fp,
+            "https = \"127.0.0.1:0\"\ntunnel = \"127.0.0.1:0\"",
+            &redis,
+        ),
+    );
+    let mut edge = Process::spawn(&["edge", "--config", &path_str(&config)]);
+    edge.wait_log("cluster: Redis is unreachable; serving with what this edge holds, retrying");
+    redis.resume();
+    edge.wait_log("cluster: Redis is reachable");
+    assert_eq!(redis.cli(&["EXISTS", "burrow:sessions:key"]).trim(), "1");
+}

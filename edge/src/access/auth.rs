@@ -292,6 +292,18 @@ impl Verifier {
         id
     }
 
+    /// Whether `user` signed in with `password` recently (and passes
+    /// again without a check).
+    pub fn remembers_password(&self, user: &str, password: &[u8]) -> bool {
+        let id = self.cache_id(Namespace::User, &[user], password);
+        let now = Instant::now();
+        self.cache
+            .lock()
+            .expect("cache lock not poisoned")
+            .get(&id)
+            .is_some_and(|r| r.until > now)
+    }
+
     /// Whether `key` is an API key that passed recently (and passes again
     /// without a check).
     pub fn remembers_key(&self, key: &[u8]) -> bool {

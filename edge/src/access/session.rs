@@ -295,8 +295,9 @@ pub fn load_or_create_secret(state_dir: &Path) -> std::io::Result<[u8; 32]> {
         .map_err(|_| std::io::Error::other("a 32-byte key"))
 }
 
-/// Reads this edge's session generation (its `logout-all` file).
-pub fn local_generation(state_dir: &Path) -> impl Fn() -> u64 + Send + Sync + 'static {
+/// This edge's session generation (its `logout-all` file), for the
+/// cluster: read, and raised to the cluster's.
+pub fn local_generation(state_dir: &Path) -> crate::cluster::LocalGeneration {
     let generation = Generation {
         path: Some(state_dir.join(GENERATION_FILE)),
         cached: Mutex::new(Cached {
@@ -305,7 +306,17 @@ pub fn local_generation(state_dir: &Path) -> impl Fn() -> u64 + Send + Sync + 's
             value: 0,
         }),
     };
-    move || generation.local()
+    let dir = state_dir.to_owned();
+    crate::cluster::LocalGeneration {
+        read: Box::new(move || generation.local()),
+        raise: Box::new(move |to| {
+            let path = dir.join(GENERATION_FILE);
+            if read_generation(&path)? < to {
+                fsutil::write_private(&path, format!("{to}\n").as_bytes())?;
+            }
+            Ok(())
+        }),
+    }
 }
 
 impl SessionKeys {

@@ -135,8 +135,10 @@ pub struct SharedThrottle {
     cluster: Arc<Cluster>,
 }
 
-/// A shared check in progress; settled like [`Pending`], and counted as a
-/// failure if dropped unsettled.
+/// A shared check in progress; settled like [`Pending`]. Dropped
+/// unsettled (its request went away), it is released: whether this
+/// request ran the check is not known here, and the local [`Pending`]
+/// counts the abandoned guess.
 #[must_use]
 #[derive(Debug)]
 pub struct SharedPending {
@@ -185,15 +187,17 @@ impl SharedThrottle {
 }
 
 impl SharedPending {
+    /// Settles on a task of its own, so a request that goes away while
+    /// this runs does not leave the count pending.
     async fn settle(mut self, outcome: Outcome) {
         let keys = std::mem::take(&mut self.keys);
-        if let Err(e) = self
-            .cluster
-            .throttle_settle(&keys, outcome, LOCK_TIMES)
-            .await
-        {
-            tracing::debug!(error = %e, "cannot settle a shared login check; its pending count lapses");
-        }
+        let cluster = self.cluster.clone();
+        let done = tokio::spawn(async move {
+            if let Err(e) = cluster.throttle_settle(&keys, outcome, LOCK_TIMES).await {
+                tracing::debug!(error = %e, "cannot settle a shared login check; its pending count lapses");
+            }
+        });
+        let _ = done.await;
     }
 
     /// The check failed: count it on every edge.
@@ -222,7 +226,7 @@ impl Drop for SharedPending {
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
                 let _ = cluster
-                    .throttle_settle(&keys, Outcome::Failed, LOCK_TIMES)
+                    .throttle_settle(&keys, Outcome::Released, LOCK_TIMES)
                     .await;
             });
         }

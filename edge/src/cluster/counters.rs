@@ -10,8 +10,10 @@ use redis::Script;
 
 use super::{Cluster, ClusterError, key};
 
-/// How long a check counted as running stays counted if its edge dies
-/// before settling it (an argon2 check takes well under a second).
+/// How long checks counted as running stay counted at most: from the first
+/// of a run of them, so a count an edge never settled (it died mid-check)
+/// lapses even while checks keep coming (an argon2 check takes well under
+/// a second).
 pub const PENDING_TTL: Duration = Duration::from_secs(30);
 
 /// One throttle counter of an attempt.
@@ -68,8 +70,9 @@ for i = 1, n do
   if pend > 0 and f + pend >= tonumber(ARGV[i]) then return tonumber(ARGV[n+1]) end
 end
 for i = 1, n do
-  redis.call('INCR', KEYS[2*i])
-  redis.call('PEXPIRE', KEYS[2*i], ARGV[n+2])
+  if redis.call('INCR', KEYS[2*i]) == 1 then
+    redis.call('PEXPIRE', KEYS[2*i], ARGV[n+2])
+  end
 end
 return 0";
 
@@ -201,7 +204,9 @@ impl Cluster {
         inv.arg(ms(times.base))
             .arg(ms(times.max))
             .arg(ms(times.forget));
-        self.call(inv.invoke_async::<()>(&mut con)).await
+        // Not through the health flag: a check that began must end, even
+        // if another command just found Redis slow.
+        Self::timed(inv.invoke_async::<()>(&mut con)).await
     }
 
     /// `Ok(Err(wait))` when any of `keys` is locked on the cluster.

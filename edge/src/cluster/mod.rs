@@ -100,9 +100,17 @@ pub struct Cluster {
     /// The shared session secret once read, and how often it changed.
     session_secret: Mutex<Option<[u8; 32]>>,
     session_version: AtomicU64,
-    /// This edge's own generation (its `logout-all` file), pushed up to
-    /// Redis so a revocation made while Redis was away reaches the others.
-    local_generation: Mutex<Option<Box<dyn Fn() -> u64 + Send + Sync>>>,
+    /// This edge's own generation (its `logout-all` file): read to push
+    /// it up to Redis (a revocation made while Redis was away reaches the
+    /// others), written when the cluster's is higher (so a restart
+    /// without Redis keeps refusing what the cluster revoked).
+    local_generation: Mutex<Option<LocalGeneration>>,
+}
+
+/// Reads and raises this edge's own session generation.
+pub struct LocalGeneration {
+    pub read: Box<dyn Fn() -> u64 + Send + Sync>,
+    pub raise: Box<dyn Fn(u64) -> std::io::Result<()> + Send + Sync>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -138,7 +146,7 @@ const RAISE_GENERATION: &str = r"
 local g = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
 local want = tonumber(ARGV[1])
 if want > g then
-  redis.call('SET', KEYS[1], want)
+  redis.call('SET', KEYS[1], ARGV[1])
   return want
 end
 return g";
@@ -198,12 +206,12 @@ impl Cluster {
         (secret, self.session_version.load(Ordering::Acquire))
     }
 
-    /// Where this edge's own generation is read (the `logout-all` file).
-    pub fn set_local_generation(&self, read: impl Fn() -> u64 + Send + Sync + 'static) {
+    /// Where this edge's own generation is kept (the `logout-all` file).
+    pub fn set_local_generation(&self, local: LocalGeneration) {
         *self
             .local_generation
             .lock()
-            .expect("generation lock not poisoned") = Some(Box::new(read));
+            .expect("generation lock not poisoned") = Some(local);
     }
 
     /// Keeps the health flag, the generation and the session secret
@@ -257,7 +265,7 @@ impl Cluster {
             .lock()
             .expect("generation lock not poisoned")
             .as_ref()
-            .map_or(0, |read| read());
+            .map_or(0, |l| (l.read)());
         let g: u64 = Self::timed(
             RAISE_SCRIPT
                 .key(key(&["sessions", "generation"]))
@@ -266,6 +274,16 @@ impl Cluster {
         )
         .await?;
         self.generation.fetch_max(g, Ordering::Relaxed);
+        if g > local
+            && let Some(l) = self
+                .local_generation
+                .lock()
+                .expect("generation lock not poisoned")
+                .as_ref()
+            && let Err(e) = (l.raise)(g)
+        {
+            warn!(error = %e, "cannot keep the cluster's session generation on disk");
+        }
         // Redis answers: commands may go through again.
         self.healthy.store(true, Ordering::Relaxed);
         let in_use = *self
@@ -432,15 +450,16 @@ impl Cluster {
     pub async fn renew(&self, lock: &Lock) -> Result<bool, ClusterError> {
         let mut con = self.redis.clone();
         let ttl = u64::try_from(LOCK_TTL.as_millis()).unwrap_or(u64::MAX);
-        let renewed: i64 = self
-            .call(
-                RENEW_SCRIPT
-                    .key(&lock.key)
-                    .arg(&lock.token)
-                    .arg(ttl)
-                    .invoke_async(&mut con),
-            )
-            .await?;
+        // Not through the health flag: a lock is given up only when Redis
+        // itself does not answer, not when another command found it slow.
+        let renewed: i64 = Self::timed(
+            RENEW_SCRIPT
+                .key(&lock.key)
+                .arg(&lock.token)
+                .arg(ttl)
+                .invoke_async(&mut con),
+        )
+        .await?;
         Ok(renewed == 1)
     }
 

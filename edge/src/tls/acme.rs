@@ -457,12 +457,18 @@ impl AcmeManager {
         lock: &crate::cluster::Lock,
         name: &str,
     ) -> Result<Issued, (AcmeError, Option<SystemTime>)> {
+        use crate::cluster::LOCK_TTL;
+        // Renewed every 10 s; a renewal that fails is tried again, and the
+        // order stops only when the lock may be about to lapse (no renewal
+        // for 45 of its 60 s) or another edge holds it.
         let keep = async {
+            let mut renewed = tokio::time::Instant::now();
             loop {
-                tokio::time::sleep(crate::cluster::LOCK_TTL / 3).await;
+                tokio::time::sleep(LOCK_TTL / 6).await;
                 match cluster.renew(lock).await {
-                    Ok(true) => {}
+                    Ok(true) => renewed = tokio::time::Instant::now(),
                     Ok(false) => return "another edge took the lock",
+                    Err(_) if renewed.elapsed() < LOCK_TTL * 3 / 4 => {}
                     Err(_) => return "Redis stopped answering",
                 }
             }
@@ -473,11 +479,21 @@ impl AcmeManager {
                 return Err((AcmeError::Order(format!("stopped ordering: {why} while the order ran")), None));
             }
         };
-        if let Err(e) = cluster
-            .put_sealed(&["acme", "cert", name], &issued.pem)
-            .await
-        {
-            error!(name, error = %e, "cannot store the new certificate in the cluster; other edges will order their own once the lock lapses");
+        // Stored before the lock is released, or the others order again.
+        for attempt in 1..=5 {
+            match cluster
+                .put_sealed(&["acme", "cert", name], &issued.pem)
+                .await
+            {
+                Ok(()) => break,
+                Err(e) if attempt == 5 => {
+                    error!(name, error = %e, "cannot store the new certificate in the cluster; other edges will order their own once the lock lapses");
+                }
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    let _ = cluster.renew(lock).await;
+                }
+            }
         }
         Ok(issued)
     }
@@ -499,7 +515,10 @@ impl AcmeManager {
                 return Ok(None);
             }
         };
-        if issued.renew_at() <= SystemTime::now() {
+        // Due by its own schedule, or the very one this edge serves and
+        // finds due (the CA's renewal window moved it earlier): ordered.
+        let serving = self.certs.get(name).and_then(|k| k.cert.first().cloned());
+        if issued.renew_at() <= SystemTime::now() || serving.as_ref() == issued.chain.first() {
             return Ok(None);
         }
         let path = cert_path(&self.dir, name);
@@ -786,7 +805,13 @@ impl AcmeManager {
             .new_order(&NewOrder::new(&ids))
             .await
             .map_err(acme)?;
-        let mut provisioned = Vec::new();
+        // Withdrawn however this ends (an error, a timeout dropping the
+        // order): a stale challenge left here would shadow the next one.
+        let mut provisioned = Provisioned {
+            certs: self.certs.clone(),
+            cluster: self.cluster.clone(),
+            items: Vec::new(),
+        };
         let mut authorizations = order.authorizations();
         while let Some(authz) = authorizations.next().await {
             let mut authz = authz.map_err(acme)?;
@@ -803,7 +828,9 @@ impl AcmeManager {
                 ChallengeType::Http01 => {
                     self.certs
                         .set_http_challenge(&challenge.token, Some(key_auth.as_str().to_owned()));
-                    provisioned.push(Provisioned::Http(challenge.token.clone()));
+                    provisioned
+                        .items
+                        .push(Challenge::Http(challenge.token.clone()));
                     self.publish(
                         &["acme", "http01", &challenge.token],
                         key_auth.as_str().as_bytes(),
@@ -814,7 +841,7 @@ impl AcmeManager {
                     let digest = key_auth.digest();
                     let cert = alpn_certificate(name, digest.as_ref())?;
                     self.certs.set_alpn_challenge(name, Some(cert));
-                    provisioned.push(Provisioned::Alpn(name.to_owned()));
+                    provisioned.items.push(Challenge::Alpn(name.to_owned()));
                     self.publish(&["acme", "alpn", name], digest.as_ref())
                         .await?;
                 }
@@ -824,22 +851,7 @@ impl AcmeManager {
         let ready = order
             .poll_ready(&RetryPolicy::default().timeout(ORDER_TIMEOUT))
             .await;
-        for p in provisioned {
-            let shared = match p {
-                Provisioned::Http(token) => {
-                    self.certs.set_http_challenge(&token, None);
-                    ["http01".to_owned(), token]
-                }
-                Provisioned::Alpn(n) => {
-                    self.certs.set_alpn_challenge(&n, None);
-                    ["alpn".to_owned(), n]
-                }
-            };
-            if let Some(cluster) = &self.cluster {
-                // Best effort: it expires on its own.
-                let _ = cluster.delete(&["acme", &shared[0], &shared[1]]).await;
-            }
-        }
+        drop(provisioned);
         let status = ready.map_err(acme)?;
         if status != OrderStatus::Ready {
             return Err(AcmeError::Order(format!(
@@ -905,9 +917,46 @@ impl AcmeManager {
     }
 }
 
-enum Provisioned {
+/// A challenge answered while an order runs.
+enum Challenge {
     Http(String),
     Alpn(String),
+}
+
+/// The challenges an order put up, taken down when it is dropped.
+struct Provisioned {
+    certs: Arc<CertStore>,
+    cluster: Option<Arc<Cluster>>,
+    items: Vec<Challenge>,
+}
+
+impl Drop for Provisioned {
+    fn drop(&mut self) {
+        let mut shared = Vec::new();
+        for c in self.items.drain(..) {
+            match c {
+                Challenge::Http(token) => {
+                    self.certs.set_http_challenge(&token, None);
+                    shared.push(["http01".to_owned(), token]);
+                }
+                Challenge::Alpn(name) => {
+                    self.certs.set_alpn_challenge(&name, None);
+                    shared.push(["alpn".to_owned(), name]);
+                }
+            }
+        }
+        // In Redis too, best effort: it expires on its own.
+        if let Some(cluster) = self.cluster.clone()
+            && !shared.is_empty()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            rt.spawn(async move {
+                for [kind, id] in shared {
+                    let _ = cluster.delete(&["acme", &kind, &id]).await;
+                }
+            });
+        }
+    }
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]

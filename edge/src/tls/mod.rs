@@ -53,9 +53,9 @@ pub struct CertStore {
     alpn_challenges: RwLock<HashMap<String, Arc<CertifiedKey>>>,
     /// HTTP-01 key authorizations by token.
     http_challenges: RwLock<HashMap<String, String>>,
-    /// TLS-ALPN-01 certificates for challenges another edge started, and
-    /// when they stop being answered.
-    remote_alpn: RwLock<HashMap<String, (Arc<CertifiedKey>, std::time::Instant)>>,
+    /// TLS-ALPN-01 certificates for challenges another edge started, by
+    /// name: the certificate, its digest, and when it was read.
+    remote_alpn: RwLock<HashMap<String, RemoteAlpn>>,
     /// With `[cluster]`: challenges another edge started are read here.
     cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
 }
@@ -162,12 +162,26 @@ impl CertStore {
         let Some(cluster) = self.cluster.get() else {
             return;
         };
-        if self
+        // Only names served here, each read at most once a second: a
+        // scanner offering acme-tls/1 costs no Redis work per handshake.
+        let now = std::time::Instant::now();
+        let ours = self
+            .by_name
+            .read()
+            .expect("cert store lock not poisoned")
+            .contains_key(name);
+        let local = self
             .alpn_challenges
             .read()
             .expect("cert store lock not poisoned")
-            .contains_key(name)
-        {
+            .contains_key(name);
+        let fresh = self
+            .remote_alpn
+            .read()
+            .expect("cert store lock not poisoned")
+            .get(name)
+            .is_some_and(|r| now.duration_since(r.read_at) < REMOTE_ALPN_REREAD);
+        if !ours || local || fresh {
             return;
         }
         let Ok(Some(digest)) = cluster.get(&["acme", "alpn", name]).await else {
@@ -176,22 +190,42 @@ impl CertStore {
         if digest.len() != 32 {
             return;
         }
-        match acme::alpn_certificate(name, &digest) {
-            Ok(cert) => {
-                let now = std::time::Instant::now();
-                let mut remote = self
-                    .remote_alpn
-                    .write()
-                    .expect("cert store lock not poisoned");
-                remote.retain(|_, (_, until)| *until > now);
-                remote.insert(name.to_owned(), (cert, now + crate::cluster::CHALLENGE_TTL));
-                tracing::info!(
-                    name,
-                    "answering a TLS-ALPN-01 challenge another edge started"
-                );
-            }
-            Err(e) => tracing::warn!(name, error = %e, "cannot make the TLS-ALPN-01 certificate"),
-        }
+        let known = self
+            .remote_alpn
+            .read()
+            .expect("cert store lock not poisoned")
+            .get(name)
+            .filter(|r| r.digest == digest)
+            .map(|r| r.cert.clone());
+        let cert = match known {
+            Some(cert) => cert,
+            None => match acme::alpn_certificate(name, &digest) {
+                Ok(cert) => {
+                    tracing::info!(
+                        name,
+                        "answering a TLS-ALPN-01 challenge another edge started"
+                    );
+                    cert
+                }
+                Err(e) => {
+                    tracing::warn!(name, error = %e, "cannot make the TLS-ALPN-01 certificate");
+                    return;
+                }
+            },
+        };
+        let mut remote = self
+            .remote_alpn
+            .write()
+            .expect("cert store lock not poisoned");
+        remote.retain(|_, r| now.duration_since(r.read_at) < crate::cluster::CHALLENGE_TTL);
+        remote.insert(
+            name.to_owned(),
+            RemoteAlpn {
+                cert,
+                digest,
+                read_at: now,
+            },
+        );
     }
 
     /// Installs `key` for `names`; connections already open keep theirs.
@@ -238,6 +272,22 @@ impl CertStore {
     }
 }
 
+/// A TLS-ALPN-01 challenge another edge of the cluster started.
+struct RemoteAlpn {
+    cert: Arc<CertifiedKey>,
+    digest: Vec<u8>,
+    read_at: std::time::Instant,
+}
+
+impl std::fmt::Debug for RemoteAlpn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteAlpn").finish_non_exhaustive()
+    }
+}
+
+/// A name's challenge is read from Redis at most this often.
+const REMOTE_ALPN_REREAD: std::time::Duration = std::time::Duration::from_secs(1);
+
 #[derive(Debug)]
 struct HttpsResolver(Arc<CertStore>);
 
@@ -264,8 +314,8 @@ impl ResolvesServerCert for HttpsResolver {
                     .expect("cert store lock not poisoned");
                 remote
                     .get(&name)
-                    .filter(|(_, until)| *until > std::time::Instant::now())
-                    .map(|(cert, _)| cert.clone())
+                    .filter(|r| r.read_at.elapsed() < crate::cluster::CHALLENGE_TTL)
+                    .map(|r| r.cert.clone())
             });
         }
         // A name we do not serve gets no certificate: answering with
