@@ -311,7 +311,8 @@ pub fn local_generation(state_dir: &Path) -> crate::cluster::LocalGeneration {
         read: Box::new(move || generation.local()),
         raise: Box::new(move |to| {
             let path = dir.join(GENERATION_FILE);
-            if read_generation(&path)? < to {
+            // A garbled file is replaced: the cluster's value is known.
+            if read_generation(&path).unwrap_or(0) < to {
                 fsutil::write_private(&path, format!("{to}\n").as_bytes())?;
             }
             Ok(())

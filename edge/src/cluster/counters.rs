@@ -204,9 +204,14 @@ impl Cluster {
         inv.arg(ms(times.base))
             .arg(ms(times.max))
             .arg(ms(times.forget));
-        // Not through the health flag: a check that began must end, even
-        // if another command just found Redis slow.
-        Self::timed(inv.invoke_async::<()>(&mut con)).await
+        match outcome {
+            // A failure that was no check goes through the health flag
+            // like any new command: refused at once while Redis is away.
+            Outcome::Counted => self.call(inv.invoke_async::<()>(&mut con)).await,
+            // A check that began must end, even if another command just
+            // found Redis slow.
+            _ => Self::timed(inv.invoke_async::<()>(&mut con)).await,
+        }
     }
 
     /// `Ok(Err(wait))` when any of `keys` is locked on the cluster.

@@ -105,6 +105,8 @@ pub struct Cluster {
     /// others), written when the cluster's is higher (so a restart
     /// without Redis keeps refusing what the cluster revoked).
     local_generation: Mutex<Option<LocalGeneration>>,
+    /// Whether keeping the generation on disk failed (said once).
+    generation_warned: AtomicBool,
 }
 
 /// Reads and raises this edge's own session generation.
@@ -183,6 +185,7 @@ impl Cluster {
             session_secret: Mutex::new(None),
             session_version: AtomicU64::new(0),
             local_generation: Mutex::new(None),
+            generation_warned: AtomicBool::new(false),
         }))
     }
 
@@ -219,8 +222,9 @@ impl Cluster {
     /// answers, probes with backoff while it does not.
     pub async fn run(self: Arc<Self>, local_secret: Option<[u8; 32]>, shutdown: CancellationToken) {
         let mut backoff = PROBE_MIN;
-        // What the log said last: up or away.
+        // What the log said last: up or away; and the last refusal logged.
         let mut logged_up = None;
+        let mut last_refusal: Option<String> = None;
         loop {
             match self.poll(local_secret).await {
                 Ok(()) => {
@@ -232,6 +236,20 @@ impl Cluster {
                     tokio::select! {
                         () = tokio::time::sleep(POLL_EVERY) => {}
                         () = self.lost.notified() => {}
+                        () = shutdown.cancelled() => return,
+                    }
+                }
+                // Redis answers but refused something (out of memory, a
+                // replica, a key sealed under another secret): it is not
+                // away, and reads go on.
+                Err(e @ (ClusterError::Redis(_) | ClusterError::Corrupt { .. })) => {
+                    let text = e.to_string();
+                    if last_refusal.as_deref() != Some(text.as_str()) {
+                        warn!(error = %text, "cluster: Redis refused the edge's poll");
+                        last_refusal = Some(text);
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(POLL_EVERY) => {}
                         () = shutdown.cancelled() => return,
                     }
                 }
@@ -281,6 +299,7 @@ impl Cluster {
                 .expect("generation lock not poisoned")
                 .as_ref()
             && let Err(e) = (l.raise)(g)
+            && !self.generation_warned.swap(true, Ordering::Relaxed)
         {
             warn!(error = %e, "cannot keep the cluster's session generation on disk");
         }
@@ -400,6 +419,20 @@ impl Cluster {
         self.call(con.del::<_, ()>(key(parts))).await
     }
 
+    /// Deletes `parts` if it still holds `value` (another edge may have
+    /// put its own there since).
+    pub async fn delete_if(&self, parts: &[&str], value: &[u8]) -> Result<(), ClusterError> {
+        let mut con = self.redis.clone();
+        self.call(
+            UNLOCK_SCRIPT
+                .key(key(parts))
+                .arg(value)
+                .invoke_async::<i64>(&mut con),
+        )
+        .await
+        .map(drop)
+    }
+
     /// The decrypted value at `parts`.
     pub async fn get_sealed_at(&self, parts: &[&str]) -> Result<Option<Vec<u8>>, ClusterError> {
         self.get_sealed(&key(parts)).await
@@ -418,12 +451,15 @@ impl Cluster {
             })
     }
 
-    /// Stores `value` encrypted at `parts`.
+    /// Stores `value` encrypted at `parts`. Not through the health flag:
+    /// the few writes that store what the cluster must keep (an account, a
+    /// certificate) are tried even if another command just found Redis
+    /// slow.
     pub async fn put_sealed(&self, parts: &[&str], value: &[u8]) -> Result<(), ClusterError> {
         let k = key(parts);
         let sealed = self.sealer.seal(k.as_bytes(), value);
         let mut con = self.redis.clone();
-        self.call(con.set::<_, _, ()>(&k, sealed)).await
+        Self::timed(con.set::<_, _, ()>(&k, sealed)).await
     }
 
     async fn put_sealed_nx(&self, k: &str, value: &[u8]) -> Result<bool, ClusterError> {

@@ -841,7 +841,9 @@ impl AcmeManager {
                     let digest = key_auth.digest();
                     let cert = alpn_certificate(name, digest.as_ref())?;
                     self.certs.set_alpn_challenge(name, Some(cert));
-                    provisioned.items.push(Challenge::Alpn(name.to_owned()));
+                    provisioned
+                        .items
+                        .push(Challenge::Alpn(name.to_owned(), digest.as_ref().to_vec()));
                     self.publish(&["acme", "alpn", name], digest.as_ref())
                         .await?;
                 }
@@ -920,7 +922,8 @@ impl AcmeManager {
 /// A challenge answered while an order runs.
 enum Challenge {
     Http(String),
-    Alpn(String),
+    /// The name, and the digest this order put in Redis for it.
+    Alpn(String, Vec<u8>),
 }
 
 /// The challenges an order put up, taken down when it is dropped.
@@ -937,22 +940,28 @@ impl Drop for Provisioned {
             match c {
                 Challenge::Http(token) => {
                     self.certs.set_http_challenge(&token, None);
-                    shared.push(["http01".to_owned(), token]);
+                    shared.push(("http01", token, None));
                 }
-                Challenge::Alpn(name) => {
+                Challenge::Alpn(name, digest) => {
                     self.certs.set_alpn_challenge(&name, None);
-                    shared.push(["alpn".to_owned(), name]);
+                    shared.push(("alpn", name, Some(digest)));
                 }
             }
         }
-        // In Redis too, best effort: it expires on its own.
+        // In Redis too, best effort: it expires on its own. A name's
+        // TLS-ALPN digest only if it is still this order's (another edge
+        // may be ordering the name now).
         if let Some(cluster) = self.cluster.clone()
             && !shared.is_empty()
             && let Ok(rt) = tokio::runtime::Handle::try_current()
         {
             rt.spawn(async move {
-                for [kind, id] in shared {
-                    let _ = cluster.delete(&["acme", &kind, &id]).await;
+                for (kind, id, ours) in shared {
+                    let at = ["acme", kind, id.as_str()];
+                    let _ = match ours {
+                        Some(value) => cluster.delete_if(&at, &value).await,
+                        None => cluster.delete(&at).await,
+                    };
                 }
             });
         }

@@ -184,33 +184,34 @@ impl CertStore {
         if !ours || local || fresh {
             return;
         }
-        let Ok(Some(digest)) = cluster.get(&["acme", "alpn", name]).await else {
-            return;
+        // A miss is remembered as well: most lookups find nothing.
+        let digest = match cluster.get(&["acme", "alpn", name]).await {
+            Ok(Some(d)) if d.len() == 32 => Some(d),
+            _ => None,
         };
-        if digest.len() != 32 {
-            return;
-        }
         let known = self
             .remote_alpn
             .read()
             .expect("cert store lock not poisoned")
             .get(name)
-            .filter(|r| r.digest == digest)
-            .map(|r| r.cert.clone());
-        let cert = match known {
-            Some(cert) => cert,
-            None => match acme::alpn_certificate(name, &digest) {
-                Ok(cert) => {
-                    tracing::info!(
-                        name,
-                        "answering a TLS-ALPN-01 challenge another edge started"
-                    );
-                    cert
-                }
-                Err(e) => {
-                    tracing::warn!(name, error = %e, "cannot make the TLS-ALPN-01 certificate");
-                    return;
-                }
+            .and_then(|r| r.answer.clone());
+        let answer = match digest {
+            None => None,
+            Some(d) => match known.filter(|(_, known)| *known == d) {
+                Some(same) => Some(same),
+                None => match acme::alpn_certificate(name, &d) {
+                    Ok(cert) => {
+                        tracing::info!(
+                            name,
+                            "answering a TLS-ALPN-01 challenge another edge started"
+                        );
+                        Some((cert, d))
+                    }
+                    Err(e) => {
+                        tracing::warn!(name, error = %e, "cannot make the TLS-ALPN-01 certificate");
+                        None
+                    }
+                },
             },
         };
         let mut remote = self
@@ -221,8 +222,7 @@ impl CertStore {
         remote.insert(
             name.to_owned(),
             RemoteAlpn {
-                cert,
-                digest,
+                answer,
                 read_at: now,
             },
         );
@@ -274,8 +274,9 @@ impl CertStore {
 
 /// A TLS-ALPN-01 challenge another edge of the cluster started.
 struct RemoteAlpn {
-    cert: Arc<CertifiedKey>,
-    digest: Vec<u8>,
+    /// The certificate and the digest it carries; none when the last read
+    /// found no challenge.
+    answer: Option<(Arc<CertifiedKey>, Vec<u8>)>,
     read_at: std::time::Instant,
 }
 
@@ -315,7 +316,7 @@ impl ResolvesServerCert for HttpsResolver {
                 remote
                     .get(&name)
                     .filter(|r| r.read_at.elapsed() < crate::cluster::CHALLENGE_TTL)
-                    .map(|r| r.cert.clone())
+                    .and_then(|r| r.answer.as_ref().map(|(cert, _)| cert.clone()))
             });
         }
         // A name we do not serve gets no certificate: answering with
