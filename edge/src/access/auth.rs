@@ -295,19 +295,16 @@ impl Verifier {
     /// Whether `user` signed in with `password` recently (and passes
     /// again without a check).
     pub fn remembers_password(&self, user: &str, password: &[u8]) -> bool {
-        let id = self.cache_id(Namespace::User, &[user], password);
-        let now = Instant::now();
-        self.cache
-            .lock()
-            .expect("cache lock not poisoned")
-            .get(&id)
-            .is_some_and(|r| r.until > now)
+        self.remembers(self.cache_id(Namespace::User, &[user], password))
     }
 
     /// Whether `key` is an API key that passed recently (and passes again
     /// without a check).
     pub fn remembers_key(&self, key: &[u8]) -> bool {
-        let id = self.cache_id(Namespace::ApiKey, &[], key);
+        self.remembers(self.cache_id(Namespace::ApiKey, &[], key))
+    }
+
+    fn remembers(&self, id: [u8; 32]) -> bool {
         let now = Instant::now();
         self.cache
             .lock()

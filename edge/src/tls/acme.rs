@@ -640,24 +640,7 @@ impl AcmeManager {
                 .await
                 .map_err(err)?,
             None => {
-                let contact = format!("mailto:{}", self.config.email);
-                let (account, credentials) = builder()
-                    .map_err(err)?
-                    .create(
-                        &NewAccount {
-                            contact: &[&contact],
-                            terms_of_service_agreed: true,
-                            only_return_existing: false,
-                        },
-                        self.config.directory.clone(),
-                        None,
-                    )
-                    .await
-                    .map_err(err)?;
-                let stored = StoredAccount {
-                    directory: self.config.directory.clone(),
-                    credentials,
-                };
+                let (account, stored) = self.create_account(&builder).await?;
                 let json = serde_json::to_vec_pretty(&stored)
                     .map_err(|e| AcmeError::Account(e.to_string()))?;
                 fsutil::write_private(&path, &json).map_err(|source| AcmeError::Store {
@@ -712,7 +695,10 @@ impl AcmeManager {
                     })?;
                 let created = match read().await {
                     Ok(Some(s)) => Ok(s),
-                    Ok(None) => self.create_account(&builder).await,
+                    Ok(None) => self.create_account(&builder).await.map(|(_, s)| {
+                        info!(directory = %self.config.directory, "created ACME account for the cluster");
+                        s
+                    }),
                     Err(e) => Err(e),
                 };
                 let stored = match created {
@@ -740,10 +726,10 @@ impl AcmeManager {
     async fn create_account(
         &self,
         builder: &impl Fn() -> Result<instant_acme::AccountBuilder, instant_acme::Error>,
-    ) -> Result<StoredAccount, AcmeError> {
+    ) -> Result<(Account, StoredAccount), AcmeError> {
         let err = |e: instant_acme::Error| AcmeError::Account(describe(&e));
         let contact = format!("mailto:{}", self.config.email);
-        let (_, credentials) = builder()
+        let (account, credentials) = builder()
             .map_err(err)?
             .create(
                 &NewAccount {
@@ -756,11 +742,13 @@ impl AcmeManager {
             )
             .await
             .map_err(err)?;
-        info!(directory = %self.config.directory, "created ACME account for the cluster");
-        Ok(StoredAccount {
-            directory: self.config.directory.clone(),
-            credentials,
-        })
+        Ok((
+            account,
+            StoredAccount {
+                directory: self.config.directory.clone(),
+                credentials,
+            },
+        ))
     }
 
     /// Orders a certificate for `name`, trying each usable challenge type.
