@@ -94,16 +94,7 @@ async fn start_acme_edge(toml: &str, sockets: &EdgeSockets) -> AcmeEdge {
         .await
         .unwrap();
     let acme = edge.acme().expect("acme mode");
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let handle = EdgeHandle {
-        tunnel: edge.tunnel_addr(),
-        https: edge.https_addr(),
-        ports: edge.port_addrs(),
-        fingerprint: edge.fingerprint(),
-        registry: edge.registry(),
-        shutdown: shutdown.clone(),
-        task: tokio::spawn(async move { edge.run(shutdown).await.unwrap() }),
-    };
+    let (handle, _) = run_edge(edge);
     AcmeEdge {
         edge: handle,
         acme,

@@ -259,19 +259,7 @@ impl Cluster<'_> {
             .await
             .unwrap();
         let acme = edge.acme().expect("acme mode");
-        let shutdown = tokio_util::sync::CancellationToken::new();
-        let (reload, reloads) = tokio::sync::mpsc::channel(2);
-        let handle = EdgeHandle {
-            tunnel: edge.tunnel_addr(),
-            https: edge.https_addr(),
-            ports: edge.port_addrs(),
-            fingerprint: edge.fingerprint(),
-            registry: edge.registry(),
-            shutdown: shutdown.clone(),
-            task: tokio::spawn(async move {
-                edge.run_with_reloads(shutdown, reloads).await.unwrap();
-            }),
-        };
+        let (handle, reload) = run_edge(edge);
         ClusterEdge {
             https: handle.https.unwrap(),
             handle,

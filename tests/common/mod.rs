@@ -87,6 +87,8 @@ pub struct EdgeHandle {
     pub fingerprint: Fingerprint,
     pub registry: std::sync::Arc<burrow_edge::tunnel::Registry>,
     pub shutdown: CancellationToken,
+    /// Keeps the edge's reload channel open for as long as it runs.
+    pub reload: tokio::sync::mpsc::Sender<EdgeConfig>,
     pub task: tokio::task::JoinHandle<()>,
 }
 
@@ -97,18 +99,29 @@ pub async fn start_edge(config: EdgeConfig) -> EdgeHandle {
 /// Like [`start_edge`], serving on the sockets in `prebound`.
 pub async fn start_edge_with(config: EdgeConfig, prebound: Prebound) -> EdgeHandle {
     let edge = Edge::bind_with(config, prebound).await.expect("edge binds");
+    run_edge(edge).0
+}
+
+/// Runs a bound edge in this process: its handle, and where to send it
+/// new configs (as SIGHUP would).
+pub fn run_edge(edge: Edge) -> (EdgeHandle, tokio::sync::mpsc::Sender<EdgeConfig>) {
     let shutdown = CancellationToken::new();
-    EdgeHandle {
+    let (reload, reloads) = tokio::sync::mpsc::channel(2);
+    let handle = EdgeHandle {
         tunnel: edge.tunnel_addr(),
         https: edge.https_addr(),
         ports: edge.port_addrs(),
         fingerprint: edge.fingerprint(),
         registry: edge.registry(),
         shutdown: shutdown.clone(),
+        reload: reload.clone(),
         task: tokio::spawn(async move {
-            edge.run(shutdown).await.expect("edge runs");
+            edge.run_with_reloads(shutdown, reloads)
+                .await
+                .expect("edge runs");
         }),
-    }
+    };
+    (handle, reload)
 }
 
 impl Drop for EdgeHandle {

@@ -419,16 +419,7 @@ pub async fn site_on<L>(
     let https = edge_bound.https_addr().unwrap();
     let gate = edge_bound.gate();
     let admin = edge_bound.admin_addr();
-    let shutdown = CancellationToken::new();
-    let edge = EdgeHandle {
-        tunnel: edge_bound.tunnel_addr(),
-        https: Some(https),
-        ports: edge_bound.port_addrs(),
-        fingerprint: edge_bound.fingerprint(),
-        registry: edge_bound.registry(),
-        shutdown: shutdown.clone(),
-        task: tokio::spawn(async move { edge_bound.run(shutdown).await.unwrap() }),
-    };
+    let (edge, _) = run_edge(edge_bound);
     let (dial, kept) = link(edge.tunnel, https);
     let agent_toml = format!(
         "[agent]\nname = \"home\"\nedge = \"{dial}\"\nedge_key = \"{}\"\nkey = {:?}\n{agent_tail}",
