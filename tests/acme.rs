@@ -18,7 +18,6 @@ use common::pebble::*;
 use common::web::*;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
-use rustls::pki_types::pem::PemObject;
 use tokio_tungstenite::tungstenite::Message;
 
 const NAME: &str = "chat.example.com";
@@ -242,21 +241,11 @@ async fn short_lived_certificates_renew_while_a_websocket_stays_open() {
     let _agent = connect_agent(&world, &e.edge, &key).await;
 
     // A WebSocket opened on the first certificate.
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls::pki_types::CertificateDer::pem_file_iter(&pebble.root).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
     let tcp = tokio::net::TcpStream::connect((test_ip(), e.https))
         .await
         .unwrap();
-    let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
+    let stream = pebble
+        .tls_client()
         .connect(NAME.try_into().unwrap(), tcp)
         .await
         .unwrap();

@@ -297,20 +297,9 @@ impl ClusterEdge {
 /// The leaf certificate the edge at `addr` serves for `name`, verified
 /// against Pebble's root.
 async fn served_leaf(pebble: &Pebble, addr: SocketAddr, name: &str) -> Vec<u8> {
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls::pki_types::CertificateDer::pem_file_iter(&pebble.root).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+    let tls = pebble
+        .tls_client()
         .connect(
             rustls::pki_types::ServerName::try_from(name.to_owned()).unwrap(),
             tcp,

@@ -5,6 +5,7 @@
 
 #![forbid(unsafe_code)]
 
+mod binary;
 mod client;
 mod procfs;
 mod relay;
@@ -269,20 +270,7 @@ async fn run(args: Args, nofile: u64) -> Result<(), Error> {
     let started = Instant::now();
     let s = &args.settings;
     let target = target_dir()?;
-    let burrow_bin = match &args.burrow {
-        Some(p) => p.clone(),
-        None => std::env::current_exe()?
-            .parent()
-            .ok_or("executable has no folder")?
-            .join("burrow"),
-    };
-    if !burrow_bin.is_file() {
-        return Err(format!(
-            "no burrow binary at {}; build it first with `cargo build --release` (or pass --burrow PATH)",
-            burrow_bin.display()
-        )
-        .into());
-    }
+    let burrow_bin = binary::burrow_binary(args.burrow.as_deref())?;
     let work = target.join("bench-run");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;

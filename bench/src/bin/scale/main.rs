@@ -11,6 +11,8 @@
 #![forbid(unsafe_code)]
 
 mod agents;
+#[path = "../../binary.rs"]
+mod binary;
 mod clients;
 mod edge;
 #[path = "../../procfs.rs"]
@@ -127,21 +129,7 @@ fn main() -> ExitCode {
 
 /// The burrow binary to run, which must already be built.
 fn burrow_binary(args: &Args) -> Result<PathBuf, Error> {
-    let path = match &args.burrow {
-        Some(p) => p.clone(),
-        None => std::env::current_exe()?
-            .parent()
-            .ok_or("executable has no folder")?
-            .join("burrow"),
-    };
-    if !path.is_file() {
-        return Err(format!(
-            "no burrow binary at {}; build it first with `cargo build --release --bin burrow` (or pass --burrow PATH)",
-            path.display()
-        )
-        .into());
-    }
-    Ok(path)
+    binary::burrow_binary(args.burrow.as_deref())
 }
 
 /// target/ of the workspace this bench was built in (it lives in target/release/).
