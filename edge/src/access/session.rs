@@ -61,6 +61,10 @@ struct Signers {
     session: hmac::Key,
     device: hmac::Key,
     version: u64,
+    /// The session and device keys these replaced (this edge's own, when
+    /// it first took the cluster's): still accepted, never used to sign,
+    /// so cookies it issued before do not end at the swap.
+    previous: Option<(hmac::Key, hmac::Key)>,
 }
 
 struct Shared {
@@ -349,8 +353,10 @@ impl SessionKeys {
             return;
         };
         let mut keys = self.keys.write().expect("keys lock not poisoned");
+        let previous = Some((keys.session.clone(), keys.device.clone()));
         *keys = Signers {
             version,
+            previous,
             ..Self::signers(&secret)
         };
         if std::fs::read(&shared.key_path).ok().as_deref() != Some(&secret[..])
@@ -367,6 +373,19 @@ impl SessionKeys {
             .expect("keys lock not poisoned")
             .session
             .clone()
+    }
+
+    /// The payload of `value` if the current key `pick` chooses signed it,
+    /// or the one it replaced.
+    fn signed_by_us<'v>(
+        &self,
+        value: &'v str,
+        pick: impl Fn(&Signers) -> (&hmac::Key, Option<&hmac::Key>),
+    ) -> Option<&'v str> {
+        self.refresh();
+        let keys = self.keys.read().expect("keys lock not poisoned");
+        let (current, previous) = pick(&keys);
+        signed(current, value).or_else(|| signed(previous?, value))
     }
 
     fn device_key(&self) -> hmac::Key {
@@ -393,6 +412,7 @@ impl SessionKeys {
             session: derive(secret, b"burrow session v2"),
             device: derive(secret, b"burrow device v1"),
             version: 0,
+            previous: None,
         }
     }
 
@@ -442,7 +462,8 @@ impl SessionKeys {
     /// The session in `value` if it is ours, for `host`, unexpired and not
     /// revoked.
     pub fn verify(&self, value: &str, host: &str) -> Option<Session> {
-        let payload = signed(&self.session_key(), value)?;
+        let payload =
+            self.signed_by_us(value, |k| (&k.session, k.previous.as_ref().map(|p| &p.0)))?;
         let mut parts = payload.split('.');
         let user = String::from_utf8(unhex(parts.next()?)?).ok()?;
         let cookie_host = unhex(parts.next()?)?;
@@ -500,7 +521,8 @@ impl SessionKeys {
     /// The device token in `value` if it is ours, for `host`, unexpired
     /// and not revoked.
     pub fn verify_device(&self, value: &str, host: &str) -> Option<Device> {
-        let payload = signed(&self.device_key(), value)?;
+        let payload =
+            self.signed_by_us(value, |k| (&k.device, k.previous.as_ref().map(|p| &p.1)))?;
         let mut parts = payload.split('.');
         let user = String::from_utf8(unhex(parts.next()?)?).ok()?;
         let cookie_host = unhex(parts.next()?)?;
@@ -664,6 +686,53 @@ mod tests {
         assert!(!at(now).unwrap().renew);
         assert!(at(now - RENEW_AFTER.as_secs()).unwrap().renew);
         assert_eq!(at(now - SESSION_TTL.as_secs()), None);
+    }
+
+    #[tokio::test]
+    async fn cookies_signed_before_the_cluster_key_arrived_still_verify() {
+        let dir = std::env::temp_dir().join(format!(
+            "burrow-swap-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let secret_file = dir.join("cluster.key");
+        std::fs::write(&secret_file, [7u8; 32]).unwrap();
+        // Never reached: the cluster's key is handed over below.
+        let cluster = crate::cluster::Cluster::new(&crate::config::ClusterConfig {
+            redis: "redis://127.0.0.1:1/0".into(),
+            redis_password_file: None,
+            secret_file,
+        })
+        .unwrap();
+        let keys = SessionKeys::load_shared(&dir, Some(cluster.clone())).unwrap();
+        let before = keys.issue("alice", "h", [0; 8]);
+        let device_before = keys.device_cookie("alice", "h", [0; 8]);
+        cluster.adopt_session_secret([9; 32]);
+        let after = keys.issue("alice", "h", [0; 8]);
+        assert!(keys.verify(&after, "h").is_some());
+        assert!(
+            keys.verify(&before, "h").is_some(),
+            "signed before the swap"
+        );
+        let device_before = device_before.unwrap();
+        let device_value = device_before
+            .to_str()
+            .unwrap()
+            .split(';')
+            .next()
+            .unwrap()
+            .split_once('=')
+            .unwrap()
+            .1;
+        assert!(keys.verify_device(device_value, "h").is_some());
+        // Another edge, holding only the cluster's key.
+        let other = SessionKeys::from_bytes(&[9; 32]);
+        assert!(other.verify(&after, "h").is_some());
+        assert!(other.verify(&before, "h").is_none());
+        // Kept on disk for a restart without Redis.
+        assert_eq!(std::fs::read(dir.join("session.key")).unwrap(), [9; 32]);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -312,17 +312,22 @@ impl Cluster {
         if let Some(offer) = in_use.or(local_secret) {
             let shared = self.share_session_secret(offer).await?;
             if in_use != Some(shared) {
-                *self
-                    .session_secret
-                    .lock()
-                    .expect("secret lock not poisoned") = Some(shared);
-                self.session_version.fetch_add(1, Ordering::Release);
+                self.adopt_session_secret(shared);
                 if local_secret != Some(shared) {
                     info!("cluster: using the cluster's session key");
                 }
             }
         }
         Ok(())
+    }
+
+    /// Signs sessions with `secret` from now on (the cluster's).
+    pub(crate) fn adopt_session_secret(&self, secret: [u8; 32]) {
+        *self
+            .session_secret
+            .lock()
+            .expect("secret lock not poisoned") = Some(secret);
+        self.session_version.fetch_add(1, Ordering::Release);
     }
 
     /// The cluster's session secret: ours if Redis had none.
