@@ -14,14 +14,20 @@ pub const BACKOFF_CAP: Duration = Duration::from_secs(5);
 /// outlived the QUIC idle timeout (30 s) has shown the path works.
 pub const STABLE_SESSION: Duration = Duration::from_secs(30);
 
-/// Exponential backoff with "equal jitter": each delay is half the current
-/// step plus a random part of the other half, so agents that lost the same
-/// edge do not reconnect in lockstep.
 /// The cap for an agent with several edges: a session to each is what
 /// makes the cluster survive an edge, so a restarted edge gets its agents
 /// back within two seconds (a failed attempt costs one handshake packet).
 pub const CLUSTER_BACKOFF_CAP: Duration = Duration::from_millis(1600);
 
+/// Half of `step` plus `jitter` (uniform in `[0, 1)`) of the other half.
+pub fn equal_jitter(step: Duration, jitter: f64) -> Duration {
+    let half = step / 2;
+    half + half.mul_f64(jitter.clamp(0.0, 1.0))
+}
+
+/// Exponential backoff with "equal jitter": each delay is half the current
+/// step plus a random part of the other half, so agents that lost the same
+/// edge do not reconnect in lockstep.
 #[derive(Debug, Clone)]
 pub struct Backoff {
     attempt: u32,
@@ -30,10 +36,7 @@ pub struct Backoff {
 
 impl Default for Backoff {
     fn default() -> Self {
-        Self {
-            attempt: 0,
-            cap: BACKOFF_CAP,
-        }
+        Self::with_cap(BACKOFF_CAP)
     }
 }
 
@@ -53,8 +56,7 @@ impl Backoff {
             .saturating_mul(1u32 << self.attempt.min(16))
             .min(self.cap);
         self.attempt = self.attempt.saturating_add(1);
-        let half = step / 2;
-        half + half.mul_f64(jitter.clamp(0.0, 1.0))
+        equal_jitter(step, jitter)
     }
 
     /// After a session that worked, start again from the shortest delay.

@@ -274,8 +274,7 @@ impl Dialer {
                     // Two agents with one key: not an edge coming back,
                     // so the full backoff even with several edges.
                     let d = if self.config.edges.len() > 1 {
-                        let cap = crate::backoff::BACKOFF_CAP;
-                        cap / 2 + (cap / 2).mul_f64(rand::random())
+                        crate::backoff::equal_jitter(crate::backoff::BACKOFF_CAP, rand::random())
                     } else {
                         backoff.next_delay(rand::random())
                     };

@@ -28,7 +28,10 @@ use super::auth::{KeyVerdict, Verdict, Verifier};
 use super::login::{self, LOGIN_PATH, LOGOUT_PATH, MAX_FORM};
 use super::pattern::PublicPath;
 use super::session::{self, SessionKeys, password_tag};
-use super::throttle::{Attempt, MAX_USER_NAME, SharedPending, SharedThrottle, Throttle};
+use super::throttle::{
+    Attempt, MAX_USER_NAME, SharedPending, SharedThrottle, Throttle, settle_shared,
+};
+use crate::cluster::counters::Outcome;
 use crate::config::{RouteConfig, UserConfig};
 use crate::refusal::{Challenge, Refusal};
 
@@ -241,11 +244,18 @@ impl Gate {
         self
     }
 
-    /// Starts the shared side of a check; `Ok(None)` without a cluster.
-    async fn shared_begin(&self, attempt: &Attempt) -> Result<Option<SharedPending>, Duration> {
+    /// Starts the shared side of a check; `Ok(None)` without a cluster,
+    /// and for credentials that passed recently (`remembered`): they pass
+    /// again unchecked, as they do without a cluster, so an app sending
+    /// them on every request is not counted as guessing.
+    async fn shared_begin(
+        &self,
+        attempt: &Attempt,
+        remembered: bool,
+    ) -> Result<Option<SharedPending>, Duration> {
         match &self.shared {
-            Some(s) => s.begin(attempt).await,
-            None => Ok(None),
+            Some(s) if !remembered => s.begin(attempt).await,
+            _ => Ok(None),
         }
     }
 
@@ -342,19 +352,13 @@ impl Gate {
             info!(%client, user = shown, retry_after = ?wait, "login throttled");
             return PasswordCheck::Refuse(Refusal::TooManyLogins { retry_after: wait });
         }
-        // Credentials that passed recently pass again unchecked, as they
-        // do without a cluster: an app sending them on every request is
-        // not guessing.
         let remembered = self.verifier.remembers_password(user, password.as_bytes());
-        let shared = match remembered {
-            true => None,
-            false => match self.shared_begin(&attempt).await {
-                Ok(s) => s,
-                Err(wait) => {
-                    info!(%client, user = shown, retry_after = ?wait, "login throttled by the cluster's counters");
-                    return PasswordCheck::Refuse(Refusal::TooManyLogins { retry_after: wait });
-                }
-            },
+        let shared = match self.shared_begin(&attempt, remembered).await {
+            Ok(s) => s,
+            Err(wait) => {
+                info!(%client, user = shown, retry_after = ?wait, "login throttled by the cluster's counters");
+                return PasswordCheck::Refuse(Refusal::TooManyLogins { retry_after: wait });
+            }
         };
         let checked = self
             .verifier
@@ -363,9 +367,7 @@ impl Gate {
         let (verdict, pending) = match checked {
             Ok(c) => c,
             Err(wait) => {
-                if let Some(s) = shared {
-                    s.released().await;
-                }
+                settle_shared(shared, Outcome::Released).await;
                 info!(%client, user = shown, "login throttled: checks already running");
                 return PasswordCheck::Refuse(Refusal::TooManyLogins { retry_after: wait });
             }
@@ -376,9 +378,7 @@ impl Gate {
                     Some(p) => p.succeeded(),
                     None => self.throttle.success(&attempt),
                 }
-                if let Some(s) = shared {
-                    s.succeeded().await;
-                }
+                settle_shared(shared, Outcome::Succeeded).await;
                 let mut cookies: Vec<HeaderValue> =
                     self.session_cookie(user, route).into_iter().collect();
                 if device.is_none()
@@ -392,9 +392,7 @@ impl Gate {
                 if let Some(p) = pending {
                     p.released();
                 }
-                if let Some(s) = shared {
-                    s.released().await;
-                }
+                settle_shared(shared, Outcome::Released).await;
                 PasswordCheck::Refuse(Refusal::Unavailable {
                     message: "busy checking logins; try again",
                     retry_after: LOGIN_BUSY_RETRY,
@@ -408,12 +406,11 @@ impl Gate {
                 if let Some(p) = pending {
                     p.failed();
                 }
-                if let Some(s) = shared {
-                    match checked_here {
-                        true => s.failed().await,
-                        false => s.released().await,
-                    }
-                }
+                let outcome = match checked_here {
+                    true => Outcome::Failed,
+                    false => Outcome::Released,
+                };
+                settle_shared(shared, outcome).await;
                 // Tell the client at once if this failure locked it.
                 match self.check_all(&attempt).await {
                     Err(wait) => {
@@ -446,18 +443,14 @@ impl Gate {
         }
         let names: Vec<&str> = route.api_keys.iter().map(|n| n.as_str()).collect();
         // A remembered key passes without the throttle: it is proven, and
-        // guesses from the same address must not lock it out. So the
-        // shared counters are asked only when the key is not remembered.
+        // guesses from the same address must not lock it out.
         let remembered = self.verifier.remembers_key(token.as_bytes());
-        let shared = match remembered {
-            true => None,
-            false => match self.shared_begin(&attempt).await {
-                Ok(s) => s,
-                Err(wait) => {
-                    info!(%client, host = %route.host, retry_after = ?wait, "api key throttled by the cluster's counters");
-                    return refused(wait);
-                }
-            },
+        let shared = match self.shared_begin(&attempt, remembered).await {
+            Ok(s) => s,
+            Err(wait) => {
+                info!(%client, host = %route.host, retry_after = ?wait, "api key throttled by the cluster's counters");
+                return refused(wait);
+            }
         };
         let checked = self
             .verifier
@@ -466,9 +459,7 @@ impl Gate {
         let (verdict, pending) = match checked {
             Ok(c) => c,
             Err(wait) => {
-                if let Some(s) = shared {
-                    s.released().await;
-                }
+                settle_shared(shared, Outcome::Released).await;
                 info!(%client, host = %route.host, retry_after = ?wait, "api key throttled");
                 return refused(wait);
             }
@@ -480,9 +471,7 @@ impl Gate {
                     Some(p) => p.succeeded(),
                     None => self.throttle.success(&attempt),
                 }
-                if let Some(s) = shared {
-                    s.succeeded().await;
-                }
+                settle_shared(shared, Outcome::Succeeded).await;
                 KeyCheck::Valid(name)
             }
             KeyVerdict::Valid(name) => {
@@ -490,9 +479,7 @@ impl Gate {
                 if let Some(p) = pending {
                     p.released();
                 }
-                if let Some(s) = shared {
-                    s.released().await;
-                }
+                settle_shared(shared, Outcome::Released).await;
                 info!(%client, host = %route.host, key = %name, "api key not taken on this route");
                 KeyCheck::Wrong
             }
@@ -500,9 +487,7 @@ impl Gate {
                 if let Some(p) = pending {
                     p.released();
                 }
-                if let Some(s) = shared {
-                    s.released().await;
-                }
+                settle_shared(shared, Outcome::Released).await;
                 KeyCheck::Refuse(Refusal::Unavailable {
                     message: "busy checking logins; try again",
                     retry_after: LOGIN_BUSY_RETRY,
@@ -513,12 +498,11 @@ impl Gate {
                 if let Some(p) = pending {
                     p.failed();
                 }
-                if let Some(s) = shared {
-                    match checked_here {
-                        true => s.failed().await,
-                        false => s.released().await,
-                    }
-                }
+                let outcome = match checked_here {
+                    true => Outcome::Failed,
+                    false => Outcome::Released,
+                };
+                settle_shared(shared, outcome).await;
                 match self.check_all(&attempt).await {
                     Err(wait) => refused(wait),
                     Ok(()) => KeyCheck::Wrong,

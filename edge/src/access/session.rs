@@ -348,11 +348,15 @@ impl SessionKeys {
             return;
         };
         let current = self.keys.read().expect("keys lock not poisoned").version;
+        if shared.cluster.session_version() == current {
+            return;
+        }
         let (secret, version) = shared.cluster.session_secret();
-        let Some(secret) = secret.filter(|_| version != current) else {
+        let mut keys = self.keys.write().expect("keys lock not poisoned");
+        // Another request may have taken it meanwhile.
+        let Some(secret) = secret.filter(|_| version != keys.version) else {
             return;
         };
-        let mut keys = self.keys.write().expect("keys lock not poisoned");
         let previous = Some((keys.session.clone(), keys.device.clone()));
         *keys = Signers {
             version,

@@ -187,9 +187,11 @@ impl SharedThrottle {
 }
 
 impl SharedPending {
-    /// Settles on a task of its own, so a request that goes away while
-    /// this runs does not leave the count pending.
-    async fn settle(mut self, outcome: Outcome) {
+    /// Ends the check as `outcome` (failed: counted on every edge;
+    /// succeeded: the shared counters cleared; released: nothing counts),
+    /// on a task of its own, so a request that goes away while this runs
+    /// does not leave the count pending.
+    pub async fn settle(mut self, outcome: Outcome) {
         let keys = std::mem::take(&mut self.keys);
         let cluster = self.cluster.clone();
         let done = tokio::spawn(async move {
@@ -199,20 +201,12 @@ impl SharedPending {
         });
         let _ = done.await;
     }
+}
 
-    /// The check failed: count it on every edge.
-    pub async fn failed(self) {
-        self.settle(Outcome::Failed).await;
-    }
-
-    /// The check passed: clear the shared counters.
-    pub async fn succeeded(self) {
-        self.settle(Outcome::Succeeded).await;
-    }
-
-    /// The check was not made.
-    pub async fn released(self) {
-        self.settle(Outcome::Released).await;
+/// Settles `shared` as `outcome`, if a shared check was started.
+pub async fn settle_shared(shared: Option<SharedPending>, outcome: Outcome) {
+    if let Some(s) = shared {
+        s.settle(outcome).await;
     }
 }
 

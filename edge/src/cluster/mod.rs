@@ -97,8 +97,9 @@ pub struct Cluster {
     lost: tokio::sync::Notify,
     /// The highest session generation seen in Redis.
     generation: AtomicU64,
-    /// The shared session secret once read, and how often it changed.
-    session_secret: Mutex<Option<[u8; 32]>>,
+    /// The shared session secret once read, and how often it changed
+    /// (read together); the count again, for a check without the lock.
+    session_secret: Mutex<(Option<[u8; 32]>, u64)>,
     session_version: AtomicU64,
     /// This edge's own generation (its `logout-all` file): read to push
     /// it up to Redis (a revocation made while Redis was away reaches the
@@ -182,7 +183,7 @@ impl Cluster {
             healthy: AtomicBool::new(true),
             lost: tokio::sync::Notify::new(),
             generation: AtomicU64::new(0),
-            session_secret: Mutex::new(None),
+            session_secret: Mutex::new((None, 0)),
             session_version: AtomicU64::new(0),
             local_generation: Mutex::new(None),
             generation_warned: AtomicBool::new(false),
@@ -202,11 +203,16 @@ impl Cluster {
     /// The shared session secret, once read, and a number that changes
     /// whenever it does.
     pub fn session_secret(&self) -> (Option<[u8; 32]>, u64) {
-        let secret = *self
+        *self
             .session_secret
             .lock()
-            .expect("secret lock not poisoned");
-        (secret, self.session_version.load(Ordering::Acquire))
+            .expect("secret lock not poisoned")
+    }
+
+    /// How often the shared session secret changed: one atomic load, for
+    /// callers that look on every request.
+    pub fn session_version(&self) -> u64 {
+        self.session_version.load(Ordering::Acquire)
     }
 
     /// Where this edge's own generation is kept (the `logout-all` file).
@@ -305,10 +311,7 @@ impl Cluster {
         }
         // Redis answers: commands may go through again.
         self.healthy.store(true, Ordering::Relaxed);
-        let in_use = *self
-            .session_secret
-            .lock()
-            .expect("secret lock not poisoned");
+        let (in_use, _) = self.session_secret();
         if let Some(offer) = in_use.or(local_secret) {
             let shared = self.share_session_secret(offer).await?;
             if in_use != Some(shared) {
@@ -323,11 +326,12 @@ impl Cluster {
 
     /// Signs sessions with `secret` from now on (the cluster's).
     pub(crate) fn adopt_session_secret(&self, secret: [u8; 32]) {
-        *self
+        let mut slot = self
             .session_secret
             .lock()
-            .expect("secret lock not poisoned") = Some(secret);
-        self.session_version.fetch_add(1, Ordering::Release);
+            .expect("secret lock not poisoned");
+        *slot = (Some(secret), slot.1 + 1);
+        self.session_version.store(slot.1, Ordering::Release);
     }
 
     /// The cluster's session secret: ours if Redis had none.
